@@ -1,0 +1,42 @@
+# Two commands do all the set-up on a fresh machine: `make demo` and `make test`.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+GATEWAY := $(VENV)/bin/relion-gateway
+
+.PHONY: install stack demo test unit integration bench stack-down clean
+
+$(VENV)/.installed: setup.cfg pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[test]'
+	touch $@
+
+install: $(VENV)/.installed
+
+# Installs missing Debian packages, writes the Slurm configs, starts every daemon (idempotent).
+stack: install
+	$(GATEWAY) stack up
+
+# A real 2D classification through the REST API, Slurm and S3; prints the result.
+demo: stack
+	$(GATEWAY) demo
+
+# The whole suite: unit tests and the integration tests on the real stack.
+test: stack
+	$(PY) -m pytest
+
+unit: install
+	$(PY) -m pytest tests/unit
+
+integration: stack
+	$(PY) -m pytest tests/integration
+
+bench: stack
+	$(PY) bench/run.py
+
+stack-down: install
+	$(GATEWAY) stack down
+
+clean:
+	rm -rf $(VENV) build *.egg-info

@@ -1,0 +1,1 @@
+"""The REST API: schemas, the jobs blueprint and the one error shape."""

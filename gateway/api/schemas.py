@@ -1,0 +1,117 @@
+"""Request and response schemas (marshmallow), seed-compatible field names."""
+from __future__ import annotations
+
+import base64
+import json
+from typing import Any
+
+from marshmallow import RAISE, Schema, ValidationError, fields, validate, validates
+
+from gateway.service import MODES
+
+# Letters, digits and ._- ; used in paths and Slurm job names, so no '/', no spaces, not '.' or '..'.
+IDENTIFIER = validate.And(
+    validate.Regexp(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$", error="must be 1-64 characters of letters, digits, '.', '_' or '-', starting with a letter or digit"),
+    validate.NoneOf([".", ".."], error="must not be '.' or '..'"),
+)
+
+
+class JobRequestSchema(Schema):
+    """POST /v1/relion/jobs body: the seed's fields."""
+
+    class Meta:
+        unknown = RAISE
+
+    user_id = fields.String(required=True, validate=IDENTIFIER, metadata={"example": "alice"})
+    workspace_id = fields.String(required=True, validate=IDENTIFIER, metadata={"example": "ws1"})
+    dataset_s3_url = fields.String(
+        required=True,
+        validate=validate.Length(max=1024),
+        metadata={"description": "s3://bucket/key of a .tar.gz holding the STAR file and stacks", "example": "s3://relion-local/datasets/tiny.tar.gz"},
+    )
+    output_s3_prefix = fields.String(
+        required=True,
+        validate=validate.Length(max=1024),
+        metadata={"description": "results go to <prefix>/<job_id>/", "example": "s3://relion-local/results"},
+    )
+    mode = fields.String(required=True, validate=validate.OneOf(MODES), metadata={"example": "2d"})
+    num_mpi = fields.Integer(
+        load_default=1,
+        strict=True,
+        validate=validate.Range(min=1, max=4096),
+        metadata={"description": "MPI ranks (#SBATCH --ntasks)"},
+    )
+    flags = fields.Dict(
+        keys=fields.String(validate=validate.Length(min=1, max=64)),
+        values=fields.Raw(allow_none=False),
+        load_default=dict,
+        metadata={
+            "description": "relion_refine options by name (dashes or underscores); true for a switch",
+            "example": {"i": "particles.star", "o": "Class2D/run", "K": 3, "iter": 2, "ctf": True, "j": 1},
+        },
+    )
+
+    @validates("dataset_s3_url")
+    def _dataset_url(self, value: str, **_: Any) -> None:
+        if not value.startswith("s3://"):
+            raise ValidationError("must be an s3:// URL")
+
+    @validates("output_s3_prefix")
+    def _output_prefix(self, value: str, **_: Any) -> None:
+        if not value.startswith("s3://"):
+            raise ValidationError("must be an s3:// URL")
+
+
+class SlurmInfoSchema(Schema):
+    main_job_id = fields.String(allow_none=True)
+    archive_job_id = fields.String(allow_none=True)
+    state = fields.String(metadata={"description": "Slurm's own view of the main job, e.g. 'PENDING (Resources)'"})
+    exit_code = fields.Integer(allow_none=True)
+
+
+class JobSchema(Schema):
+    """A gateway job as a portal sees it; `status`, `message`, `metadata_b64`, `job_id` as in the seed."""
+
+    job_id = fields.String(required=True)
+    status = fields.String(required=True, metadata={"description": "gateway state (see README, Job states)"})
+    message = fields.String()
+    user_id = fields.String()
+    workspace_id = fields.String()
+    mode = fields.String()
+    num_mpi = fields.Integer()
+    flags = fields.Dict()
+    slurm = fields.Nested(SlurmInfoSchema)
+    output_url = fields.String(metadata={"description": "s3:// prefix holding output.tar.gz and metadata.json"})
+    accepted_at = fields.Float()
+    submitted_at = fields.Float(allow_none=True)
+    ended_at = fields.Float(allow_none=True)
+    metadata = fields.Dict(allow_none=True, metadata={"description": "metadata.json once the job has ended"})
+    metadata_b64 = fields.String(allow_none=True, metadata={"description": "metadata.json, base64 (seed compatible)"})
+
+
+def job_to_dict(record: Any) -> dict[str, Any]:
+    """Shape a JobRecord for JobSchema."""
+    request = record.request
+    metadata = record.metadata
+    return {
+        "job_id": record.job_id,
+        "status": record.state,
+        "message": record.message,
+        "user_id": record.user_id,
+        "workspace_id": record.workspace_id,
+        "mode": record.mode,
+        "num_mpi": request.get("num_mpi"),
+        "flags": request.get("flags", {}),
+        "slurm": {
+            "main_job_id": record.main_slurm_id,
+            "archive_job_id": record.archive_slurm_id,
+            "state": record.slurm_state,
+            "exit_code": record.exit_code,
+        },
+        "output_url": record.output_url,
+        "accepted_at": record.accepted_at,
+        "submitted_at": record.submitted_at,
+        "ended_at": record.ended_at,
+        "metadata": metadata,
+        "metadata_b64": base64.b64encode(json.dumps(metadata, sort_keys=True).encode()).decode() if metadata else None,
+    }

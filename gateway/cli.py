@@ -1,0 +1,35 @@
+"""The `relion-gateway` command: one click group, each subcommand defined next to what it drives."""
+from __future__ import annotations
+
+import logging
+
+import click
+
+from gateway.demo import demo_command
+from gateway.jobside.commands import job_group
+from gateway.relion.dataset import make_dataset_command
+from gateway.scripts.commands import render_command
+from gateway.serve import serve_command
+from gateway.stack.commands import stack_group
+
+
+@click.group()
+@click.option("-v", "--verbose", is_flag=True, help="Log at DEBUG level.")
+def cli(verbose: bool) -> None:
+    """Run RELION jobs on Slurm through a REST gateway."""
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+
+
+cli.add_command(stack_group)
+cli.add_command(make_dataset_command)
+cli.add_command(serve_command)
+cli.add_command(demo_command)
+cli.add_command(render_command)
+cli.add_command(job_group)
+
+
+def main() -> None:
+    cli(prog_name="relion-gateway")

@@ -1,0 +1,137 @@
+"""Configuration in layers: code defaults -> TOML file named by GATEWAY_CONFIG -> GATEWAY_* env -> overrides.
+
+The TOML file is sectioned (``[slurm] partition = "debug"``); each key becomes the flat Flask
+config key ``SLURM_PARTITION``, which is also the name of its environment variable with a
+``GATEWAY_`` prefix (``GATEWAY_SLURM_PARTITION=debug``). Env values are parsed as TOML values
+when they parse (numbers, booleans, ``["a", "b"]`` lists) and taken as plain strings otherwise.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import tomllib
+from pathlib import Path
+from typing import Any, Mapping
+
+log = logging.getLogger(__name__)
+
+ENV_PREFIX = "GATEWAY_"
+CONFIG_FILE_ENV = "GATEWAY_CONFIG"
+DEFAULT_STATE_DIR = "/var/tmp/relion-gateway"
+
+
+def default_config() -> dict[str, Any]:
+    """Return the code defaults; paths below STATE_DIR are derived later unless set."""
+    return {
+        # [server]
+        "SERVER_HOST": "127.0.0.1",
+        "SERVER_PORT": 9012,
+        "SERVER_BASE_PATH": "/v1/relion",
+        # [paths]
+        "PATHS_STATE_DIR": DEFAULT_STATE_DIR,
+        "PATHS_WORKSPACE_ROOT": "",  # default: <state_dir>/workspaces (must be visible to compute nodes)
+        "PATHS_LOG_ROOT": "",  # default: <state_dir>/logs (Slurm stdout/stderr, phase, metadata.json)
+        "PATHS_TEMPLATE_DIR": "",  # a site directory whose templates override the packaged ones
+        # [store]
+        "STORE_DATABASE_URL": "",  # default: sqlite:///<state_dir>/gateway.sqlite
+        # [slurm]
+        "SLURM_PARTITION": "",
+        "SLURM_ACCOUNT": "",
+        "SLURM_QOS": "",
+        "SLURM_TIME_LIMIT": "01:00:00",
+        "SLURM_ARCHIVE_TIME_LIMIT": "01:00:00",
+        "SLURM_MEMORY_PER_CPU_MB": 2000,
+        "SLURM_EXTRA_DIRECTIVES": [],  # admin-owned lines such as "--constraint=skylake"
+        "SLURM_COMMAND_TIMEOUT": 30.0,
+        "SLURM_STATUS_MAX_AGE": 5.0,  # seconds a stored Slurm state is trusted before a refresh
+        # [relion]
+        "RELION_REFINE": "relion_refine",
+        "RELION_REFINE_MPI": "relion_refine_mpi",
+        # Admin-owned shell fragment put in front of relion_refine_mpi; "$SLURM_NTASKS" is expanded
+        # by the job's shell. Real clusters usually want "srun --mpi=pmix".
+        "RELION_LAUNCHER": 'mpirun -np "$SLURM_NTASKS"',
+        "RELION_ENVIRONMENT": {},  # exported in the job before RELION runs
+        "RELION_SETUP_LINES": [],  # e.g. ["module load relion/3.1.3"]
+        # [s3]
+        "S3_ENDPOINT_URL": "",  # empty: boto3's default (AWS)
+        "S3_REGION": "us-east-1",
+        "S3_ALLOWED_BUCKETS": [],  # empty: any bucket
+        # [job]
+        "JOB_PYTHON": sys.executable,  # the interpreter the job scripts use for stage-in and archive
+        "JOB_STAGE_IN_QUOTA_BYTES": 500 * 1024**3,
+        "JOB_STAGE_IN_MAX_MEMBERS": 100_000,
+        "JOB_ARCHIVE_COMPRESSOR": "pigz",  # pigz (parallel) or gzip
+    }
+
+
+def _flatten(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in data.items():
+        name = f"{prefix}{key}".upper()
+        if isinstance(value, dict) and not name.endswith("ENVIRONMENT"):
+            flat.update(_flatten(value, f"{name}_"))
+        else:
+            flat[name] = value
+    return flat
+
+
+def load_file(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """Read a sectioned TOML config file into flat keys."""
+    with open(path, "rb") as handle:
+        return _flatten(tomllib.load(handle))
+
+
+def _parse_env_value(raw: str) -> Any:
+    try:
+        value = tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        return raw
+    # TOML would read "01:00:00" as a time and "1979-05-27" as a date: keep those as text.
+    return value if isinstance(value, (bool, int, float, str, list, dict)) else raw
+
+
+def from_environment(environ: Mapping[str, str], known: set[str]) -> dict[str, Any]:
+    """Pick GATEWAY_<KEY> variables for known keys; unknown ones are ignored with a warning."""
+    values: dict[str, Any] = {}
+    for name, raw in environ.items():
+        if not name.startswith(ENV_PREFIX) or name == CONFIG_FILE_ENV:
+            continue
+        key = name[len(ENV_PREFIX):]
+        if key not in known:
+            log.warning("ignoring %s: no such config key", name)
+            continue
+        values[key] = _parse_env_value(raw)
+    return values
+
+
+def derive_paths(config: dict[str, Any]) -> None:
+    """Fill in the paths that default to places below PATHS_STATE_DIR."""
+    state = Path(config["PATHS_STATE_DIR"])
+    if not config["PATHS_WORKSPACE_ROOT"]:
+        config["PATHS_WORKSPACE_ROOT"] = str(state / "workspaces")
+    if not config["PATHS_LOG_ROOT"]:
+        config["PATHS_LOG_ROOT"] = str(state / "logs")
+    if not config["STORE_DATABASE_URL"]:
+        config["STORE_DATABASE_URL"] = f"sqlite:///{state / 'gateway.sqlite'}"
+
+
+def build_config(
+    overrides: Mapping[str, Any] | None = None,
+    environ: Mapping[str, str] | None = None,
+) -> dict[str, Any]:
+    """Merge every layer and return the flat config."""
+    environ = os.environ if environ is None else environ
+    config = default_config()
+    config_file = environ.get(CONFIG_FILE_ENV)
+    if config_file:
+        file_values = load_file(config_file)
+        unknown = set(file_values) - set(config)
+        if unknown:
+            raise ValueError(f"{config_file}: unknown config keys {sorted(unknown)}")
+        config.update(file_values)
+    config.update(from_environment(environ, set(config)))
+    if overrides:
+        config.update(overrides)
+    derive_paths(config)
+    return config

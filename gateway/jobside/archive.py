@@ -1,0 +1,239 @@
+"""The completion hook: pack the output, upload it with metadata.json and the logs, then clean up.
+
+It runs as its own Slurm job with ``--dependency=afterany:<main>``, so it runs whatever the main
+job's fate. The workspace is deleted only after the uploaded archive's size has been verified; any
+S3 failure leaves the workspace in place and the hook exits non-zero (gateway state
+``archive_failed``), so an output is never lost.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import subprocess
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Callable, TypeVar
+
+from gateway.process import CommandError
+from gateway.slurm.backend import SchedulerBackend, SlurmJobInfo
+from gateway.storage.s3 import HashingReader, S3Location, S3Storage, StorageError, parse_s3_url
+
+log = logging.getLogger(__name__)
+
+METADATA_SCHEMA_VERSION = 1
+T = TypeVar("T")
+
+
+class ArchiveError(Exception):
+    """The output could not be archived safely; the workspace was kept."""
+
+
+def retry(action: Callable[[], T], *, what: str, attempts: int = 4, first_delay: float = 2.0) -> T:
+    """Retry an S3 action with exponential backoff (2, 4, 8 s by default)."""
+    delay = first_delay
+    for attempt in range(1, attempts + 1):
+        try:
+            return action()
+        except StorageError as exc:
+            if attempt == attempts:
+                raise
+            log.warning("%s failed (attempt %d/%d), retrying in %.0f s: %s", what, attempt, attempts, delay, exc)
+            time.sleep(delay)
+            delay *= 2
+    raise AssertionError("unreachable")
+
+
+def pack_and_upload(
+    storage: S3Storage,
+    source_root: Path,
+    member: str,
+    location: S3Location,
+    *,
+    compressor: str = "pigz",
+    timeout: float = 6 * 3600,
+) -> dict[str, Any]:
+    """Stream ``tar -cf - member | <compressor> -6`` into a multipart upload; return bytes and sha256.
+
+    GNU tar plus pigz is ~3x faster than Python's gzip on this path (shared notes), and streaming
+    needs no temporary archive on disk.
+    """
+    size_hint = sum(p.stat().st_size for p in (source_root / member).rglob("*") if p.is_file())
+    tar_argv = ["tar", "-cf", "-", "-C", str(source_root), "--", member]
+    compress_argv = [compressor, "-6", "-c"]
+    tar = subprocess.Popen(tar_argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert tar.stdout is not None
+    try:
+        packer = subprocess.Popen(compress_argv, stdin=tar.stdout, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    except OSError as exc:
+        tar.kill()
+        tar.wait(timeout=30)
+        raise CommandError(compress_argv, None, "", str(exc), "could not be started") from exc
+    tar.stdout.close()  # the compressor owns the pipe now; tar gets SIGPIPE if the compressor dies
+    assert packer.stdout is not None
+    hashing = HashingReader(packer.stdout)
+    try:
+        storage.upload_stream(hashing, location, size_hint=size_hint)
+    finally:
+        # An upload error must not leave the producers blocked on a full pipe.
+        packer.stdout.close()
+        for proc, argv in ((packer, compress_argv), (tar, tar_argv)):
+            try:
+                proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(timeout=30)
+                raise CommandError(argv, None, "", "", f"timed out after {timeout:g} s")
+    for proc, argv in ((tar, tar_argv), (packer, compress_argv)):
+        if proc.returncode != 0:
+            stderr = proc.stderr.read().decode(errors="replace") if proc.stderr else ""
+            raise CommandError(argv, proc.returncode, "", stderr)
+    return {"bytes": hashing.bytes, "sha256": hashing.sha256.hexdigest(), "uncompressed_bytes": size_hint}
+
+
+def list_files(root: Path) -> list[dict[str, Any]]:
+    return [
+        {"path": str(p.relative_to(root)), "bytes": p.stat().st_size}
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    ]
+
+
+def wait_for_final_state(scheduler: SchedulerBackend, slurm_id: str, *, timeout: float = 30.0) -> SlurmJobInfo | None:
+    """The main job has ended when this hook starts, but its sacct record can lag ~1 s."""
+    deadline = time.monotonic() + timeout
+    info: SlurmJobInfo | None = None
+    while True:
+        info = scheduler.status([slurm_id]).get(slurm_id)
+        if (info and info.state.is_terminal and info.source == "sacct") or time.monotonic() > deadline:
+            return info
+        time.sleep(1.0)
+
+
+def read_phases(log_dir: Path) -> list[tuple[str, float]]:
+    path = log_dir / "phases"
+    if not path.exists():
+        return []
+    phases = []
+    for line in path.read_text().splitlines():
+        name, _, stamp = line.partition(" ")
+        try:
+            phases.append((name, float(stamp)))
+        except ValueError:
+            continue
+    return phases
+
+
+def phase_timings(accepted_at: float, phases: list[tuple[str, float]], archive_started: float, archive_ended: float) -> dict[str, float | None]:
+    """Seconds spent queued, staging, running and archiving."""
+    stamps = dict(phases)
+    staging = stamps.get("staging")
+    running = stamps.get("running")
+    finished = stamps.get("finished")
+
+    def span(a: float | None, b: float | None) -> float | None:
+        return round(b - a, 3) if a is not None and b is not None else None
+
+    return {
+        "queued": span(accepted_at, staging),
+        "staging": span(staging, running),
+        "running": span(running, finished),
+        "archiving": span(archive_started, archive_ended),
+    }
+
+
+def _iso(epoch: float) -> str:
+    return datetime.fromtimestamp(epoch, timezone.utc).isoformat(timespec="seconds")
+
+
+def run_archive(
+    job: dict[str, Any],
+    main_slurm_id: str,
+    *,
+    storage: S3Storage,
+    scheduler: SchedulerBackend,
+    compressor: str = "pigz",
+    summarize: Callable[[Path, str, str], dict[str, Any]] | None = None,
+    retry_delay: float = 2.0,
+) -> dict[str, Any]:
+    """Archive one job's output; return metadata.json's content. Raise ArchiveError if not safe."""
+    started = time.time()
+    log_dir = Path(job["log_dir"])
+    workspace = Path(job["workspace_dir"])
+    dataset_dir = workspace / "dataset"
+    destination = parse_s3_url(job["output_url"])
+
+    main = wait_for_final_state(scheduler, main_slurm_id)
+    results: dict[str, Any] = {}
+    if summarize is not None and dataset_dir.is_dir():
+        try:
+            results = summarize(dataset_dir, job["output_prefix"], job["mode"])
+        except Exception as exc:  # a corrupt STAR file must not stop the output from being saved
+            log.exception("could not parse RELION results")
+            results = {"error": str(exc)}
+
+    output: dict[str, Any] | None = None
+    output_root = dataset_dir / job["output_dir"]
+    if output_root.is_dir():
+        archive_location = destination.child("output.tar.gz")
+        packed = retry(
+            lambda: pack_and_upload(storage, dataset_dir, job["output_dir"], archive_location, compressor=compressor),
+            what="output upload",
+            first_delay=retry_delay,
+        )
+        remote = retry(lambda: storage.head(archive_location), what="output verification", first_delay=retry_delay)
+        if remote.size != packed["bytes"]:
+            raise ArchiveError(f"{archive_location.url} holds {remote.size} bytes, {packed['bytes']} were sent")
+        output = {
+            "url": archive_location.url,
+            "bytes": packed["bytes"],
+            "uncompressed_bytes": packed["uncompressed_bytes"],
+            "sha256": packed["sha256"],
+            "etag": remote.etag,
+            "files": list_files(output_root),
+        }
+
+    logs: list[str] = []
+    for path in sorted(log_dir.glob("main-*")):
+        location = destination.child(f"logs/{path.name}")
+        retry(lambda: storage.upload_file(str(path), location), what=f"log upload {path.name}", first_delay=retry_delay)
+        logs.append(location.url)
+
+    input_record_path = log_dir / "input.json"
+    input_record = json.loads(input_record_path.read_text()) if input_record_path.exists() else {"url": job["dataset_s3_url"]}
+    ended = time.time()
+    metadata: dict[str, Any] = {
+        "schema_version": METADATA_SCHEMA_VERSION,
+        "job": {
+            "job_id": job["job_id"],
+            "user_id": job["user_id"],
+            "workspace_id": job["workspace_id"],
+            "mode": job["mode"],
+            "accepted_at": _iso(job["accepted_at"]),
+        },
+        "request": job["request"],
+        "resources": job["resources"],
+        "slurm": {
+            "main_job_id": main_slurm_id,
+            "archive_job_id": job.get("archive_slurm_id"),
+            "state": main.raw_state if main else None,
+            "exit_code": main.exit_code if main else None,
+            "signal": main.signal if main else None,
+            "start": main.start if main else None,
+            "end": main.end if main else None,
+            "elapsed": main.elapsed if main else None,
+        },
+        "relion": {"command": job["relion_command"], "results": results},
+        "input": input_record,
+        "output": output,
+        "logs": logs,
+        "timings": phase_timings(job["accepted_at"], read_phases(log_dir), started, ended),
+    }
+    (log_dir / "metadata.json").write_text(json.dumps(metadata, indent=2, sort_keys=True) + "\n")
+    retry(lambda: storage.put_json(metadata, destination.child("metadata.json")), what="metadata upload", first_delay=retry_delay)
+
+    # Only now, with the archive verified and metadata stored, is the workspace disposable.
+    shutil.rmtree(workspace, ignore_errors=True)
+    log.info("archived %s to %s", job["job_id"], destination.url)
+    return metadata

@@ -1,0 +1,74 @@
+"""`relion-gateway job ...`: the steps the rendered sbatch scripts run on the compute node."""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+import click
+
+from gateway.jobside.archive import ArchiveError, run_archive
+from gateway.jobside.extract import UnsafeArchiveError
+from gateway.jobside.stage_in import stage_in, write_record
+from gateway.process import CommandError
+from gateway.slurm.cli import SlurmCliBackend
+from gateway.storage.s3 import S3Storage, StorageError, make_s3_client
+
+log = logging.getLogger(__name__)
+
+
+@click.group("job")
+def job_group() -> None:
+    """Steps run inside the Slurm jobs (stage-in, archive); not for interactive use."""
+
+
+@job_group.command("stage-in")
+@click.option("--url", required=True, help="s3://bucket/key of the dataset .tar.gz")
+@click.option("--dest", required=True, type=click.Path(path_type=Path), help="directory to extract into")
+@click.option("--record", type=click.Path(path_type=Path), help="write what was staged (JSON) here")
+@click.option("--endpoint-url", default="", help="S3 endpoint (empty: AWS)")
+@click.option("--region", default="us-east-1", show_default=True)
+@click.option("--quota-bytes", type=int, required=True, help="refuse a dataset larger than this when extracted")
+@click.option("--max-members", type=int, required=True, help="refuse an archive with more members")
+def stage_in_command(
+    url: str, dest: Path, record: Path | None, endpoint_url: str, region: str, quota_bytes: int, max_members: int
+) -> None:
+    """Stream the dataset from S3 and extract it safely into DEST."""
+    storage = S3Storage(make_s3_client(endpoint_url, region))
+    try:
+        staged = stage_in(storage, url, dest, quota_bytes=quota_bytes, max_members=max_members)
+    except (StorageError, UnsafeArchiveError, ValueError, OSError) as exc:
+        # One line on stderr that the gateway shows as the job's message.
+        click.echo(f"stage-in failed: {exc}", err=True)
+        sys.exit(2)
+    if record:
+        write_record(staged, record)
+
+
+@job_group.command("archive")
+@click.option("--job-file", required=True, type=click.Path(exists=True, path_type=Path), help="job.json written at submit")
+@click.option("--main-slurm-id", required=True)
+@click.option("--endpoint-url", default="")
+@click.option("--region", default="us-east-1", show_default=True)
+@click.option("--compressor", default="pigz", show_default=True, type=click.Choice(["pigz", "gzip"]))
+def archive_command(job_file: Path, main_slurm_id: str, endpoint_url: str, region: str, compressor: str) -> None:
+    """Pack and upload the output, write metadata.json, then delete the workspace."""
+    from gateway.relion.results import summarize_results
+
+    job = json.loads(job_file.read_text())
+    job["archive_slurm_id"] = os.environ.get("SLURM_JOB_ID")
+    storage = S3Storage(make_s3_client(endpoint_url, region))
+    try:
+        run_archive(
+            job,
+            main_slurm_id,
+            storage=storage,
+            scheduler=SlurmCliBackend(),
+            compressor=compressor,
+            summarize=summarize_results,
+        )
+    except (StorageError, ArchiveError, CommandError, OSError) as exc:
+        click.echo(f"archive failed, workspace kept: {exc}", err=True)
+        sys.exit(3)

@@ -1,0 +1,1 @@
+"""Rendering of the sbatch scripts the gateway submits (templates live in templates/sbatch/)."""

@@ -1,0 +1,64 @@
+"""`relion-gateway render`: the full validation and rendering, offline, for admins at a shell."""
+from __future__ import annotations
+
+import json
+import tempfile
+
+import click
+
+from gateway.app import create_app
+from gateway.relion.flags import FlagError, parse_command_line
+from gateway.service import DRY_RUN_MAIN_ID, MODES, RequestError
+
+
+@click.command("render", context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
+@click.option("--mode", type=click.Choice(MODES), required=True)
+@click.option("--num-mpi", type=int, default=1, show_default=True)
+@click.option("--user-id", default="admin", show_default=True)
+@click.option("--workspace-id", default="dryrun", show_default=True)
+@click.option("--dataset-s3-url", default="s3://relion-local/datasets/tiny.tar.gz", show_default=True)
+@click.option("--output-s3-prefix", default="s3://relion-local/results", show_default=True)
+@click.option("--archive", "show_archive", is_flag=True, help="print the archive script too")
+@click.option("--json", "as_json", is_flag=True, help="print scripts and command as JSON")
+@click.pass_context
+def render_command(
+    ctx: click.Context,
+    mode: str,
+    num_mpi: int,
+    user_id: str,
+    workspace_id: str,
+    dataset_s3_url: str,
+    output_s3_prefix: str,
+    show_archive: bool,
+    as_json: bool,
+) -> None:
+    """Print the sbatch script the gateway would submit; relion_refine options follow, e.g. --i p.star --K 3 --ctf."""
+    try:
+        flags = parse_command_line(list(ctx.args))
+    except FlagError as exc:
+        raise click.UsageError(exc.message) from exc
+    request = {
+        "user_id": user_id,
+        "workspace_id": workspace_id,
+        "dataset_s3_url": dataset_s3_url,
+        "output_s3_prefix": output_s3_prefix,
+        "mode": mode,
+        "num_mpi": num_mpi,
+        "flags": flags,
+    }
+    # A throwaway store: a dry run records nothing.
+    with tempfile.TemporaryDirectory() as tmp:
+        app = create_app({"STORE_DATABASE_URL": f"sqlite:///{tmp}/dry.sqlite"})
+        service = app.extensions["relion_gateway"]
+        try:
+            prepared = service.prepare(request)
+        except RequestError as exc:
+            raise click.UsageError(f"{exc.field}: {exc.message}") from exc
+        archive = service.render_archive(prepared, DRY_RUN_MAIN_ID)
+    if as_json:
+        click.echo(json.dumps({"main_script": prepared.main_script, "archive_script": archive, "relion_command": prepared.job["relion_command"]}, indent=2))
+        return
+    click.echo(prepared.main_script, nl=False)
+    if show_archive:
+        click.echo("\n# ---- archive job ----")
+        click.echo(archive, nl=False)

@@ -1,0 +1,1 @@
+"""Talking to Slurm: the scheduler interface, its CLI backend, and the job-state tables."""

@@ -1,0 +1,66 @@
+"""The scheduler interface the gateway needs, and the job record a backend returns."""
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Protocol
+
+from gateway.slurm.states import SlurmState
+
+
+class SchedulerError(Exception):
+    """Slurm refused or failed a request; ``message`` is fit to show a user."""
+
+    def __init__(self, message: str, *, argv: list[str] | None = None, stderr: str = "") -> None:
+        super().__init__(message)
+        self.message = message
+        self.argv = argv or []
+        self.stderr = stderr
+
+
+@dataclass(frozen=True)
+class SlurmJobInfo:
+    """What Slurm says about one job, parsed by field name from squeue or sacct."""
+
+    job_id: str
+    state: SlurmState
+    raw_state: str  # exactly what Slurm printed, e.g. "CANCELLED by 0"
+    reason: str = ""  # e.g. "Resources", "Dependency", "None"
+    exit_code: int | None = None
+    signal: int | None = None
+    name: str = ""
+    comment: str = ""
+    start: str = ""
+    end: str = ""
+    elapsed: str = ""
+    source: str = ""  # "squeue" or "sacct"
+
+    def describe(self) -> str:
+        """Slurm's view in one phrase, e.g. 'PENDING (Resources)'."""
+        if self.reason and self.reason not in ("None", "(null)"):
+            return f"{self.raw_state} ({self.reason})"
+        return self.raw_state
+
+
+class SchedulerBackend(Protocol):
+    """The whole of what the gateway asks of a scheduler."""
+
+    def submit(self, script: str, *, after_any: str | None = None) -> str:
+        """Submit a batch script; return the Slurm job id."""
+        ...
+
+    def status(self, job_ids: Iterable[str]) -> dict[str, SlurmJobInfo]:
+        """Return what Slurm knows of these jobs, in as few calls as possible; unknown ids are absent."""
+        ...
+
+    def cancel(self, job_id: str) -> None:
+        """Cancel a job (no error if it has already ended)."""
+        ...
+
+    def test_only(self, script: str) -> str:
+        """Ask Slurm whether it would accept the script (`sbatch --test-only`); return its verdict."""
+        ...
+
+    def ping(self) -> bool:
+        """Whether the controller answers."""
+        ...

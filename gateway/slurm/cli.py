@@ -1,0 +1,203 @@
+"""Scheduler backend that drives Slurm's own commands (sbatch, squeue, sacct, scancel).
+
+Split as ood_core splits its Slurm adapter: the ``Runner`` executes argv lists (replaced by a fake
+with recorded output in unit tests) and the parse functions turn Slurm's machine-readable output
+into ``SlurmJobInfo`` objects by field name, never by column position.
+"""
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Iterable, Sequence
+
+from gateway.process import CommandError, Runner, run_command
+from gateway.slurm.backend import SchedulerError, SlurmJobInfo
+from gateway.slurm.states import SlurmState
+
+log = logging.getLogger(__name__)
+
+# A separator that cannot occur in job names or comments we write: the ASCII unit separator.
+FIELD_SEPARATOR = "\x1f"
+
+# squeue --format codes, by the field name we parse them as.
+SQUEUE_FIELDS: dict[str, str] = {
+    "job_id": "%i",
+    "state": "%T",
+    "reason": "%r",
+    "name": "%j",
+    "start": "%S",
+    "comment": "%k",
+}
+
+# sacct --format names, by the field name we parse them as.
+SACCT_FIELDS: dict[str, str] = {
+    "job_id": "JobID",
+    "state": "State",
+    "exit_code": "ExitCode",
+    "reason": "Reason",
+    "name": "JobName",
+    "start": "Start",
+    "end": "End",
+    "elapsed": "Elapsed",
+    "comment": "Comment",
+}
+
+
+def parse_sbatch_parsable(stdout: str) -> str:
+    """`sbatch --parsable` prints `<jobid>` or `<jobid>;<cluster>`."""
+    line = stdout.strip().splitlines()[-1] if stdout.strip() else ""
+    job_id = line.split(";", 1)[0].strip()
+    if not job_id.isdigit():
+        raise SchedulerError(f"sbatch printed no job id: {stdout!r}")
+    return job_id
+
+
+def _rows(stdout: str, names: Sequence[str]) -> list[dict[str, str]]:
+    rows = []
+    for line in stdout.splitlines():
+        if not line.strip():
+            continue
+        values = line.split(FIELD_SEPARATOR)
+        if len(values) != len(names):
+            log.warning("skipping a Slurm output line with %d fields, expected %d: %r", len(values), len(names), line)
+            continue
+        rows.append(dict(zip(names, (v.strip() for v in values))))
+    return rows
+
+
+def parse_squeue(stdout: str) -> dict[str, SlurmJobInfo]:
+    """Parse `squeue --noheader --format` output built from SQUEUE_FIELDS."""
+    jobs = {}
+    for row in _rows(stdout, list(SQUEUE_FIELDS)):
+        jobs[row["job_id"]] = SlurmJobInfo(
+            job_id=row["job_id"],
+            state=SlurmState.parse(row["state"]),
+            raw_state=row["state"],
+            reason=row["reason"],
+            name=row["name"],
+            comment=row["comment"],
+            start=row["start"],
+            source="squeue",
+        )
+    return jobs
+
+
+def _parse_exit_code(raw: str) -> tuple[int | None, int | None]:
+    match = re.fullmatch(r"(\d+):(\d+)", raw)
+    if not match:
+        return None, None
+    return int(match.group(1)), int(match.group(2))
+
+
+def parse_sacct(stdout: str) -> dict[str, SlurmJobInfo]:
+    """Parse `sacct -X -n -P --delimiter` output built from SACCT_FIELDS.
+
+    A requeued job has several records with one id; the last one is the current one.
+    """
+    jobs = {}
+    for row in _rows(stdout, list(SACCT_FIELDS)):
+        exit_code, signal = _parse_exit_code(row["exit_code"])
+        jobs[row["job_id"]] = SlurmJobInfo(
+            job_id=row["job_id"],
+            state=SlurmState.parse(row["state"]),
+            raw_state=row["state"],
+            reason=row["reason"],
+            exit_code=exit_code,
+            signal=signal,
+            name=row["name"],
+            comment=row["comment"],
+            start=row["start"],
+            end=row["end"],
+            elapsed=row["elapsed"],
+            source="sacct",
+        )
+    return jobs
+
+
+class SlurmCliBackend:
+    """Talk to Slurm through its command-line tools."""
+
+    def __init__(self, runner: Runner = run_command, *, timeout: float = 30.0) -> None:
+        self._run = runner
+        self._timeout = timeout
+
+    def _call(self, argv: list[str], *, input: str | None = None) -> str:
+        try:
+            return self._run(argv, timeout=self._timeout, input=input)
+        except CommandError as exc:
+            raise SchedulerError(
+                f"{argv[0]} failed ({exc.reason}): {exc.stderr.strip() or exc.stdout.strip()}",
+                argv=exc.argv,
+                stderr=exc.stderr,
+            ) from exc
+
+    def submit(self, script: str, *, after_any: str | None = None) -> str:
+        # The script goes on stdin: nothing is written to disk, and the exact text is what we store.
+        argv = ["sbatch", "--parsable"]
+        if after_any:
+            argv.append(f"--dependency=afterany:{after_any}")
+        return parse_sbatch_parsable(self._call(argv, input=script))
+
+    def test_only(self, script: str) -> str:
+        # sbatch --test-only prints its verdict on stderr and exits 0 when the job would be accepted.
+        try:
+            self._run(["sbatch", "--test-only"], timeout=self._timeout, input=script)
+        except CommandError as exc:
+            raise SchedulerError(
+                f"sbatch --test-only refused the script: {exc.stderr.strip()}", argv=exc.argv, stderr=exc.stderr
+            ) from exc
+        return "accepted"
+
+    def status(self, job_ids: Iterable[str]) -> dict[str, SlurmJobInfo]:
+        ids = sorted({str(i) for i in job_ids if i}, key=int)
+        if not ids:
+            return {}
+        found = self._squeue(ids)
+        # squeue knows no exit code, and forgets jobs MinJobAge after they end: ask the
+        # accounting database, in one call, for every job that has ended or left squeue.
+        need_sacct = [i for i in ids if i not in found or found[i].state.is_terminal]
+        if need_sacct:
+            found.update(self._sacct(need_sacct))
+        return found
+
+    def _squeue(self, ids: list[str]) -> dict[str, SlurmJobInfo]:
+        argv = [
+            "squeue",
+            "--noheader",
+            "--states=all",
+            f"--jobs={','.join(ids)}",
+            f"--format={FIELD_SEPARATOR.join(SQUEUE_FIELDS.values())}",
+        ]
+        try:
+            return parse_squeue(self._run(argv, timeout=self._timeout))
+        except CommandError as exc:
+            # squeue exits 1 with "Invalid job id specified" when it knows none of the ids
+            # (they left its memory after MinJobAge): not an error, sacct will know them.
+            if "Invalid job id" in exc.stderr:
+                return {}
+            raise SchedulerError(f"squeue failed ({exc.reason}): {exc.stderr.strip()}", argv=exc.argv, stderr=exc.stderr) from exc
+
+    def _sacct(self, ids: list[str]) -> dict[str, SlurmJobInfo]:
+        # -X: the allocation only, not its steps; -P with our delimiter; --format by name.
+        # Not --json: in 22.05 it reports wrong exit codes (see shared notes).
+        argv = [
+            "sacct",
+            "-X",
+            "--noheader",
+            "--parsable2",
+            f"--delimiter={FIELD_SEPARATOR}",
+            f"--jobs={','.join(ids)}",
+            f"--format={','.join(SACCT_FIELDS.values())}",
+        ]
+        return parse_sacct(self._call(argv))
+
+    def cancel(self, job_id: str) -> None:
+        # scancel of an unknown or finished id exits 0 silently (22.05); that is what we want.
+        self._call(["scancel", str(job_id)])
+
+    def ping(self) -> bool:
+        try:
+            out = self._run(["scontrol", "ping"], timeout=self._timeout)
+        except CommandError:
+            return False
+        return "is UP" in out

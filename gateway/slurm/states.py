@@ -1,0 +1,179 @@
+"""Slurm job states and the gateway's own states, with the one table that maps between them.
+
+Modelled on Parsl's ``JobState`` and ood_core's ``STATE_MAP``: an explicit enum, an explicit
+terminal set, and unknown Slurm values mapped to UNKNOWN with a warning, never guessed.
+"""
+from __future__ import annotations
+
+import enum
+import logging
+
+log = logging.getLogger(__name__)
+
+
+class SlurmState(str, enum.Enum):
+    """The base Slurm job states that squeue and sacct print (sacct adds e.g. 'CANCELLED by 0')."""
+
+    PENDING = "PENDING"
+    CONFIGURING = "CONFIGURING"
+    RUNNING = "RUNNING"
+    COMPLETING = "COMPLETING"
+    SUSPENDED = "SUSPENDED"
+    REQUEUED = "REQUEUED"
+    REQUEUE_HOLD = "REQUEUE_HOLD"
+    REQUEUE_FED = "REQUEUE_FED"
+    RESIZING = "RESIZING"
+    SIGNALING = "SIGNALING"
+    STAGE_OUT = "STAGE_OUT"
+    STOPPED = "STOPPED"
+    RESV_DEL_HOLD = "RESV_DEL_HOLD"
+    COMPLETED = "COMPLETED"
+    FAILED = "FAILED"
+    CANCELLED = "CANCELLED"
+    TIMEOUT = "TIMEOUT"
+    OUT_OF_MEMORY = "OUT_OF_MEMORY"
+    NODE_FAIL = "NODE_FAIL"
+    BOOT_FAIL = "BOOT_FAIL"
+    DEADLINE = "DEADLINE"
+    PREEMPTED = "PREEMPTED"
+    REVOKED = "REVOKED"
+    SPECIAL_EXIT = "SPECIAL_EXIT"
+    UNKNOWN = "UNKNOWN"  # not a Slurm state: what we record when Slurm printed something we do not know
+
+    @classmethod
+    def parse(cls, raw: str) -> "SlurmState":
+        """Parse squeue/sacct output: 'CANCELLED by 0' -> CANCELLED; unknown words -> UNKNOWN."""
+        word = raw.strip().split(" ", 1)[0].rstrip("+").upper()
+        try:
+            return cls(word)
+        except ValueError:
+            log.warning("unknown Slurm job state %r", raw)
+            return cls.UNKNOWN
+
+    @property
+    def is_terminal(self) -> bool:
+        return self in SLURM_TERMINAL
+
+
+SLURM_TERMINAL = frozenset(
+    {
+        SlurmState.COMPLETED,
+        SlurmState.FAILED,
+        SlurmState.CANCELLED,
+        SlurmState.TIMEOUT,
+        SlurmState.OUT_OF_MEMORY,
+        SlurmState.NODE_FAIL,
+        SlurmState.BOOT_FAIL,
+        SlurmState.DEADLINE,
+        SlurmState.PREEMPTED,
+        SlurmState.REVOKED,
+        SlurmState.SPECIAL_EXIT,
+    }
+)
+
+
+class JobState(str, enum.Enum):
+    """The state a portal sees for a gateway job."""
+
+    QUEUED = "queued"  # accepted and waiting in Slurm
+    STAGING = "staging"  # main job is downloading and extracting the dataset
+    RUNNING = "running"  # RELION is running
+    ARCHIVING = "archiving"  # main job ended; the completion hook is packing and uploading
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+    TIMEOUT = "timeout"
+    OUT_OF_MEMORY = "out_of_memory"
+    NODE_FAIL = "node_fail"
+    SUBMIT_FAILED = "submit_failed"
+    ARCHIVE_FAILED = "archive_failed"
+    LOST = "lost"  # Slurm no longer knows the job and no result was recorded
+    UNKNOWN = "unknown"  # Slurm printed a state we cannot map; not terminal
+
+    @property
+    def is_terminal(self) -> bool:
+        return self in TERMINAL_STATES
+
+
+TERMINAL_STATES = frozenset(
+    {
+        JobState.SUCCEEDED,
+        JobState.FAILED,
+        JobState.CANCELLED,
+        JobState.TIMEOUT,
+        JobState.OUT_OF_MEMORY,
+        JobState.NODE_FAIL,
+        JobState.SUBMIT_FAILED,
+        JobState.ARCHIVE_FAILED,
+        JobState.LOST,
+    }
+)
+
+# How the main RELION job's final Slurm state becomes the gateway's final state. This is the
+# documented table (README "Job states"); keep both in step.
+FINAL_STATE_OF_MAIN: dict[SlurmState, JobState] = {
+    SlurmState.COMPLETED: JobState.SUCCEEDED,
+    SlurmState.FAILED: JobState.FAILED,
+    SlurmState.CANCELLED: JobState.CANCELLED,
+    SlurmState.TIMEOUT: JobState.TIMEOUT,
+    SlurmState.DEADLINE: JobState.TIMEOUT,
+    SlurmState.OUT_OF_MEMORY: JobState.OUT_OF_MEMORY,
+    SlurmState.NODE_FAIL: JobState.NODE_FAIL,
+    SlurmState.BOOT_FAIL: JobState.NODE_FAIL,
+    SlurmState.PREEMPTED: JobState.CANCELLED,
+    SlurmState.REVOKED: JobState.CANCELLED,
+    SlurmState.SPECIAL_EXIT: JobState.FAILED,
+}
+
+# While the main job is still live.
+LIVE_STATE_OF_MAIN: dict[SlurmState, JobState] = {
+    SlurmState.PENDING: JobState.QUEUED,
+    SlurmState.CONFIGURING: JobState.QUEUED,
+    SlurmState.REQUEUED: JobState.QUEUED,
+    SlurmState.REQUEUE_HOLD: JobState.QUEUED,
+    SlurmState.REQUEUE_FED: JobState.QUEUED,
+    SlurmState.RESV_DEL_HOLD: JobState.QUEUED,
+    SlurmState.RUNNING: JobState.RUNNING,
+    SlurmState.COMPLETING: JobState.RUNNING,
+    SlurmState.SUSPENDED: JobState.RUNNING,
+    SlurmState.RESIZING: JobState.RUNNING,
+    SlurmState.SIGNALING: JobState.RUNNING,
+    SlurmState.STAGE_OUT: JobState.RUNNING,
+    SlurmState.STOPPED: JobState.RUNNING,
+}
+
+
+def gateway_state(
+    main: SlurmState | None,
+    archive: SlurmState | None,
+    archive_exit_code: int | None,
+    main_phase: str | None = None,
+) -> JobState:
+    """Derive the gateway state from the two Slurm jobs (main RELION job, archive hook).
+
+    ``None`` means Slurm does not know the job (any more). ``main_phase`` is what the main job
+    wrote to its phase file ("staging" or "running") so a running job can say which step it is in.
+    """
+    if main is None:
+        # The main job vanished. If the hook is still around it will tell; otherwise the job is lost.
+        if archive is None:
+            return JobState.LOST
+        if not archive.is_terminal:
+            return JobState.ARCHIVING
+    elif not main.is_terminal:
+        if main == SlurmState.UNKNOWN:
+            return JobState.UNKNOWN
+        live = LIVE_STATE_OF_MAIN.get(main, JobState.UNKNOWN)
+        if live == JobState.RUNNING and main_phase == "staging":
+            return JobState.STAGING
+        return live
+    # The main job has ended: the hook decides whether the output is safe.
+    if archive is None:
+        return JobState.LOST
+    if not archive.is_terminal:
+        return JobState.ARCHIVING
+    if archive != SlurmState.COMPLETED or (archive_exit_code or 0) != 0:
+        return JobState.ARCHIVE_FAILED
+    if main is None:
+        return JobState.LOST
+    return FINAL_STATE_OF_MAIN.get(main, JobState.FAILED)

@@ -1,0 +1,74 @@
+"""Fakes at the seams: a scheduler that records submissions, a runner with recorded Slurm output."""
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+
+from gateway.process import CommandError
+from gateway.slurm.backend import SchedulerError, SlurmJobInfo
+from gateway.slurm.states import SlurmState
+
+
+@dataclass
+class FakeScheduler:
+    """Stands in for Slurm in API tests; tests set states with ``set_state``."""
+
+    submitted: list[str] = field(default_factory=list)
+    cancelled: list[str] = field(default_factory=list)
+    status_calls: list[list[str]] = field(default_factory=list)
+    jobs: dict[str, SlurmJobInfo] = field(default_factory=dict)
+    fail_submit_at: int | None = None  # 0-based index of the submission that fails
+    next_id: int = 1000
+
+    def submit(self, script: str, *, after_any: str | None = None) -> str:
+        if self.fail_submit_at is not None and len(self.submitted) == self.fail_submit_at:
+            self.submitted.append(script)
+            raise SchedulerError("sbatch failed (exit code 1): sbatch: error: Batch job submission failed: Invalid partition name specified")
+        self.submitted.append(script)
+        self.next_id += 1
+        job_id = str(self.next_id)
+        self.jobs[job_id] = SlurmJobInfo(job_id, SlurmState.PENDING, "PENDING", reason="None", source="squeue")
+        return job_id
+
+    def set_state(self, job_id: str, raw: str, exit_code: int | None = None, reason: str = "None") -> None:
+        self.jobs[job_id] = SlurmJobInfo(
+            job_id, SlurmState.parse(raw), raw, reason=reason, exit_code=exit_code, source="sacct" if exit_code is not None else "squeue"
+        )
+
+    def forget(self, job_id: str) -> None:
+        self.jobs.pop(job_id, None)
+
+    def status(self, job_ids: Iterable[str]) -> dict[str, SlurmJobInfo]:
+        ids = list(job_ids)
+        self.status_calls.append(ids)
+        return {i: self.jobs[i] for i in ids if i in self.jobs}
+
+    def cancel(self, job_id: str) -> None:
+        self.cancelled.append(job_id)
+        if job_id in self.jobs:
+            self.set_state(job_id, "CANCELLED by 0", exit_code=0)
+
+    def test_only(self, script: str) -> str:
+        return "accepted"
+
+    def ping(self) -> bool:
+        return True
+
+
+@dataclass
+class RecordedRunner:
+    """A Runner that answers argv prefixes with recorded stdout (or a CommandError)."""
+
+    answers: dict[str, str | CommandError] = field(default_factory=dict)
+    calls: list[list[str]] = field(default_factory=list)
+    inputs: list[str | None] = field(default_factory=list)
+
+    def __call__(self, argv: Sequence[str], *, timeout: float, input: str | None = None, env: Mapping[str, str] | None = None) -> str:
+        self.calls.append(list(argv))
+        self.inputs.append(input)
+        answer = self.answers.get(argv[0])
+        if answer is None:
+            raise CommandError(argv, 127, "", f"{argv[0]}: no recorded answer")
+        if isinstance(answer, CommandError):
+            raise answer
+        return answer

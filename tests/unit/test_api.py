@@ -1,0 +1,220 @@
+"""The REST API against a fake scheduler: contract, errors, state tracking."""
+from __future__ import annotations
+
+import base64
+import json
+import re
+from pathlib import Path
+
+import pytest
+from flask.testing import FlaskClient
+
+from tests.conftest import valid_request
+from tests.fakes import FakeScheduler
+
+JOBS = "/v1/relion/jobs"
+
+
+def submit(client: FlaskClient, **changes: object) -> dict:
+    response = client.post(JOBS, json=valid_request(**changes))
+    assert response.status_code == 202, response.json
+    return response.json
+
+
+def test_submit_returns_202_with_seed_style_job_id(client: FlaskClient, scheduler: FakeScheduler) -> None:
+    job = submit(client)
+    assert re.fullmatch(r"job_2d_ws1_[0-9a-f]{8}", job["job_id"])
+    assert job["status"] == "queued"
+    assert job["slurm"] == {"main_job_id": "1001", "archive_job_id": "1002", "state": "PENDING", "exit_code": None}
+    assert job["output_url"] == f"s3://relion-local/results/{job['job_id']}/"
+    main, archive = scheduler.submitted
+    assert "#SBATCH --ntasks=3" in main and "#SBATCH --cpus-per-task=1" in main
+    assert "relion_refine_mpi --i particles.star --o Class2D/run --ctf --iter 2 --j 1 --K 3" in main
+    assert "#SBATCH --dependency=afterany:1001" in archive
+
+
+def test_submit_writes_job_file_and_stores_scripts(client: FlaskClient, app, scheduler: FakeScheduler) -> None:
+    job = submit(client)
+    log_dir = Path(app.config["PATHS_LOG_ROOT"]) / "alice" / job["job_id"]
+    recorded = json.loads((log_dir / "job.json").read_text())
+    assert recorded["main_slurm_id"] == "1001" and recorded["output_dir"] == "Class2D"
+    record = app.extensions["relion_gateway"].store.get(job["job_id"])
+    assert record.main_script == scheduler.submitted[0]
+    assert record.archive_script == scheduler.submitted[1]
+
+
+def test_single_rank_runs_sequential_relion(client: FlaskClient, scheduler: FakeScheduler) -> None:
+    submit(client, num_mpi=1)
+    main = scheduler.submitted[0]
+    assert "\nrelion_refine --i particles.star" in main
+    assert "mpirun" not in main
+
+
+def test_dashed_flags_are_normalised(client: FlaskClient, scheduler: FakeScheduler) -> None:
+    flags = {"--i": "particles.star", "--o": "Class2D/run", "--particle-diameter": 100, "--tau2-fudge": 2, "--ctf": True}
+    job = submit(client, flags=flags)
+    assert job["flags"] == {"i": "particles.star", "o": "Class2D/run", "particle_diameter": 100, "tau2_fudge": 2, "ctf": True}
+    assert "--ctf --particle_diameter 100 --tau2_fudge 2" in scheduler.submitted[0]
+
+
+@pytest.mark.parametrize(
+    ("changes", "field", "fragment"),
+    [
+        ({"mode": "4d"}, "mode", "Must be one of"),
+        ({"num_mpi": 0}, "num_mpi", "greater than or equal to 1"),
+        ({"num_mpi": "3"}, "num_mpi", "Not a valid integer"),
+        ({"user_id": "../etc"}, "user_id", "letters, digits"),
+        ({"workspace_id": ".."}, "workspace_id", "letters, digits"),
+        ({"dataset_s3_url": "http://example.org/x.tar.gz"}, "dataset_s3_url", "s3:// URL"),
+        ({"dataset_s3_url": "s3://other-bucket/x.tar.gz"}, "dataset_s3_url", "not one of the allowed buckets"),
+        ({"dataset_s3_url": "s3://relion-local/x.zip"}, "dataset_s3_url", ".tar.gz"),
+        ({"output_s3_prefix": "/tmp/out"}, "output_s3_prefix", "s3:// URL"),
+        ({"flags": {"o": "Class2D/run"}}, "flags.i", "required"),
+        ({"flags": {"i": "p.star", "o": "run"}}, "flags.o", "directory"),
+        ({"flags": {"i": "/etc/passwd", "o": "C/run"}}, "flags.i", "relative"),
+        ({"flags": {"i": "../p.star", "o": "C/run"}}, "flags.i", "'..'"),
+        ({"flags": {"i": "-rf", "o": "C/run"}}, "flags.i", "must not start with '-'"),
+        ({"flags": {"i": "p.star", "o": "C/run", "K": [1, 2]}}, "flags.K", "switch"),
+        ({"flags": {"i": "p.star\n", "o": "C/run"}}, "flags.i", "control characters"),
+        ({"flags": {"i": "p.star", "o": "C/run", "j": 0}}, "flags.j", ">= 1"),
+        ({"flags": {"i": "p.star", "o": "C/run", "ref": "ref.mrc"}}, "flags.ref", "takes no --ref"),
+        ({"mode": "3d"}, "flags.ref", "needs --ref"),
+        ({"mode": "autorefine", "num_mpi": 4, "flags": {"i": "p.star", "o": "R/run", "ref": "ref.mrc"}}, "num_mpi", "odd number"),
+        ({"extra": 1}, "extra", "Unknown field"),
+    ],
+)
+def test_bad_requests_get_422_naming_the_field(
+    client: FlaskClient, scheduler: FakeScheduler, changes: dict, field: str, fragment: str
+) -> None:
+    response = client.post(JOBS, json=valid_request(**changes))
+    assert response.status_code == 422
+    body = response.json
+    assert body["code"] == 422 and body["status"] == "Unprocessable Entity"
+    assert field in body["errors"]["json"], body
+    assert fragment in " ".join(body["errors"]["json"][field]), body
+    assert field in body["message"]
+    assert scheduler.submitted == []  # nothing reached Slurm
+
+
+def test_malformed_json_is_a_400_in_the_error_shape(client: FlaskClient) -> None:
+    response = client.post(JOBS, data="{not json", content_type="application/json")
+    assert response.status_code in (400, 422)
+    assert set(response.json) >= {"code", "status", "message"}
+
+
+def test_unknown_job_is_404(client: FlaskClient) -> None:
+    response = client.get(f"{JOBS}/job_2d_x_00000000")
+    assert response.status_code == 404
+    assert response.json["message"] == "no job 'job_2d_x_00000000'"
+
+
+def test_failed_sbatch_is_recorded_as_submit_failed(client: FlaskClient, scheduler: FakeScheduler) -> None:
+    scheduler.fail_submit_at = 0
+    job = submit(client)
+    assert job["status"] == "submit_failed"
+    assert "Invalid partition name" in job["message"]
+    # The record survives: the job can be read back.
+    assert client.get(f"{JOBS}/{job['job_id']}").json["status"] == "submit_failed"
+
+
+def test_refused_archive_job_cancels_the_main_job(client: FlaskClient, scheduler: FakeScheduler) -> None:
+    scheduler.fail_submit_at = 1
+    job = submit(client)
+    assert job["status"] == "submit_failed"
+    assert scheduler.cancelled == ["1001"]
+    assert "main job 1001 cancelled" in job["message"]
+
+
+def write_metadata(app, job: dict, metadata: dict) -> None:
+    log_dir = Path(app.config["PATHS_LOG_ROOT"]) / "alice" / job["job_id"]
+    (log_dir / "metadata.json").write_text(json.dumps(metadata))
+
+
+def test_job_follows_slurm_states_to_succeeded(client: FlaskClient, app, scheduler: FakeScheduler) -> None:
+    job = submit(client)
+    url = f"{JOBS}/{job['job_id']}"
+    scheduler.set_state("1001", "PENDING", reason="Resources")
+    body = client.get(url).json
+    assert body["status"] == "queued" and body["slurm"]["state"] == "PENDING (Resources)"
+
+    scheduler.set_state("1001", "RUNNING")
+    log_dir = Path(app.config["PATHS_LOG_ROOT"]) / "alice" / job["job_id"]
+    (log_dir / "phases").write_text("staging 1700000000\n")
+    assert client.get(url).json["status"] == "staging"
+    (log_dir / "phases").write_text("staging 1700000000\nrunning 1700000005\n")
+    assert client.get(url).json["status"] == "running"
+
+    scheduler.set_state("1001", "COMPLETED", exit_code=0)
+    scheduler.set_state("1002", "RUNNING")
+    assert client.get(url).json["status"] == "archiving"
+
+    metadata = {"schema_version": 1, "relion": {"results": {"class_distribution": [0.5, 0.5]}}}
+    write_metadata(app, job, metadata)
+    scheduler.set_state("1002", "COMPLETED", exit_code=0)
+    body = client.get(url).json
+    assert body["status"] == "succeeded"
+    assert body["metadata"] == metadata
+    assert json.loads(base64.b64decode(body["metadata_b64"])) == metadata
+    # Terminal: later reads cost Slurm nothing.
+    calls = len(scheduler.status_calls)
+    client.get(url)
+    assert len(scheduler.status_calls) == calls
+
+
+@pytest.mark.parametrize(
+    ("main_state", "exit_code", "expected"),
+    [
+        ("FAILED", 1, "failed"),
+        ("CANCELLED by 0", 0, "cancelled"),
+        ("TIMEOUT", 0, "timeout"),
+        ("OUT_OF_MEMORY", 0, "out_of_memory"),
+        ("NODE_FAIL", 0, "node_fail"),
+    ],
+)
+def test_main_job_fates_stay_distinct(client: FlaskClient, scheduler: FakeScheduler, main_state: str, exit_code: int, expected: str) -> None:
+    job = submit(client)
+    scheduler.set_state("1001", main_state, exit_code=exit_code)
+    scheduler.set_state("1002", "COMPLETED", exit_code=0)
+    body = client.get(f"{JOBS}/{job['job_id']}").json
+    assert body["status"] == expected
+    assert main_state.split()[0] in body["message"]
+
+
+def test_failed_archive_job_is_archive_failed(client: FlaskClient, scheduler: FakeScheduler) -> None:
+    job = submit(client)
+    scheduler.set_state("1001", "COMPLETED", exit_code=0)
+    scheduler.set_state("1002", "FAILED", exit_code=3)
+    assert client.get(f"{JOBS}/{job['job_id']}").json["status"] == "archive_failed"
+
+
+def test_vanished_job_is_lost_not_succeeded(client: FlaskClient, scheduler: FakeScheduler) -> None:
+    job = submit(client)
+    scheduler.forget("1001")
+    scheduler.forget("1002")
+    assert client.get(f"{JOBS}/{job['job_id']}").json["status"] == "lost"
+
+
+def test_cancel_cancels_the_main_job_only(client: FlaskClient, scheduler: FakeScheduler) -> None:
+    job = submit(client)
+    response = client.post(f"{JOBS}/{job['job_id']}/cancel")
+    assert response.status_code == 202
+    assert scheduler.cancelled == ["1001"]
+    assert response.json["status"] == "archiving"  # the hook still has to run
+
+
+def test_cancel_of_an_ended_job_is_409(client: FlaskClient, scheduler: FakeScheduler) -> None:
+    scheduler.fail_submit_at = 0
+    job = submit(client)
+    response = client.post(f"{JOBS}/{job['job_id']}/cancel")
+    assert response.status_code == 409
+    assert "already ended" in response.json["message"]
+
+
+def test_openapi_spec_lists_the_job_endpoints(client: FlaskClient) -> None:
+    spec = client.get("/v1/relion/openapi.json").json
+    assert {"/v1/relion/jobs", "/v1/relion/jobs/{job_id}", "/v1/relion/jobs/{job_id}/cancel"} <= set(spec["paths"])
+    assert "JobRequest" in spec["components"]["schemas"]
+
+
+def test_healthz(client: FlaskClient) -> None:
+    assert client.get("/healthz").json["status"] == "ok"
