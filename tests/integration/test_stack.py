@@ -1,0 +1,198 @@
+"""Drive the real local stack: `stack up` (twice), status, a Slurm job, S3 over HTTP, recovery.
+
+The stack is shared with the other integration tests: these tests leave it UP and never run
+`stack down`.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from gateway.stack import stack_dir, stack_status
+from gateway.stack.daemons import is_alive, read_pid_file
+
+pytestmark = [
+    pytest.mark.integration,
+    pytest.mark.skipif(os.geteuid() != 0, reason="the local stack needs root"),
+]
+
+REPO = Path(__file__).resolve().parents[2]
+ENTRY = "from gateway.stack.commands import stack_group; stack_group()"
+
+
+def stack_cli(*args: str, timeout: float = 1800.0) -> subprocess.CompletedProcess[str]:
+    """Run `relion-gateway stack ...` in a fresh interpreter, as a user would."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
+    return subprocess.run(
+        [sys.executable, "-c", ENTRY, *args], capture_output=True, text=True, timeout=timeout, env=env, check=False
+    )
+
+
+def up() -> tuple[subprocess.CompletedProcess[str], float]:
+    t0 = time.monotonic()
+    result = stack_cli("up")
+    elapsed = time.monotonic() - t0
+    assert result.returncode == 0, result.stdout + result.stderr
+    return result, elapsed
+
+
+def daemon_lines(output: str) -> dict[str, str]:
+    names = ("munged", "mariadbd", "slurmdbd", "slurmctld", "slurmd", "nanio")
+    return {line.split()[0]: line for line in output.splitlines() if line.split() and line.split()[0] in names}
+
+
+@pytest.fixture(scope="module")
+def running() -> dict[str, Any]:
+    up()
+    return stack_status()
+
+
+def wait_for_sacct_state(job_id: str, want: str, timeout: float = 30.0) -> str:
+    deadline = time.monotonic() + timeout
+    state = ""
+    while time.monotonic() < deadline:
+        out = subprocess.run(
+            ["sacct", "-X", "-n", "-P", "-j", job_id, "-o", "State"],
+            capture_output=True, text=True, timeout=30, check=False,
+        ).stdout.split()
+        # After a wiped StateSaveLocation Slurm reuses job ids: the newest record is the last one.
+        state = out[-1] if out else ""
+        if state == want:
+            return state
+        time.sleep(0.5)
+    return state
+
+
+def submit_true() -> str:
+    out = subprocess.run(
+        ["sbatch", "--parsable", "--output=/dev/null", "--wrap", "true"],
+        capture_output=True, text=True, timeout=30, check=True,
+    ).stdout
+    return out.strip().split(";")[0]
+
+
+def s3_roundtrip(status: dict[str, Any]) -> None:
+    import boto3
+    from botocore.config import Config
+
+    s3 = status["s3"]
+    client = boto3.client(
+        "s3",
+        endpoint_url=s3["endpoint_url"],
+        region_name=s3["region"],
+        aws_access_key_id=s3["access_key"],
+        aws_secret_access_key=s3["secret_key"],
+        config=Config(signature_version="s3v4"),
+    )
+    key = f"tests/stack-{uuid.uuid4().hex}.txt"
+    body = b"relion-gateway stack test\n" * 100
+    client.put_object(Bucket=s3["bucket"], Key=key, Body=body)
+    try:
+        assert client.get_object(Bucket=s3["bucket"], Key=key)["Body"].read() == body
+    finally:
+        client.delete_object(Bucket=s3["bucket"], Key=key)
+
+
+def kill_9_keep_pid_file(name: str) -> int:
+    pid_file = stack_dir() / "run" / f"{name}.pid"
+    pid = read_pid_file(pid_file)
+    assert pid is not None and is_alive(pid), f"{name} is not running from our pid file"
+    os.kill(pid, signal.SIGKILL)
+    deadline = time.monotonic() + 5
+    while is_alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert pid_file.exists()
+    assert stack_status()["daemons"][name]["state"] == "stale pid file"
+    return pid
+
+
+def test_second_up_is_a_fast_no_op(running: dict[str, Any]) -> None:
+    result, elapsed = up()
+    lines = daemon_lines(result.stdout)
+    assert len(lines) == 6, result.stdout
+    for name, line in lines.items():
+        assert "already up" in line or "external" in line, line
+    assert "started" not in result.stdout
+    assert elapsed < 2.0, f"warm `stack up` took {elapsed:.2f} s"
+
+
+def test_status_json_all_up(running: dict[str, Any]) -> None:
+    result = stack_cli("status", "--json", timeout=60)
+    assert result.returncode == 0, result.stdout + result.stderr
+    status = json.loads(result.stdout)
+    assert status["all_up"] is True
+    assert set(status["daemons"]) == {"munged", "mariadbd", "slurmdbd", "slurmctld", "slurmd", "nanio"}
+    for name, info in status["daemons"].items():
+        assert info["state"] in ("up", "external"), (name, info)
+        assert isinstance(info["pid"], int)
+    env = status["environment"]
+    assert env["AWS_DEFAULT_REGION"] == "us-east-1"
+    assert env["GATEWAY_S3_ENDPOINT_URL"] == "http://127.0.0.1:9010"
+    assert env["AWS_ACCESS_KEY_ID"] == status["s3"]["access_key"]
+    assert env["GATEWAY_PATHS_STATE_DIR"] == str(stack_dir().parent)
+    assert status["slurm_conf"] == "/etc/slurm/slurm.conf"
+    human = stack_cli("status", timeout=60)
+    assert human.returncode == 0
+    assert f"export AWS_SECRET_ACCESS_KEY={status['s3']['secret_key']}" in human.stdout
+
+
+def test_sbatch_job_completes_in_accounting(running: dict[str, Any]) -> None:
+    job_id = submit_true()
+    assert wait_for_sacct_state(job_id, "COMPLETED") == "COMPLETED"
+
+
+def test_memory_is_a_consumable_resource(running: dict[str, Any]) -> None:
+    # CR_CPU_Memory: --mem-per-cpu requests are accepted and accounted; more than the node has is refused.
+    out = subprocess.run(
+        ["sbatch", "--parsable", "--output=/dev/null", "-n", "2", "--mem-per-cpu=1500", "--wrap", "true"],
+        capture_output=True, text=True, timeout=30, check=True,
+    ).stdout.strip()
+    assert wait_for_sacct_state(out, "COMPLETED") == "COMPLETED"
+    tres = subprocess.run(
+        ["sacct", "-X", "-n", "-P", "-j", out, "-o", "AllocTRES"], capture_output=True, text=True, timeout=30,
+    ).stdout.split()[-1]
+    assert "mem=3000M" in tres
+    refused = subprocess.run(["sbatch", "--output=/dev/null", "--mem=64000", "--wrap", "true"], capture_output=True, text=True, timeout=30)
+    assert refused.returncode != 0
+
+
+def test_s3_put_get_over_http(running: dict[str, Any]) -> None:
+    s3_roundtrip(running)
+
+
+def test_up_recovers_killed_slurmd(running: dict[str, Any]) -> None:
+    old = kill_9_keep_pid_file("slurmd")
+    result, _ = up()
+    assert "started" in daemon_lines(result.stdout)["slurmd"]
+    status = stack_status()
+    assert status["all_up"] is True
+    assert status["daemons"]["slurmd"]["pid"] != old
+    assert wait_for_sacct_state(submit_true(), "COMPLETED") == "COMPLETED"
+
+
+def test_up_recovers_killed_nanio(running: dict[str, Any]) -> None:
+    kill_9_keep_pid_file("nanio")
+    result, _ = up()
+    assert "started" in daemon_lines(result.stdout)["nanio"]
+    status = stack_status()
+    assert status["all_up"] is True
+    s3_roundtrip(status)
+
+
+def test_up_recovers_killed_mariadbd(running: dict[str, Any]) -> None:
+    # MariaDB's own pid file and socket in /run/mysqld are left behind too.
+    kill_9_keep_pid_file("mariadbd")
+    result, _ = up()
+    assert "started" in daemon_lines(result.stdout)["mariadbd"]
+    assert stack_status()["all_up"] is True
+    # slurmdbd reconnects to the new server: accounting still works end to end.
+    assert wait_for_sacct_state(submit_true(), "COMPLETED") == "COMPLETED"
