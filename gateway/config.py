@@ -41,9 +41,13 @@ def default_config() -> dict[str, Any]:
         "SLURM_QOS": "",
         "SLURM_TIME_LIMIT": "01:00:00",
         "SLURM_ARCHIVE_TIME_LIMIT": "01:00:00",
-        "SLURM_MEMORY_PER_CPU_MB": 2000,
         "SLURM_EXTRA_DIRECTIVES": [],  # admin-owned lines such as "--constraint=skylake"
         "SLURM_COMMAND_TIMEOUT": 30.0,
+        # Per-partition limits checked at submit time, so a request Slurm would refuse (or leave
+        # pending forever) gets a 4xx that names the limit. Keys: max_ranks, max_threads,
+        # max_cpus (ranks x threads), max_memory_mb (whole job), max_time ("D-HH:MM:SS"), gpus.
+        # A partition not listed here has no gateway-side limits.
+        "SLURM_PARTITIONS": {},
         "SLURM_STATUS_MAX_AGE": 5.0,  # seconds a stored Slurm state is trusted before a refresh
         # [relion]
         "RELION_REFINE": "relion_refine",
@@ -52,6 +56,10 @@ def default_config() -> dict[str, Any]:
         # by the job's shell. Real clusters usually want "srun --mpi=pmix".
         "RELION_LAUNCHER": 'mpirun -np "$SLURM_NTASKS"',
         "RELION_ENVIRONMENT": {},  # exported in the job before RELION runs
+        "RELION_VERSION": "3.1",  # the site's RELION (3.1, 4.0 or 5.0): options it lacks are refused
+        # Memory estimate per MPI rank, by mode; --mem-per-cpu = estimate x scale / threads.
+        "RELION_MEMORY_PER_RANK_MB": {"2d": 1000, "3d": 2000, "autorefine": 2000},
+        "RELION_MEMORY_SCALE": 1.0,
         "RELION_SETUP_LINES": [],  # e.g. ["module load relion/3.1.3"]
         # [s3]
         "S3_ENDPOINT_URL": "",  # empty: boto3's default (AWS)
@@ -65,11 +73,15 @@ def default_config() -> dict[str, Any]:
     }
 
 
+# Keys whose value is itself a table (kept as a dict, not flattened further).
+TABLE_KEYS = frozenset({"RELION_ENVIRONMENT", "SLURM_PARTITIONS", "RELION_MEMORY_PER_RANK_MB"})
+
+
 def _flatten(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     flat: dict[str, Any] = {}
     for key, value in data.items():
         name = f"{prefix}{key}".upper()
-        if isinstance(value, dict) and not name.endswith("ENVIRONMENT"):
+        if isinstance(value, dict) and name not in TABLE_KEYS:
             flat.update(_flatten(value, f"{name}_"))
         else:
             flat[name] = value

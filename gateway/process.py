@@ -44,6 +44,7 @@ class Runner(Protocol):
         timeout: float,
         input: str | None = None,
         env: Mapping[str, str] | None = None,
+        merge_stderr: bool = False,
     ) -> str: ...
 
 
@@ -54,8 +55,10 @@ def run_command(
     input: str | None = None,
     env: Mapping[str, str] | None = None,
     cwd: str | None = None,
+    merge_stderr: bool = False,
 ) -> str:
-    """Run argv, return its stdout; raise CommandError on a non-zero exit, a timeout or a missing binary."""
+    """Run argv, return its stdout (with stderr appended if ``merge_stderr``); raise CommandError
+    on a non-zero exit, a timeout or a missing binary."""
     log.debug("run %s", argv)
     try:
         completed = subprocess.run(
@@ -74,7 +77,7 @@ def run_command(
         raise CommandError(argv, None, "", str(exc), "could not be started") from exc
     if completed.returncode != 0:
         raise CommandError(argv, completed.returncode, completed.stdout, completed.stderr)
-    return completed.stdout
+    return completed.stdout + (completed.stderr if merge_stderr else "")
 
 
 def _text(value: str | bytes | None) -> str:

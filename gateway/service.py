@@ -15,6 +15,8 @@ from pathlib import Path
 from typing import Any
 
 from gateway import __version__
+from gateway.errors import RequestError
+from gateway.resources import plan_resources
 from gateway.relion.flags import FlagError, NormalisedFlags, normalise_flags
 from gateway.scripts.render import ARCHIVE_TEMPLATE, MAIN_TEMPLATE, ScriptRenderer
 from gateway.slurm.backend import SchedulerBackend, SchedulerError, SlurmJobInfo
@@ -27,16 +29,6 @@ log = logging.getLogger(__name__)
 MODES = ("2d", "3d", "autorefine")
 # Placeholder shown in a dry-run archive script, where the main job has no Slurm id yet.
 DRY_RUN_MAIN_ID = "MAIN_JOB_ID"
-
-
-class RequestError(ValueError):
-    """A request breaks a rule; ``field`` names the field (``flags.ref``, ``num_mpi``)."""
-
-    def __init__(self, field: str, message: str, status: int = 422) -> None:
-        super().__init__(message)
-        self.field = field
-        self.message = message
-        self.status = status
 
 
 @dataclass
@@ -130,13 +122,15 @@ class JobService:
         relion_args = flags.argv()
         normalised_request = {**request, "flags": flags.options}
         digest = request_hash(normalised_request)
-        resources = {
-            "ntasks": num_mpi,
-            "cpus_per_task": threads,
-            "mem_per_cpu_mb": int(self.config["SLURM_MEMORY_PER_CPU_MB"]),
-            "partition": self.config["SLURM_PARTITION"] or None,
-            "time_limit": self.config["SLURM_TIME_LIMIT"],
-        }
+        plan = plan_resources(
+            self.config,
+            mode=mode,
+            num_mpi=num_mpi,
+            threads=threads,
+            partition=request.get("partition"),
+            time_limit=request.get("time_limit"),
+        )
+        resources = plan.as_dict()
         job = {
             "job_id": job_id,
             "user_id": user,
@@ -163,21 +157,21 @@ class JobService:
             "gateway_version": __version__,
             "comment": f"relion-gateway:{job_id}",
             "log_dir": str(log_dir),
-            "partition": self.config["SLURM_PARTITION"],
+            "partition": plan.partition,
             "account": self.config["SLURM_ACCOUNT"],
             "qos": self.config["SLURM_QOS"],
             "extra_directives": list(self.config["SLURM_EXTRA_DIRECTIVES"]),
             "setup_lines": list(self.config["RELION_SETUP_LINES"]),
             "python": self.config["JOB_PYTHON"],
             "s3_endpoint_url": self.config["S3_ENDPOINT_URL"],
-            "mem_per_cpu_mb": resources["mem_per_cpu_mb"],
+            "mem_per_cpu_mb": plan.mem_per_cpu_mb,
         }
         main_context = {
             **common,
             "job_name": job_id,
             "ntasks": num_mpi,
             "cpus_per_task": threads,
-            "time_limit": self.config["SLURM_TIME_LIMIT"],
+            "time_limit": plan.time_limit,
             "workspace_dir": str(workspace_dir),
             "environment": sorted(self.config["RELION_ENVIRONMENT"].items()),
             "dataset_s3_url": request["dataset_s3_url"],

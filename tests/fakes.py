@@ -49,7 +49,7 @@ class FakeScheduler:
             self.set_state(job_id, "CANCELLED by 0", exit_code=0)
 
     def test_only(self, script: str) -> str:
-        return "accepted"
+        return "sbatch: Job 1003 to start at 2026-01-01T00:00:00 using 3 processors on nodes vm in partition debug"
 
     def ping(self) -> bool:
         return True
@@ -63,7 +63,9 @@ class RecordedRunner:
     calls: list[list[str]] = field(default_factory=list)
     inputs: list[str | None] = field(default_factory=list)
 
-    def __call__(self, argv: Sequence[str], *, timeout: float, input: str | None = None, env: Mapping[str, str] | None = None) -> str:
+    def __call__(
+        self, argv: Sequence[str], *, timeout: float, input: str | None = None, env: Mapping[str, str] | None = None, merge_stderr: bool = False
+    ) -> str:
         self.calls.append(list(argv))
         self.inputs.append(input)
         answer = self.answers.get(argv[0])

@@ -8,7 +8,7 @@ from flask import Flask, jsonify
 from werkzeug.exceptions import HTTPException
 from werkzeug.wrappers import Response
 
-from gateway.service import RequestError
+from gateway.errors import RequestError
 from gateway.slurm.backend import SchedulerError
 from gateway.store import JobNotFound
 

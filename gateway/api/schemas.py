@@ -41,6 +41,14 @@ class JobRequestSchema(Schema):
         validate=validate.Range(min=1, max=4096),
         metadata={"description": "MPI ranks (#SBATCH --ntasks)"},
     )
+    partition = fields.String(
+        validate=validate.Regexp(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$", error="must be a Slurm partition name"),
+        metadata={"description": "Slurm partition (default: [slurm] partition); checked against its limits"},
+    )
+    time_limit = fields.String(
+        validate=validate.Regexp(r"^(\d+-)?\d+(:\d+){0,2}$", error="must be a Slurm time such as 90, 01:30:00 or 2-00:00:00"),
+        metadata={"description": "Slurm --time for the main job (default: [slurm] time_limit)", "example": "00:30:00"},
+    )
     flags = fields.Dict(
         keys=fields.String(validate=validate.Length(min=1, max=64)),
         values=fields.Raw(allow_none=False),
@@ -79,6 +87,14 @@ class JobSchema(Schema):
     workspace_id = fields.String()
     mode = fields.String()
     num_mpi = fields.Integer()
+    partition = fields.String(
+        validate=validate.Regexp(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$", error="must be a Slurm partition name"),
+        metadata={"description": "Slurm partition (default: [slurm] partition); checked against its limits"},
+    )
+    time_limit = fields.String(
+        validate=validate.Regexp(r"^(\d+-)?\d+(:\d+){0,2}$", error="must be a Slurm time such as 90, 01:30:00 or 2-00:00:00"),
+        metadata={"description": "Slurm --time for the main job (default: [slurm] time_limit)", "example": "00:30:00"},
+    )
     flags = fields.Dict()
     slurm = fields.Nested(SlurmInfoSchema)
     output_url = fields.String(metadata={"description": "s3:// prefix holding output.tar.gz and metadata.json"})
@@ -115,3 +131,26 @@ def job_to_dict(record: Any) -> dict[str, Any]:
         "metadata": metadata,
         "metadata_b64": base64.b64encode(json.dumps(metadata, sort_keys=True).encode()).decode() if metadata else None,
     }
+
+
+class RenderArgsSchema(Schema):
+    slurm_test = fields.Boolean(
+        load_default=False, metadata={"description": "also ask Slurm (sbatch --test-only) whether it would accept the main script"}
+    )
+
+
+class RenderSchema(Schema):
+    """A dry run: what would be submitted, nothing stored, nothing queued."""
+
+    job_id = fields.String(metadata={"description": "the id this request would get (a new one on every call)"})
+    main_script = fields.String()
+    archive_script = fields.String(metadata={"description": "its dependency names MAIN_JOB_ID, the main job's id at submit time"})
+    relion_command = fields.List(fields.String(), metadata={"description": "argv of the RELION step"})
+    command_line = fields.String(metadata={"description": "the RELION step as one shell-quoted line"})
+    resources = fields.Dict()
+    warnings = fields.List(fields.String())
+    slurm_test = fields.String(allow_none=True, metadata={"description": "sbatch --test-only's verdict, when asked"})
+
+
+class ScriptArgsSchema(Schema):
+    which = fields.String(load_default="main", validate=validate.OneOf(["main", "archive"]))

@@ -8,7 +8,8 @@ import click
 
 from gateway.app import create_app
 from gateway.relion.flags import FlagError, parse_command_line
-from gateway.service import DRY_RUN_MAIN_ID, MODES, RequestError
+from gateway.errors import RequestError
+from gateway.service import DRY_RUN_MAIN_ID, MODES
 
 
 @click.command("render", context_settings={"ignore_unknown_options": True, "allow_extra_args": True})

@@ -141,12 +141,12 @@ class SlurmCliBackend:
     def test_only(self, script: str) -> str:
         # sbatch --test-only prints its verdict on stderr and exits 0 when the job would be accepted.
         try:
-            self._run(["sbatch", "--test-only"], timeout=self._timeout, input=script)
+            out = self._run(["sbatch", "--test-only"], timeout=self._timeout, input=script, merge_stderr=True)
         except CommandError as exc:
             raise SchedulerError(
                 f"sbatch --test-only refused the script: {exc.stderr.strip()}", argv=exc.argv, stderr=exc.stderr
             ) from exc
-        return "accepted"
+        return out.strip()
 
     def status(self, job_ids: Iterable[str]) -> dict[str, SlurmJobInfo]:
         ids = sorted({str(i) for i in job_ids if i}, key=int)
@@ -157,7 +157,8 @@ class SlurmCliBackend:
         # accounting database, in one call, for every job that has ended or left squeue.
         need_sacct = [i for i in ids if i not in found or found[i].state.is_terminal]
         if need_sacct:
-            found.update(self._sacct(need_sacct))
+            accounted = self._sacct(need_sacct)
+            found.update({i: accounted[i] for i in need_sacct if i in accounted})
         return found
 
     def _squeue(self, ids: list[str]) -> dict[str, SlurmJobInfo]:

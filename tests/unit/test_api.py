@@ -218,3 +218,31 @@ def test_openapi_spec_lists_the_job_endpoints(client: FlaskClient) -> None:
 
 def test_healthz(client: FlaskClient) -> None:
     assert client.get("/healthz").json["status"] == "ok"
+
+
+def test_script_endpoint_returns_the_exact_submitted_text(client: FlaskClient, scheduler: FakeScheduler) -> None:
+    job = submit(client)
+    response = client.get(f"{JOBS}/{job['job_id']}/script")
+    assert response.status_code == 200 and response.mimetype == "text/x-shellscript"
+    assert response.get_data(as_text=True) == scheduler.submitted[0]
+    archive = client.get(f"{JOBS}/{job['job_id']}/script?which=archive")
+    assert archive.get_data(as_text=True) == scheduler.submitted[1]
+    assert client.get(f"{JOBS}/{job['job_id']}/script?which=other").status_code == 422
+    assert client.get(f"{JOBS}/job_2d_x_00000000/script").status_code == 404
+
+
+def test_render_is_a_dry_run(client: FlaskClient, app, scheduler: FakeScheduler) -> None:
+    response = client.post("/v1/relion/render?slurm_test=true", json=valid_request())
+    assert response.status_code == 200
+    body = response.json
+    assert body["main_script"].startswith("#!/bin/bash") and "afterany:MAIN_JOB_ID" in body["archive_script"]
+    assert body["command_line"] == "relion_refine_mpi --i particles.star --o Class2D/run --ctf --iter 2 --j 1 --K 3"
+    assert body["slurm_test"].startswith("sbatch: Job")
+    assert body["resources"]["ntasks"] == 3
+    assert scheduler.submitted == []  # nothing queued
+    assert app.extensions["relion_gateway"].store.list() == []  # nothing stored
+
+
+def test_render_applies_the_same_rules(client: FlaskClient) -> None:
+    response = client.post("/v1/relion/render", json=valid_request(mode="autorefine", num_mpi=2, flags={"i": "p.star", "o": "R/run", "ref": "r.mrc"}))
+    assert response.status_code == 422 and "odd number" in response.json["message"]
