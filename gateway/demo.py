@@ -15,32 +15,13 @@ import click
 import requests
 
 from gateway.config import CONFIG_FILE_ENV, DEFAULT_STATE_DIR
+from gateway.relion.presets import TINY_FLAGS
 from gateway.storage.s3 import S3Location, S3Storage, make_s3_client, parse_s3_url
 
 log = logging.getLogger(__name__)
 
 # Fast settings measured on the tiny dataset (shared notes): about 5-8 s of RELION with 3 ranks.
-DEMO_FLAGS: dict[str, Any] = {
-    "i": "particles.star",
-    "o": "Class2D/run",
-    "K": 3,
-    "iter": 2,
-    "tau2_fudge": 2,
-    "particle_diameter": 100,
-    "ctf": True,
-    "zero_mask": True,
-    "flatten_solvent": True,
-    "psi_step": 10,
-    "offset_range": 4,
-    "offset_step": 2,
-    "norm": True,
-    "scale": True,
-    "j": 1,
-    "pool": 10,
-    "dont_combine_weights_via_disc": True,
-    "preread_images": True,
-    "random_seed": 1,
-}
+DEMO_FLAGS: dict[str, Any] = TINY_FLAGS["2d"]
 
 
 def local_config_file() -> Path | None:

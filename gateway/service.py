@@ -17,6 +17,7 @@ from typing import Any
 from gateway import __version__
 from gateway.errors import RequestError
 from gateway.resources import plan_resources
+from gateway.relion.catalogue import validate_options
 from gateway.relion.flags import FlagError, NormalisedFlags, normalise_flags
 from gateway.scripts.render import ARCHIVE_TEMPLATE, MAIN_TEMPLATE, ScriptRenderer
 from gateway.slurm.backend import SchedulerBackend, SchedulerError, SlurmJobInfo
@@ -96,6 +97,11 @@ class JobService:
             raise RequestError("flags.auto_refine", f"--auto_refine belongs to mode autorefine, not {mode}")
         return NormalisedFlags(options)
 
+    def _partition_has_gpus(self, partition: str | None) -> bool:
+        chosen = partition or self.config["SLURM_PARTITION"]
+        limits = self.config["SLURM_PARTITIONS"].get(chosen, {})
+        return int(limits.get("gpus", 0)) > 0
+
     def prepare(self, request: dict[str, Any]) -> PreparedJob:
         """Validate and render a request without submitting it."""
         mode = request["mode"]
@@ -107,6 +113,15 @@ class JobService:
         except FlagError as exc:
             raise RequestError(f"flags.{exc.key}", exc.message) from exc
         flags = self._mode_flags(mode, flags, num_mpi)
+        try:
+            warnings = validate_options(
+                flags.options,
+                mode=mode,
+                relion_version=str(self.config["RELION_VERSION"]),
+                gpu_allowed=self._partition_has_gpus(request.get("partition")),
+            )
+        except FlagError as exc:
+            raise RequestError(f"flags.{exc.key}", exc.message) from exc
         threads = flags.options.get("j", 1)
         if not isinstance(threads, int) or isinstance(threads, bool) or threads < 1:
             raise RequestError("flags.j", "--j (threads per rank) must be a whole number >= 1")
@@ -191,7 +206,7 @@ class JobService:
             "compressor": self.config["JOB_ARCHIVE_COMPRESSOR"],
         }
         main_script = self.renderer.render(MAIN_TEMPLATE, main_context)
-        return PreparedJob(job_id, job, main_script, archive_context, flags)
+        return PreparedJob(job_id, job, main_script, archive_context, flags, warnings)
 
     def render_archive(self, prepared: PreparedJob, main_slurm_id: str) -> str:
         return self.renderer.render(ARCHIVE_TEMPLATE, {**prepared.archive_context, "main_slurm_id": main_slurm_id})

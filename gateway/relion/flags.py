@@ -17,9 +17,6 @@ _KEY_PATTERN = re.compile(r"[A-Za-z][A-Za-z0-9_]*")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 MAX_STRING_LENGTH = 1024
 
-# Options whose value names a file or directory below the dataset root.
-PATH_OPTIONS = frozenset({"i", "o", "ref", "solvent_mask", "solvent_mask2", "continue", "fn_mask", "tau", "local_symmetry"})
-
 
 class FlagError(ValueError):
     """A flag is not acceptable; ``field`` names it as the client spelled it (``flags.<key>``)."""
@@ -112,7 +109,8 @@ def normalise_flags(raw_flags: Mapping[str, Any]) -> NormalisedFlags:
             raise FlagError(raw_key, f"--{key} is given twice with different values")
         if checked is False:
             continue  # a switch turned off is simply not passed
-        if key in PATH_OPTIONS:
+        if key in ("i", "o"):
+            # Every other path option is checked by the catalogue, which knows their kinds.
             if not isinstance(checked, str):
                 raise FlagError(raw_key, f"--{key} must be a path string")
             check_relative_path(key, checked)

@@ -76,7 +76,7 @@ def test_dashed_flags_are_normalised(client: FlaskClient, scheduler: FakeSchedul
         ({"flags": {"i": "-rf", "o": "C/run"}}, "flags.i", "must not start with '-'"),
         ({"flags": {"i": "p.star", "o": "C/run", "K": [1, 2]}}, "flags.K", "switch"),
         ({"flags": {"i": "p.star\n", "o": "C/run"}}, "flags.i", "control characters"),
-        ({"flags": {"i": "p.star", "o": "C/run", "j": 0}}, "flags.j", ">= 1"),
+        ({"flags": {"i": "p.star", "o": "C/run", "j": 0}}, "flags.j", "at least 1"),
         ({"flags": {"i": "p.star", "o": "C/run", "ref": "ref.mrc"}}, "flags.ref", "takes no --ref"),
         ({"mode": "3d"}, "flags.ref", "needs --ref"),
         ({"mode": "autorefine", "num_mpi": 4, "flags": {"i": "p.star", "o": "R/run", "ref": "ref.mrc"}}, "num_mpi", "odd number"),

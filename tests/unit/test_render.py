@@ -97,6 +97,13 @@ HOSTILE = [
 ]
 
 
+# Every string- or path-valued relion_refine option of mode 3d carries one hostile value.
+STRING_OPTIONS = [
+    "ref", "sym", "relax_sym", "helical_exclude_resols", "solvent_mask", "solvent_mask2",
+    "lowpass_mask", "local_symmetry", "fourier_mask", "tau",
+]
+
+
 def recorder(path: Path, out: Path) -> Path:
     """A stand-in executable that appends its argv (as JSON) to ``out``."""
     path.write_text(f"#!/usr/bin/env python3\nimport json, sys\nopen({str(out)!r}, 'a').write(json.dumps(sys.argv[1:]) + '\\n')\n")
@@ -115,8 +122,11 @@ def test_hostile_values_reach_relion_intact_and_execute_nothing(tmp_path: Path) 
         RELION_REFINE=str(fake_relion),
     )
     service = app.extensions["relion_gateway"]
-    flags = {"i": "particles.star", "o": "Out $(touch PWNED_dir)/run", **{f"str{n}": v for n, v in enumerate(HOSTILE)}}
-    prepared = service.prepare(valid_request(num_mpi=1, flags=flags, dataset_s3_url="s3://relion-local/it's $(touch PWNED_url);.tar.gz"))
+    hostile_flags = dict(zip(STRING_OPTIONS, HOSTILE))
+    flags = {"i": "particles.star", "o": "Out $(touch PWNED_dir)/run", **hostile_flags}
+    prepared = service.prepare(
+        valid_request(mode="3d", num_mpi=1, flags=flags, dataset_s3_url="s3://relion-local/it's $(touch PWNED_url);.tar.gz")
+    )
     job = prepared.job
     Path(job["log_dir"]).mkdir(parents=True)
     (Path(job["workspace_dir"]) / "dataset").mkdir(parents=True)
@@ -127,8 +137,8 @@ def test_hostile_values_reach_relion_intact_and_execute_nothing(tmp_path: Path) 
     stage_in, relion = [json.loads(line) for line in calls.read_text().splitlines()]
     assert stage_in[stage_in.index("--url") + 1] == "s3://relion-local/it's $(touch PWNED_url);.tar.gz"
     assert relion == prepared.job["relion_command"][1:]
-    for n, value in enumerate(HOSTILE):
-        assert relion[relion.index(f"--str{n}") + 1] == value
+    for option, value in hostile_flags.items():
+        assert relion[relion.index(f"--{option}") + 1] == value
     assert (Path(job["workspace_dir"]) / "dataset" / "Out $(touch PWNED_dir)").is_dir()
     assert not list(tmp_path.rglob("PWNED*")), "a hostile value was executed"
     assert Path(job["log_dir"], "phases").read_text().split()[::2] == ["staging", "running", "finished"]

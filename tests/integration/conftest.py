@@ -1,0 +1,100 @@
+"""Integration fixtures: the real local stack (Slurm, RELION, S3 server) and a served gateway.
+
+`relion-gateway stack up` is idempotent, so the session fixture simply calls it; it never takes
+the stack down (other sessions and developers share it).
+"""
+from __future__ import annotations
+
+import os
+import secrets
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import requests
+from werkzeug.serving import make_server
+
+from gateway import create_app
+from gateway.config import build_config
+from gateway.storage.s3 import S3Location, S3Storage, make_s3_client
+
+ROOT = Path(__file__).resolve().parents[2]
+TERMINAL = {"succeeded", "failed", "cancelled", "timeout", "out_of_memory", "node_fail", "submit_failed", "archive_failed", "lost"}
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if "tests/integration" in str(item.fspath):
+            item.add_marker(pytest.mark.integration)
+
+
+@pytest.fixture(scope="session")
+def stack() -> dict[str, Any]:
+    from gateway.stack import stack_up
+
+    status = stack_up()
+    assert status["all_up"], status
+    # The gateway under test hands its environment to sbatch, and so to the jobs: S3 credentials
+    # travel that way, never in a script.
+    os.environ.update({k: v for k, v in status["environment"].items() if not k.startswith("GATEWAY_")})
+    return status
+
+
+@pytest.fixture(scope="session")
+def storage(stack: dict[str, Any]) -> S3Storage:
+    return S3Storage(make_s3_client(stack["s3"]["endpoint_url"], stack["s3"]["region"]))
+
+
+@pytest.fixture(scope="session")
+def bucket(stack: dict[str, Any]) -> str:
+    return str(stack["s3"]["bucket"])
+
+
+@pytest.fixture(scope="session")
+def dataset_url(tmp_path_factory: pytest.TempPathFactory, storage: S3Storage, bucket: str) -> str:
+    from gateway.relion.dataset import make_dataset
+
+    tarball = make_dataset(tmp_path_factory.mktemp("data") / "tiny")
+    location = S3Location(bucket, f"datasets/test-{secrets.token_hex(4)}.tar.gz")
+    storage.upload_file(str(tarball), location)
+    return location.url
+
+
+@pytest.fixture(scope="session")
+def gateway_config(tmp_path_factory: pytest.TempPathFactory, stack: dict[str, Any]) -> dict[str, Any]:
+    state = tmp_path_factory.mktemp("gateway-state")
+    config = build_config(environ={"GATEWAY_CONFIG": str(ROOT / "config" / "local.toml")})
+    config.update(
+        {
+            "PATHS_STATE_DIR": str(state),
+            "PATHS_WORKSPACE_ROOT": str(state / "workspaces"),
+            "PATHS_LOG_ROOT": str(state / "logs"),
+            "STORE_DATABASE_URL": f"sqlite:///{state / 'gateway.sqlite'}",
+            "S3_ENDPOINT_URL": stack["s3"]["endpoint_url"],
+            "SLURM_STATUS_MAX_AGE": 1.0,
+        }
+    )
+    return config
+
+
+@pytest.fixture(scope="session")
+def gateway_url(gateway_config: dict[str, Any]) -> Iterator[str]:
+    app = create_app(gateway_config)
+    server = make_server("127.0.0.1", 0, app, threaded=True)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_port}"
+    server.shutdown()
+
+
+def wait_for_end(url: str, job_id: str, timeout: float = 300) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout
+    while True:
+        job: dict[str, Any] = requests.get(f"{url}/v1/relion/jobs/{job_id}", timeout=30).json()
+        if job["status"] in TERMINAL:
+            return job
+        assert time.monotonic() < deadline, f"{job_id} still {job['status']} after {timeout} s"
+        time.sleep(1.0)

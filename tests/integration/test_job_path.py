@@ -1,0 +1,94 @@
+"""The walking skeleton end to end: REST -> sbatch -> real RELION -> archive hook -> S3."""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import tarfile
+from pathlib import Path
+from typing import Any
+
+import pytest
+import requests
+
+from gateway.demo import DEMO_FLAGS
+from gateway.process import run_command
+from gateway.storage.s3 import S3Storage, parse_s3_url
+from tests.integration.conftest import wait_for_end
+
+
+def submit(url: str, request: dict[str, Any]) -> dict[str, Any]:
+    response = requests.post(f"{url}/v1/relion/jobs", json=request, timeout=60)
+    assert response.status_code == 202, response.text
+    return dict(response.json())
+
+
+def request_for(dataset_url: str, bucket: str, **changes: Any) -> dict[str, Any]:
+    request = {
+        "user_id": "itest",
+        "workspace_id": "tiny",
+        "dataset_s3_url": dataset_url,
+        "output_s3_prefix": f"s3://{bucket}/itest-results",
+        "mode": "2d",
+        "num_mpi": 3,
+        "flags": dict(DEMO_FLAGS),
+    }
+    request.update(changes)
+    return request
+
+
+def test_2d_classification_runs_end_to_end(gateway_url: str, dataset_url: str, bucket: str, storage: S3Storage, gateway_config: dict) -> None:
+    job = submit(gateway_url, request_for(dataset_url, bucket))
+    main_id = job["slurm"]["main_job_id"]
+    # An admin at a shell can map the Slurm job back to the gateway job.
+    squeue_or_sacct = run_command(["sacct", "-X", "-n", "-P", "-j", main_id, "-o", "JobName"], timeout=30)
+    assert job["job_id"] in squeue_or_sacct or squeue_or_sacct.strip() == ""  # the record may lag ~1 s
+
+    job = wait_for_end(gateway_url, job["job_id"])
+    assert job["status"] == "succeeded", job
+    metadata = job["metadata"]
+    assert metadata["slurm"]["state"] == "COMPLETED" and metadata["slurm"]["exit_code"] == 0
+    assert metadata["slurm"]["main_job_id"] == main_id
+
+    # The archive in S3 holds RELION's real output.
+    output = parse_s3_url(metadata["output"]["url"])
+    body = storage.get_bytes(output)
+    assert hashlib.sha256(body).hexdigest() == metadata["output"]["sha256"]
+    with tarfile.open(fileobj=io.BytesIO(body), mode="r:gz") as archive:
+        names = set(archive.getnames())
+        model = archive.extractfile("Class2D/run_it002_model.star")
+        assert model is not None and b"_rlnClassDistribution" in model.read()
+    assert {"Class2D/run_it002_classes.mrcs", "Class2D/run_it002_data.star", "Class2D/run_it002_optimiser.star"} <= names
+
+    # metadata.json in S3 is the one the API returns, and its RELION results are real.
+    stored = json.loads(storage.get_bytes(parse_s3_url(job["output_url"]).child("metadata.json")))
+    assert stored == metadata
+    results = metadata["relion"]["results"]
+    assert results["iterations_run"] == 2
+    assert len(results["class_distribution"]) == 3
+    assert sum(results["class_distribution"]) == pytest.approx(1.0, abs=1e-3)
+    assert results["resolution_angstrom"] > 0
+    assert metadata["input"]["sha256"] == hashlib.sha256(storage.get_bytes(parse_s3_url(dataset_url))).hexdigest()
+    assert metadata["relion"]["command"][0] == "relion_refine_mpi"
+    assert all(v is not None and v >= 0 for v in metadata["timings"].values()), metadata["timings"]
+
+    # The workspace is gone only because the upload was verified; the logs stay.
+    assert not (Path(gateway_config["PATHS_WORKSPACE_ROOT"]) / "itest" / job["job_id"]).exists()
+    log_dir = Path(gateway_config["PATHS_LOG_ROOT"]) / "itest" / job["job_id"]
+    assert "Expectation iteration 2 of 2" in (log_dir / f"main-{main_id}.out").read_text()
+
+
+def test_relion_error_fails_the_job_but_the_hook_still_archives(gateway_url: str, dataset_url: str, bucket: str) -> None:
+    flags = {**DEMO_FLAGS, "i": "missing.star"}
+    job = wait_for_end(gateway_url, submit(gateway_url, request_for(dataset_url, bucket, flags=flags))["job_id"])
+    assert job["status"] == "failed", job
+    assert "missing.star does not exist" in job["message"]
+    assert job["metadata"]["slurm"]["state"] == "FAILED" and job["metadata"]["slurm"]["exit_code"] == 1
+    assert job["metadata"]["logs"], "the hook uploaded the logs"
+
+
+def test_missing_dataset_fails_at_stage_in_with_a_clear_message(gateway_url: str, bucket: str) -> None:
+    request = request_for(f"s3://{bucket}/datasets/does-not-exist.tar.gz", bucket)
+    job = wait_for_end(gateway_url, submit(gateway_url, request)["job_id"])
+    assert job["status"] == "failed", job
+    assert "stage-in failed" in job["message"] and "NoSuchKey" in job["message"]
