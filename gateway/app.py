@@ -9,6 +9,7 @@ from flask_smorest import Api
 
 from gateway import __version__
 from gateway.config import build_config
+from gateway.poller import Poller
 from gateway.scripts.render import ScriptRenderer
 from gateway.service import JobService
 from gateway.slurm.backend import SchedulerBackend
@@ -18,6 +19,7 @@ from gateway.store import JobStore, make_engine
 log = logging.getLogger(__name__)
 
 EXTENSION_KEY = "relion_gateway"
+POLLER_KEY = "relion_gateway_poller"
 
 
 def create_app(
@@ -46,6 +48,10 @@ def create_app(
         renderer=ScriptRenderer(config["PATHS_TEMPLATE_DIR"] or None),
     )
     app.extensions[EXTENSION_KEY] = service
+    poller = Poller(service, config)
+    app.extensions[POLLER_KEY] = poller
+    if config["POLLER_ENABLED"] and not config.get("TESTING"):
+        poller.start()
 
     api = Api(app)
     from gateway.api.jobs import blp as jobs_blueprint

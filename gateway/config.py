@@ -48,7 +48,16 @@ def default_config() -> dict[str, Any]:
         # max_cpus (ranks x threads), max_memory_mb (whole job), max_time ("D-HH:MM:SS"), gpus.
         # A partition not listed here has no gateway-side limits.
         "SLURM_PARTITIONS": {},
-        "SLURM_STATUS_MAX_AGE": 5.0,  # seconds a stored Slurm state is trusted before a refresh
+        "SLURM_SUBMIT_ATTEMPTS": 4,  # sbatch tries on transient errors (controller unreachable, timeout)
+        "SLURM_SUBMIT_RETRY_DELAY": 1.0,  # seconds before the first retry; doubles each time
+        # [poller] One poller per deployment (a lease in the store elects it). Intervals adapt:
+        # fast while a job stages, runs or archives, slower while all wait in the queue.
+        "POLLER_ENABLED": True,
+        "POLLER_INTERVAL_ACTIVE": 5.0,
+        "POLLER_INTERVAL_QUEUED": 15.0,
+        "POLLER_INTERVAL_IDLE": 30.0,
+        "POLLER_MAX_BACKOFF": 120.0,  # after Slurm errors the interval doubles up to this
+        "POLLER_LEASE_SECONDS": 60.0,
         # [relion]
         "RELION_REFINE": "relion_refine",
         "RELION_REFINE_MPI": "relion_refine_mpi",

@@ -23,11 +23,13 @@ from gateway.scripts.render import ARCHIVE_TEMPLATE, MAIN_TEMPLATE, ScriptRender
 from gateway.slurm.backend import SchedulerBackend, SchedulerError, SlurmJobInfo
 from gateway.slurm.states import TERMINAL_STATES, JobState, SlurmState, gateway_state
 from gateway.storage.s3 import parse_s3_url
-from gateway.store import JobNotFound, JobRecord, JobStore
+from gateway.store import DuplicateIdempotencyKey, JobRecord, JobStore
 
 log = logging.getLogger(__name__)
 
 MODES = ("2d", "3d", "autorefine")
+# How long one request or process may hold the right to submit a job before another may take over.
+SUBMIT_CLAIM_SECONDS = 120.0
 # Placeholder shown in a dry-run archive script, where the main job has no Slurm id yet.
 DRY_RUN_MAIN_ID = "MAIN_JOB_ID"
 
@@ -213,10 +215,21 @@ class JobService:
 
     # -- submission ---------------------------------------------------------------------------
 
-    def submit(self, request: dict[str, Any]) -> JobRecord:
-        """Validate, store, then submit the main job and its afterany archive hook."""
+    def submit(self, request: dict[str, Any], *, idempotency_key: str | None = None) -> JobRecord:
+        """Validate, store, then submit the main job and its afterany archive hook.
+
+        With an ``idempotency_key`` the same key from the same user always names one job: a retry
+        (say, after a lost HTTP reply or a gateway crash) gets that job back, finishing its
+        submission if it was cut short, and never a second one.
+        """
+        digest = request_hash(request)
+        if idempotency_key is not None:
+            existing = self.store.find_by_idempotency_key(request["user_id"], idempotency_key)
+            if existing is not None:
+                return self._replay(existing, digest)
         prepared = self.prepare(request)
         job = prepared.job
+        job["archive_context"] = prepared.archive_context
         now = time.time()
         record = JobRecord(
             job_id=prepared.job_id,
@@ -225,35 +238,84 @@ class JobService:
             mode=job["mode"],
             state=JobState.QUEUED.value,
             request_json=json.dumps(job["request"], sort_keys=True),
+            request_sha256=digest,
+            idempotency_key=idempotency_key,
             job_json=json.dumps(job, sort_keys=True),
             output_url=job["output_url"],
             accepted_at=job["accepted_at"],
             updated_at=now,
             main_script=prepared.main_script,
+            submit_claim_until=now + SUBMIT_CLAIM_SECONDS,
         )
         # The record exists before Slurm hears of the job, so an accepted job is never lost.
-        self.store.insert(record)
+        try:
+            self.store.insert(record)
+        except DuplicateIdempotencyKey:
+            existing = self.store.find_by_idempotency_key(request["user_id"], idempotency_key or "")
+            assert existing is not None
+            return self._replay(existing, digest)
+        return self._submit_record(record)
+
+    def _replay(self, existing: JobRecord, digest: str) -> JobRecord:
+        if existing.request_sha256 and existing.request_sha256 != digest:
+            raise RequestError(
+                "Idempotency-Key", f"this key was used for job {existing.job_id} with a different request", status=422
+            )
+        return self.resume(existing)
+
+    def resume(self, record: JobRecord) -> JobRecord:
+        """Finish a submission that was cut short (gateway killed between store and sbatch)."""
+        if record.state != JobState.QUEUED.value or (record.main_slurm_id and record.archive_slurm_id):
+            return record
+        if not self.store.claim_submission(record.job_id, SUBMIT_CLAIM_SECONDS):
+            return record  # another request or process is submitting it right now
+        return self._submit_record(self.store.get(record.job_id), resuming=True)
+
+    def _sbatch(self, script: str, job_name: str, since: float, resuming: bool) -> str:
+        """sbatch with bounded retries on transient errors, never submitting one job twice."""
+        attempts = int(self.config["SLURM_SUBMIT_ATTEMPTS"])
+        delay = float(self.config["SLURM_SUBMIT_RETRY_DELAY"])
+        for attempt in range(1, attempts + 1):
+            # The name carries the gateway id: if an earlier sbatch got through but its reply was
+            # lost (timeout, crash), adopt that job instead of queueing a twin.
+            found = self.scheduler.find_by_name(job_name, since=since) if resuming or attempt > 1 else []
+            if found:
+                log.info("adopting Slurm job %s already submitted as %s", found[-1], job_name)
+                return found[-1]
+            try:
+                return self.scheduler.submit(script)
+            except SchedulerError as exc:
+                if not exc.transient or attempt == attempts:
+                    raise
+                log.warning("sbatch of %s failed (attempt %d/%d), retrying in %.1f s: %s", job_name, attempt, attempts, delay, exc.message)
+                time.sleep(delay)
+                delay *= 2
+        raise AssertionError("unreachable")
+
+    def _submit_record(self, record: JobRecord, resuming: bool = False) -> JobRecord:
+        job = record.job
         log_dir = Path(job["log_dir"])
+        since = job["accepted_at"]
         try:
             # Slurm does not create the --output directory; a missing one makes the job fail silently.
             log_dir.mkdir(parents=True, exist_ok=True)
             (log_dir / "job.json").write_text(json.dumps(job, indent=2, sort_keys=True) + "\n")
-            main_id = self.scheduler.submit(prepared.main_script)
+            main_id = record.main_slurm_id or self._sbatch(record.main_script, record.job_id, since, resuming)
         except (SchedulerError, OSError) as exc:
             message = exc.message if isinstance(exc, SchedulerError) else str(exc)
             self.store.update(record.job_id, state=JobState.SUBMIT_FAILED.value, message=message, ended_at=time.time())
             log.error("submit of %s failed: %s", record.job_id, message)
             return self.store.get(record.job_id)
-        archive_script = self.render_archive(prepared, main_id)
+        self.store.update(record.job_id, main_slurm_id=main_id)
+        archive_script = self.renderer.render(ARCHIVE_TEMPLATE, {**job["archive_context"], "main_slurm_id": main_id})
         try:
-            archive_id = self.scheduler.submit(archive_script)
+            archive_id = self._sbatch(archive_script, f"{record.job_id}.archive", since, resuming)
         except SchedulerError as exc:
             # Without its hook the job's output would never be archived: do not let it run.
             self.scheduler.cancel(main_id)
             self.store.update(
                 record.job_id,
                 state=JobState.SUBMIT_FAILED.value,
-                main_slurm_id=main_id,
                 archive_script=archive_script,
                 message=f"archive job refused, main job {main_id} cancelled: {exc.message}",
                 ended_at=time.time(),
@@ -263,12 +325,12 @@ class JobService:
         (log_dir / "job.json").write_text(json.dumps(job, indent=2, sort_keys=True) + "\n")
         self.store.update(
             record.job_id,
-            main_slurm_id=main_id,
             archive_slurm_id=archive_id,
             archive_script=archive_script,
             submitted_at=time.time(),
             slurm_state="PENDING",
             job_json=json.dumps(job, sort_keys=True),
+            submit_claim_until=None,
         )
         log.info("submitted %s as Slurm jobs %s (main) and %s (archive)", record.job_id, main_id, archive_id)
         return self.store.get(record.job_id)
@@ -276,17 +338,24 @@ class JobService:
     # -- tracking -----------------------------------------------------------------------------
 
     def get(self, job_id: str) -> JobRecord:
-        record = self.store.get(job_id)
-        max_age = float(self.config["SLURM_STATUS_MAX_AGE"])
-        if record.state not in {s.value for s in TERMINAL_STATES} and (
-            record.checked_at is None or time.time() - record.checked_at > max_age
-        ):
-            self.refresh([record])
-            record = self.store.get(job_id)
-        return record
+        """Read a job from the store; this never calls Slurm (the poller keeps records fresh)."""
+        return self.store.get(job_id)
+
+    def poll(self) -> int:
+        """One poll cycle: resume cut-short submissions, then one batched status query for the rest.
+
+        Returns the number of live jobs looked at.
+        """
+        live = self.store.live({s.value for s in TERMINAL_STATES})
+        stale_before = time.time() - SUBMIT_CLAIM_SECONDS
+        for record in live:
+            if not record.archive_slurm_id and record.accepted_at < stale_before:
+                self.resume(record)
+        self.refresh([r for r in live if r.main_slurm_id and r.archive_slurm_id])
+        return len(live)
 
     def refresh(self, records: list[JobRecord]) -> None:
-        """Update live records from one batched Slurm status query."""
+        """Update live records from one batched Slurm status query (one squeue, at most one sacct)."""
         live = [r for r in records if r.main_slurm_id and r.state not in {s.value for s in TERMINAL_STATES}]
         if not live:
             return
@@ -297,6 +366,15 @@ class JobService:
 
     def _apply(self, record: JobRecord, main: SlurmJobInfo | None, archive: SlurmJobInfo | None) -> None:
         log_dir = Path(record.job["log_dir"])
+        strangers = []
+        # A Slurm id is not a durable identity: slurmctld killed right after a submit loses the
+        # job and hands its id to the next submission. Never adopt a job with another name.
+        if main is not None and main.name and main.name != record.job_id:
+            strangers.append(f"main job {main.job_id} now belongs to {main.name!r}")
+            main = None
+        if archive is not None and archive.name and archive.name != f"{record.job_id}.archive":
+            strangers.append(f"archive job {archive.job_id} now belongs to {archive.name!r}")
+            archive = None
         phase = _last_phase(log_dir)
         state = gateway_state(
             main.state if main else None,
@@ -304,32 +382,47 @@ class JobService:
             archive.exit_code if archive else None,
             phase,
         )
-        changes: dict[str, Any] = {
-            "state": state.value,
-            "slurm_state": main.describe() if main else "",
-            "checked_at": time.time(),
-        }
-        if main and main.exit_code is not None:
-            changes["exit_code"] = main.exit_code
+        now = time.time()
+        changes: dict[str, Any] = {"state": state.value, "checked_at": now}
+        if main is not None:
+            changes["slurm_state"] = main.describe()
+            if main.exit_code is not None:
+                changes["exit_code"] = main.exit_code
+        if record.started_at is None and state in (JobState.STAGING, JobState.RUNNING, JobState.ARCHIVING):
+            changes["started_at"] = now
         if state.is_terminal:
-            changes["ended_at"] = time.time()
+            changes["ended_at"] = now
             metadata_path = log_dir / "metadata.json"
             if metadata_path.exists():
                 changes["metadata_json"] = metadata_path.read_text()
             changes["message"] = _final_message(state, log_dir, main, archive)
+            if strangers:
+                changes["message"] = "Slurm lost this job (" + "; ".join(strangers) + ")"
         elif state == JobState.UNKNOWN:
             log.warning("job %s: Slurm state %r is not in the state table", record.job_id, main.raw_state if main else None)
+        if state.value != record.state:
+            log.info("job %s: %s -> %s (%s)", record.job_id, record.state, state.value, changes.get("slurm_state", ""))
         self.store.update(record.job_id, **changes)
 
     def cancel(self, job_id: str) -> JobRecord:
+        """Cancel the main job; its afterany hook still runs and archives what was produced."""
         record = self.store.get(job_id)
         if record.state in {s.value for s in TERMINAL_STATES}:
             raise RequestError("job_id", f"job {job_id} has already ended ({record.state})", status=409)
         if record.main_slurm_id:
-            # Only the main job: its afterany hook still runs and archives whatever was produced.
+            # scancel of a job that has just ended is a no-op, so repeating a cancel is harmless.
             self.scheduler.cancel(record.main_slurm_id)
-        self.store.update(job_id, checked_at=None, message="cancel requested")
-        return self.get(job_id)
+        self.store.update(job_id, message="cancel requested")
+        return self.store.get(job_id)
+
+
+def next_poll_seconds(record: JobRecord, config: dict[str, Any]) -> float | None:
+    """When a client should look again: how often the poller refreshes a job in this state."""
+    if record.state in {s.value for s in TERMINAL_STATES}:
+        return None
+    if record.state == JobState.QUEUED.value:
+        return float(config["POLLER_INTERVAL_QUEUED"])
+    return float(config["POLLER_INTERVAL_ACTIVE"])
 
 
 def _last_phase(log_dir: Path) -> str | None:

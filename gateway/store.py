@@ -1,16 +1,20 @@
-"""The job store: SQLAlchemy Core over SQLite (embedded default) or PostgreSQL (shared by replicas)."""
+"""The job store: SQLAlchemy Core over SQLite (embedded default) or PostgreSQL (shared by replicas).
+
+Besides the jobs it holds leases: a row per named role (the poller) that one process renews, so
+several gateway workers or replicas sharing a database run one poller between them.
+"""
 from __future__ import annotations
 
 import json
 import logging
 import time
-from collections.abc import Iterator
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
+from sqlalchemy.exc import IntegrityError
 
 log = logging.getLogger(__name__)
 
@@ -30,16 +34,31 @@ jobs_table = sa.Table(
     sa.Column("exit_code", sa.Integer),
     sa.Column("message", sa.Text, nullable=False, default=""),
     sa.Column("request_json", sa.Text, nullable=False),
+    sa.Column("request_sha256", sa.String(64), nullable=False, default=""),
+    sa.Column("idempotency_key", sa.String(128)),
     sa.Column("job_json", sa.Text, nullable=False),
     sa.Column("main_script", sa.Text, nullable=False, default=""),
     sa.Column("archive_script", sa.Text, nullable=False, default=""),
     sa.Column("metadata_json", sa.Text),
+    sa.Column("progress_json", sa.Text),
     sa.Column("output_url", sa.Text, nullable=False),
     sa.Column("accepted_at", sa.Float, nullable=False),
     sa.Column("submitted_at", sa.Float),
+    sa.Column("started_at", sa.Float),
     sa.Column("ended_at", sa.Float),
     sa.Column("updated_at", sa.Float, nullable=False),
     sa.Column("checked_at", sa.Float),
+    sa.Column("submit_claim_until", sa.Float),
+    # The same key from the same user names one job, whatever happens to the HTTP exchange.
+    sa.UniqueConstraint("user_id", "idempotency_key", name="uq_jobs_user_idempotency_key"),
+)
+
+leases_table = sa.Table(
+    "leases",
+    metadata_obj,
+    sa.Column("name", sa.String(64), primary_key=True),
+    sa.Column("holder", sa.String(128), nullable=False),
+    sa.Column("expires_at", sa.Float, nullable=False),
 )
 
 
@@ -57,6 +76,8 @@ class JobRecord:
     output_url: str
     accepted_at: float
     updated_at: float
+    request_sha256: str = ""
+    idempotency_key: str | None = None
     slurm_state: str = ""
     main_slurm_id: str | None = None
     archive_slurm_id: str | None = None
@@ -65,9 +86,12 @@ class JobRecord:
     main_script: str = ""
     archive_script: str = ""
     metadata_json: str | None = None
+    progress_json: str | None = None
     submitted_at: float | None = None
+    started_at: float | None = None
     ended_at: float | None = None
     checked_at: float | None = None
+    submit_claim_until: float | None = None
 
     @property
     def request(self) -> dict[str, Any]:
@@ -81,12 +105,20 @@ class JobRecord:
     def metadata(self) -> dict[str, Any] | None:
         return json.loads(self.metadata_json) if self.metadata_json else None
 
+    @property
+    def progress(self) -> dict[str, Any] | None:
+        return json.loads(self.progress_json) if self.progress_json else None
+
 
 _COLUMNS = [f.name for f in fields(JobRecord)]
 
 
 class JobNotFound(KeyError):
     pass
+
+
+class DuplicateIdempotencyKey(Exception):
+    """Another request with the same user and Idempotency-Key got there first."""
 
 
 def make_engine(url: str) -> Engine:
@@ -107,16 +139,46 @@ def make_engine(url: str) -> Engine:
     return sa.create_engine(url, pool_pre_ping=True)
 
 
+def _add_missing_columns(engine: Engine) -> None:
+    """Bring a database written by an older gateway up to date (nullable columns only).
+
+    A state directory outlives upgrades; create_all() makes missing tables but never alters one.
+    """
+    inspector = sa.inspect(engine)
+    for table in metadata_obj.sorted_tables:
+        if not inspector.has_table(table.name):
+            continue
+        present = {c["name"] for c in inspector.get_columns(table.name)}
+        for column in table.columns:
+            if column.name in present:
+                continue
+            ddl_type = column.type.compile(dialect=engine.dialect)
+            default = ""
+            if not column.nullable:
+                default = " DEFAULT ''" if isinstance(column.type, (sa.String, sa.Text)) else " DEFAULT 0"
+            with engine.begin() as conn:
+                conn.execute(sa.text(f'ALTER TABLE {table.name} ADD COLUMN {column.name} {ddl_type}{default}'))
+            log.info("store: added column %s.%s", table.name, column.name)
+
+
 class JobStore:
-    """CRUD for job records."""
+    """CRUD for job records, and leases."""
 
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
         metadata_obj.create_all(engine)
+        _add_missing_columns(engine)
+
+    # -- jobs ---------------------------------------------------------------------------------
 
     def insert(self, record: JobRecord) -> None:
-        with self.engine.begin() as conn:
-            conn.execute(jobs_table.insert().values(**{c: getattr(record, c) for c in _COLUMNS}))
+        try:
+            with self.engine.begin() as conn:
+                conn.execute(jobs_table.insert().values(**{c: getattr(record, c) for c in _COLUMNS}))
+        except IntegrityError as exc:
+            if record.idempotency_key is not None and self.find_by_idempotency_key(record.user_id, record.idempotency_key):
+                raise DuplicateIdempotencyKey(record.idempotency_key) from exc
+            raise
 
     def update(self, job_id: str, **changes: Any) -> None:
         changes.setdefault("updated_at", time.time())
@@ -132,18 +194,71 @@ class JobStore:
             raise JobNotFound(job_id)
         return JobRecord(**dict(row))
 
-    def list(self, *, user_id: str | None = None, states: list[str] | None = None, limit: int = 100) -> list[JobRecord]:
-        query = sa.select(jobs_table).order_by(jobs_table.c.accepted_at.desc()).limit(limit)
+    def find_by_idempotency_key(self, user_id: str, key: str) -> JobRecord | None:
+        query = sa.select(jobs_table).where(jobs_table.c.user_id == user_id, jobs_table.c.idempotency_key == key)
+        with self.engine.connect() as conn:
+            row = conn.execute(query).mappings().first()
+        return JobRecord(**dict(row)) if row else None
+
+    def list(
+        self,
+        *,
+        user_id: str | None = None,
+        states: list[str] | None = None,
+        mode: str | None = None,
+        limit: int = 100,
+        offset: int = 0,
+    ) -> tuple[list[JobRecord], int]:
+        """Jobs newest first, and how many match in all."""
+        conditions = []
         if user_id is not None:
-            query = query.where(jobs_table.c.user_id == user_id)
+            conditions.append(jobs_table.c.user_id == user_id)
         if states:
-            query = query.where(jobs_table.c.state.in_(states))
+            conditions.append(jobs_table.c.state.in_(states))
+        if mode is not None:
+            conditions.append(jobs_table.c.mode == mode)
+        query = sa.select(jobs_table).where(*conditions).order_by(jobs_table.c.accepted_at.desc(), jobs_table.c.job_id)
+        count = sa.select(sa.func.count()).select_from(jobs_table).where(*conditions)
+        with self.engine.connect() as conn:
+            rows = [JobRecord(**dict(row)) for row in conn.execute(query.limit(limit).offset(offset)).mappings()]
+            total = int(conn.execute(count).scalar_one())
+        return rows, total
+
+    def live(self, terminal: set[str]) -> list[JobRecord]:
+        query = sa.select(jobs_table).where(jobs_table.c.state.not_in(sorted(terminal)))
         with self.engine.connect() as conn:
             return [JobRecord(**dict(row)) for row in conn.execute(query).mappings()]
 
-    def iter_live(self, terminal: set[str]) -> Iterator[JobRecord]:
-        query = sa.select(jobs_table).where(jobs_table.c.state.not_in(sorted(terminal)))
-        with self.engine.connect() as conn:
-            rows = list(conn.execute(query).mappings())
-        for row in rows:
-            yield JobRecord(**dict(row))
+    def claim_submission(self, job_id: str, seconds: float) -> bool:
+        """Take the right to (re)submit a job for a while; only one process gets it."""
+        now = time.time()
+        claimable = sa.or_(jobs_table.c.submit_claim_until.is_(None), jobs_table.c.submit_claim_until < now)
+        with self.engine.begin() as conn:
+            result = conn.execute(
+                jobs_table.update().where(jobs_table.c.job_id == job_id, claimable).values(submit_claim_until=now + seconds)
+            )
+        return bool(result.rowcount)
+
+    # -- leases -------------------------------------------------------------------------------
+
+    def acquire_lease(self, name: str, holder: str, seconds: float) -> bool:
+        """Take or renew a lease; true if ``holder`` holds it now."""
+        now = time.time()
+        with self.engine.begin() as conn:
+            result = conn.execute(
+                leases_table.update()
+                .where(leases_table.c.name == name, sa.or_(leases_table.c.holder == holder, leases_table.c.expires_at < now))
+                .values(holder=holder, expires_at=now + seconds)
+            )
+            if result.rowcount:
+                return True
+        try:
+            with self.engine.begin() as conn:
+                conn.execute(leases_table.insert().values(name=name, holder=holder, expires_at=now + seconds))
+            return True
+        except IntegrityError:
+            return False  # someone else holds it
+
+    def release_lease(self, name: str, holder: str) -> None:
+        with self.engine.begin() as conn:
+            conn.execute(leases_table.delete().where(leases_table.c.name == name, leases_table.c.holder == holder))

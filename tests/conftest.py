@@ -46,7 +46,6 @@ def app(tmp_path: Path, scheduler: FakeScheduler, monkeypatch: pytest.MonkeyPatc
             "PATHS_LOG_ROOT": "",
             "STORE_DATABASE_URL": "",
             "S3_ALLOWED_BUCKETS": ["relion-local"],
-            "SLURM_STATUS_MAX_AGE": 0.0,
         },
         scheduler=scheduler,
     )

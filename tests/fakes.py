@@ -1,6 +1,7 @@
 """Fakes at the seams: a scheduler that records submissions, a runner with recorded Slurm output."""
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -17,22 +18,35 @@ class FakeScheduler:
     cancelled: list[str] = field(default_factory=list)
     status_calls: list[list[str]] = field(default_factory=list)
     jobs: dict[str, SlurmJobInfo] = field(default_factory=dict)
+    names: dict[str, str] = field(default_factory=dict)
     fail_submit_at: int | None = None  # 0-based index of the submission that fails
+    transient_failures: int = 0  # this many submissions fail with a transient error first
     next_id: int = 1000
 
     def submit(self, script: str, *, after_any: str | None = None) -> str:
+        if self.transient_failures > 0:
+            self.transient_failures -= 1
+            raise SchedulerError("sbatch failed (timed out after 30 s)", transient=True)
         if self.fail_submit_at is not None and len(self.submitted) == self.fail_submit_at:
             self.submitted.append(script)
             raise SchedulerError("sbatch failed (exit code 1): sbatch: error: Batch job submission failed: Invalid partition name specified")
         self.submitted.append(script)
         self.next_id += 1
         job_id = str(self.next_id)
-        self.jobs[job_id] = SlurmJobInfo(job_id, SlurmState.PENDING, "PENDING", reason="None", source="squeue")
+        match = re.search(r"^#SBATCH --job-name=(\S+)", script, re.MULTILINE)
+        self.names[job_id] = match.group(1) if match else ""
+        self.jobs[job_id] = SlurmJobInfo(job_id, SlurmState.PENDING, "PENDING", reason="None", name=self.names[job_id], source="squeue")
         return job_id
 
-    def set_state(self, job_id: str, raw: str, exit_code: int | None = None, reason: str = "None") -> None:
+    def set_state(self, job_id: str, raw: str, exit_code: int | None = None, reason: str = "None", name: str | None = None) -> None:
         self.jobs[job_id] = SlurmJobInfo(
-            job_id, SlurmState.parse(raw), raw, reason=reason, exit_code=exit_code, source="sacct" if exit_code is not None else "squeue"
+            job_id,
+            SlurmState.parse(raw),
+            raw,
+            reason=reason,
+            exit_code=exit_code,
+            name=self.names.get(job_id, "") if name is None else name,
+            source="sacct" if exit_code is not None else "squeue",
         )
 
     def forget(self, job_id: str) -> None:
@@ -47,6 +61,9 @@ class FakeScheduler:
         self.cancelled.append(job_id)
         if job_id in self.jobs:
             self.set_state(job_id, "CANCELLED by 0", exit_code=0)
+
+    def find_by_name(self, name: str, *, since: float) -> list[str]:
+        return [i for i, info in self.jobs.items() if info.name == name]
 
     def test_only(self, script: str) -> str:
         return "sbatch: Job 1003 to start at 2026-01-01T00:00:00 using 3 processors on nodes vm in partition debug"

@@ -5,11 +5,15 @@ from typing import Any
 
 import shlex
 
-from flask import Response, current_app
+from flask import Response, current_app, request
+from marshmallow import ValidationError
 from flask.views import MethodView
 from flask_smorest import Blueprint
 
 from gateway.api.schemas import (
+    IDEMPOTENCY_KEY,
+    JobListArgsSchema,
+    JobListSchema,
     JobRequestSchema,
     JobSchema,
     RenderArgsSchema,
@@ -17,7 +21,10 @@ from gateway.api.schemas import (
     ScriptArgsSchema,
     job_to_dict,
 )
-from gateway.service import DRY_RUN_MAIN_ID, JobService
+from gateway.errors import RequestError
+from gateway.poller import Poller
+from gateway.service import DRY_RUN_MAIN_ID, JobService, next_poll_seconds
+from gateway.store import JobRecord
 
 blp = Blueprint("jobs", __name__, description="Submit and follow RELION jobs")
 
@@ -26,33 +33,71 @@ def service() -> JobService:
     return current_app.extensions["relion_gateway"]  # type: ignore[no-any-return]
 
 
+def poller() -> Poller:
+    return current_app.extensions["relion_gateway_poller"]  # type: ignore[no-any-return]
+
+
+def shaped(record: JobRecord) -> dict[str, Any]:
+    return job_to_dict(record, next_poll_seconds(record, service().config))
+
+
+def idempotency_key() -> str | None:
+    key = request.headers.get("Idempotency-Key")
+    if key is None:
+        return None
+    try:
+        IDEMPOTENCY_KEY(key)
+    except ValidationError as exc:
+        raise RequestError("Idempotency-Key", " ".join(exc.messages)) from exc
+    return key
+
+
 @blp.route("/jobs")
 class Jobs(MethodView):
     @blp.arguments(JobRequestSchema)
     @blp.response(202, JobSchema)
     @blp.alt_response(422, description="The request breaks a validation rule (the message names the field)")
-    def post(self, request: dict[str, Any]) -> dict[str, Any]:
+    @blp.doc(parameters=[{"in": "header", "name": "Idempotency-Key", "schema": {"type": "string", "maxLength": 128},
+                          "description": "the same key from the same user always returns the same job"}])
+    def post(self, job_request: dict[str, Any]) -> dict[str, Any]:
         """Submit a RELION job: it is stored, then its main and archive Slurm jobs are submitted."""
-        return job_to_dict(service().submit(request))
+        record = service().submit(job_request, idempotency_key=idempotency_key())
+        poller().wake()
+        return shaped(record)
+
+    @blp.arguments(JobListArgsSchema, location="query")
+    @blp.response(200, JobListSchema)
+    def get(self, args: dict[str, Any]) -> dict[str, Any]:
+        """List jobs, newest first, with filters and pages."""
+        size = args["page_size"]
+        records, total = service().store.list(
+            user_id=args.get("user_id"),
+            states=args.get("state"),
+            mode=args.get("mode"),
+            limit=size,
+            offset=(args["page"] - 1) * size,
+        )
+        return {"jobs": [shaped(r) for r in records], "total": total, "page": args["page"], "page_size": size}
 
 
 @blp.route("/jobs/<job_id>")
 class JobById(MethodView):
     @blp.response(200, JobSchema)
     @blp.alt_response(404, description="No such job")
-    def get(self, job_id: str) -> dict[str, Any]:
-        """Get a job's state, Slurm's view of it and, once it has ended, its metadata."""
-        return job_to_dict(service().get(job_id))
+    def get(self, job_id: str) -> Any:
+        """A job's state, Slurm's view of it and, once it has ended, its metadata. Reads the store only."""
+        body = shaped(service().get(job_id))
+        headers = {"Retry-After": str(int(body["next_poll_s"]))} if body["next_poll_s"] else {}
+        return body, 200, headers
 
-
-@blp.route("/jobs/<job_id>/cancel")
-class JobCancel(MethodView):
     @blp.response(202, JobSchema)
     @blp.alt_response(404, description="No such job")
     @blp.alt_response(409, description="The job has already ended")
-    def post(self, job_id: str) -> dict[str, Any]:
-        """Cancel a job; its archive hook still runs and saves whatever was produced."""
-        return job_to_dict(service().cancel(job_id))
+    def delete(self, job_id: str) -> dict[str, Any]:
+        """Cancel a job; its archive hook still runs and saves whatever was produced. Repeating is harmless."""
+        record = service().cancel(job_id)
+        poller().wake()
+        return shaped(record)
 
 
 @blp.route("/jobs/<job_id>/script")
@@ -73,10 +118,10 @@ class Render(MethodView):
     @blp.arguments(RenderArgsSchema, location="query")
     @blp.response(200, RenderSchema)
     @blp.alt_response(422, description="The request breaks a validation rule")
-    def post(self, request: dict[str, Any], args: dict[str, Any]) -> dict[str, Any]:
+    def post(self, job_request: dict[str, Any], args: dict[str, Any]) -> dict[str, Any]:
         """Validate and render a job without submitting it (optionally asking sbatch --test-only)."""
         jobs = service()
-        prepared = jobs.prepare(request)
+        prepared = jobs.prepare(job_request)
         verdict = jobs.scheduler.test_only(prepared.main_script) if args["slurm_test"] else None
         return {
             "job_id": prepared.job_id,

@@ -101,11 +101,33 @@ class JobSchema(Schema):
     accepted_at = fields.Float()
     submitted_at = fields.Float(allow_none=True)
     ended_at = fields.Float(allow_none=True)
+    started_at = fields.Float(allow_none=True)
+    next_poll_s = fields.Float(
+        allow_none=True, metadata={"description": "when this record may next change (seconds); null once the job has ended"}
+    )
     metadata = fields.Dict(allow_none=True, metadata={"description": "metadata.json once the job has ended"})
     metadata_b64 = fields.String(allow_none=True, metadata={"description": "metadata.json, base64 (seed compatible)"})
 
 
-def job_to_dict(record: Any) -> dict[str, Any]:
+class JobListArgsSchema(Schema):
+    state = fields.List(fields.String(), metadata={"description": "only jobs in these states (repeat the parameter)"})
+    mode = fields.String(validate=validate.OneOf(MODES))
+    user_id = fields.String(validate=IDENTIFIER)
+    page = fields.Integer(load_default=1, validate=validate.Range(min=1))
+    page_size = fields.Integer(load_default=50, validate=validate.Range(min=1, max=500))
+
+
+class JobListSchema(Schema):
+    jobs = fields.List(fields.Nested(JobSchema))
+    total = fields.Integer(metadata={"description": "jobs matching the filters, over all pages"})
+    page = fields.Integer()
+    page_size = fields.Integer()
+
+
+IDEMPOTENCY_KEY = validate.Regexp(r"^[\x21-\x7e]{1,128}$", error="must be 1-128 printable ASCII characters without spaces")
+
+
+def job_to_dict(record: Any, next_poll_s: float | None = None) -> dict[str, Any]:
     """Shape a JobRecord for JobSchema."""
     request = record.request
     metadata = record.metadata
@@ -128,6 +150,8 @@ def job_to_dict(record: Any) -> dict[str, Any]:
         "accepted_at": record.accepted_at,
         "submitted_at": record.submitted_at,
         "ended_at": record.ended_at,
+        "started_at": record.started_at,
+        "next_poll_s": next_poll_s,
         "metadata": metadata,
         "metadata_b64": base64.b64encode(json.dumps(metadata, sort_keys=True).encode()).decode() if metadata else None,
     }

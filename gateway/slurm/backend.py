@@ -11,11 +11,14 @@ from gateway.slurm.states import SlurmState
 class SchedulerError(Exception):
     """Slurm refused or failed a request; ``message`` is fit to show a user."""
 
-    def __init__(self, message: str, *, argv: list[str] | None = None, stderr: str = "") -> None:
+    def __init__(self, message: str, *, argv: list[str] | None = None, stderr: str = "", transient: bool = False) -> None:
         super().__init__(message)
         self.message = message
         self.argv = argv or []
         self.stderr = stderr
+        # True when trying again later may succeed (controller unreachable, a timeout); a
+        # refusal of the job itself (bad partition, too many CPUs) is not transient.
+        self.transient = transient
 
 
 @dataclass(frozen=True)
@@ -55,6 +58,10 @@ class SchedulerBackend(Protocol):
 
     def cancel(self, job_id: str) -> None:
         """Cancel a job (no error if it has already ended)."""
+        ...
+
+    def find_by_name(self, name: str, *, since: float) -> list[str]:
+        """Ids of jobs named ``name`` submitted since the epoch time ``since`` (to recover a lost sbatch reply)."""
         ...
 
     def test_only(self, script: str) -> str:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import re
+import time
 from collections.abc import Iterable, Sequence
 
 from gateway.process import CommandError, Runner, run_command
@@ -41,6 +42,18 @@ SACCT_FIELDS: dict[str, str] = {
     "elapsed": "Elapsed",
     "comment": "Comment",
 }
+
+
+# stderr of Slurm commands when the controller (or its database) is briefly out of reach.
+_TRANSIENT = re.compile(
+    r"Unable to contact slurm controller|Socket timed out|temporarily unavailable|Slurm temporarily unable"
+    r"|Connection refused|Transport endpoint|Zero Bytes were transmitted|Communication connection failure",
+    re.IGNORECASE,
+)
+
+
+def is_transient(exc: CommandError) -> bool:
+    return exc.returncode is None and "could not be started" not in exc.reason or bool(_TRANSIENT.search(exc.stderr))
 
 
 def parse_sbatch_parsable(stdout: str) -> str:
@@ -129,6 +142,7 @@ class SlurmCliBackend:
                 f"{argv[0]} failed ({exc.reason}): {exc.stderr.strip() or exc.stdout.strip()}",
                 argv=exc.argv,
                 stderr=exc.stderr,
+                transient=is_transient(exc),
             ) from exc
 
     def submit(self, script: str, *, after_any: str | None = None) -> str:
@@ -176,7 +190,9 @@ class SlurmCliBackend:
             # (they left its memory after MinJobAge): not an error, sacct will know them.
             if "Invalid job id" in exc.stderr:
                 return {}
-            raise SchedulerError(f"squeue failed ({exc.reason}): {exc.stderr.strip()}", argv=exc.argv, stderr=exc.stderr) from exc
+            raise SchedulerError(
+                f"squeue failed ({exc.reason}): {exc.stderr.strip()}", argv=exc.argv, stderr=exc.stderr, transient=is_transient(exc)
+            ) from exc
 
     def _sacct(self, ids: list[str]) -> dict[str, SlurmJobInfo]:
         # -X: the allocation only, not its steps; -P with our delimiter; --format by name.
@@ -191,6 +207,16 @@ class SlurmCliBackend:
             f"--format={','.join(SACCT_FIELDS.values())}",
         ]
         return parse_sacct(self._call(argv))
+
+    def find_by_name(self, name: str, *, since: float) -> list[str]:
+        # squeue first (cheap, in slurmctld memory); sacct for jobs that already left it.
+        live = self._call(["squeue", "--noheader", "--states=all", f"--name={name}", "--format=%i"])
+        ids = [line.strip() for line in live.splitlines() if line.strip()]
+        if ids:
+            return ids
+        start = time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(since - 60))
+        accounted = self._call(["sacct", "-X", "--noheader", "--parsable2", f"--name={name}", f"--starttime={start}", "--format=JobID"])
+        return [line.strip() for line in accounted.splitlines() if line.strip()]
 
     def cancel(self, job_id: str) -> None:
         # scancel of an unknown or finished id exits 0 silently (22.05); that is what we want.

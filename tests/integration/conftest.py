@@ -74,7 +74,9 @@ def gateway_config(tmp_path_factory: pytest.TempPathFactory, stack: dict[str, An
             "PATHS_LOG_ROOT": str(state / "logs"),
             "STORE_DATABASE_URL": f"sqlite:///{state / 'gateway.sqlite'}",
             "S3_ENDPOINT_URL": stack["s3"]["endpoint_url"],
-            "SLURM_STATUS_MAX_AGE": 1.0,
+            "POLLER_INTERVAL_ACTIVE": 1.0,
+            "POLLER_INTERVAL_QUEUED": 1.0,
+            "POLLER_INTERVAL_IDLE": 2.0,
         }
     )
     return config

@@ -15,6 +15,11 @@ from tests.fakes import FakeScheduler
 JOBS = "/v1/relion/jobs"
 
 
+def poll(app) -> None:
+    """One poller cycle (the background poller does not run in tests)."""
+    app.extensions["relion_gateway"].poll()
+
+
 def submit(client: FlaskClient, **changes: object) -> dict:
     response = client.post(JOBS, json=valid_request(**changes))
     assert response.status_code == 202, response.json
@@ -134,30 +139,39 @@ def test_job_follows_slurm_states_to_succeeded(client: FlaskClient, app, schedul
     job = submit(client)
     url = f"{JOBS}/{job['job_id']}"
     scheduler.set_state("1001", "PENDING", reason="Resources")
+    poll(app)
     body = client.get(url).json
     assert body["status"] == "queued" and body["slurm"]["state"] == "PENDING (Resources)"
 
     scheduler.set_state("1001", "RUNNING")
     log_dir = Path(app.config["PATHS_LOG_ROOT"]) / "alice" / job["job_id"]
     (log_dir / "phases").write_text("staging 1700000000\n")
+    poll(app)
     assert client.get(url).json["status"] == "staging"
     (log_dir / "phases").write_text("staging 1700000000\nrunning 1700000005\n")
-    assert client.get(url).json["status"] == "running"
+    poll(app)
+    running = client.get(url)
+    assert running.json["status"] == "running" and running.json["started_at"] is not None
+    assert running.headers["Retry-After"] == "5" and running.json["next_poll_s"] == 5.0
 
     scheduler.set_state("1001", "COMPLETED", exit_code=0)
     scheduler.set_state("1002", "RUNNING")
+    poll(app)
     assert client.get(url).json["status"] == "archiving"
 
     metadata = {"schema_version": 1, "relion": {"results": {"class_distribution": [0.5, 0.5]}}}
     write_metadata(app, job, metadata)
     scheduler.set_state("1002", "COMPLETED", exit_code=0)
+    poll(app)
     body = client.get(url).json
-    assert body["status"] == "succeeded"
+    assert body["status"] == "succeeded" and body["next_poll_s"] is None
     assert body["metadata"] == metadata
     assert json.loads(base64.b64decode(body["metadata_b64"])) == metadata
-    # Terminal: later reads cost Slurm nothing.
+    # Reads never cost Slurm anything, and ended jobs are not polled again.
     calls = len(scheduler.status_calls)
-    client.get(url)
+    for _ in range(20):
+        client.get(url)
+    poll(app)
     assert len(scheduler.status_calls) == calls
 
 
@@ -171,48 +185,57 @@ def test_job_follows_slurm_states_to_succeeded(client: FlaskClient, app, schedul
         ("NODE_FAIL", 0, "node_fail"),
     ],
 )
-def test_main_job_fates_stay_distinct(client: FlaskClient, scheduler: FakeScheduler, main_state: str, exit_code: int, expected: str) -> None:
+def test_main_job_fates_stay_distinct(client: FlaskClient, app, scheduler: FakeScheduler, main_state: str, exit_code: int, expected: str) -> None:
     job = submit(client)
     scheduler.set_state("1001", main_state, exit_code=exit_code)
     scheduler.set_state("1002", "COMPLETED", exit_code=0)
+    poll(app)
     body = client.get(f"{JOBS}/{job['job_id']}").json
     assert body["status"] == expected
     assert main_state.split()[0] in body["message"]
 
 
-def test_failed_archive_job_is_archive_failed(client: FlaskClient, scheduler: FakeScheduler) -> None:
+def test_failed_archive_job_is_archive_failed(client: FlaskClient, app, scheduler: FakeScheduler) -> None:
     job = submit(client)
     scheduler.set_state("1001", "COMPLETED", exit_code=0)
     scheduler.set_state("1002", "FAILED", exit_code=3)
+    poll(app)
     assert client.get(f"{JOBS}/{job['job_id']}").json["status"] == "archive_failed"
 
 
-def test_vanished_job_is_lost_not_succeeded(client: FlaskClient, scheduler: FakeScheduler) -> None:
+def test_vanished_job_is_lost_not_succeeded(client: FlaskClient, app, scheduler: FakeScheduler) -> None:
     job = submit(client)
     scheduler.forget("1001")
     scheduler.forget("1002")
+    poll(app)
     assert client.get(f"{JOBS}/{job['job_id']}").json["status"] == "lost"
 
 
-def test_cancel_cancels_the_main_job_only(client: FlaskClient, scheduler: FakeScheduler) -> None:
+def test_cancel_cancels_the_main_job_only_and_repeating_is_harmless(client: FlaskClient, app, scheduler: FakeScheduler) -> None:
     job = submit(client)
-    response = client.post(f"{JOBS}/{job['job_id']}/cancel")
-    assert response.status_code == 202
+    response = client.delete(f"{JOBS}/{job['job_id']}")
+    assert response.status_code == 202 and response.json["message"] == "cancel requested"
     assert scheduler.cancelled == ["1001"]
-    assert response.json["status"] == "archiving"  # the hook still has to run
+    assert client.delete(f"{JOBS}/{job['job_id']}").status_code == 202
+    poll(app)
+    assert client.get(f"{JOBS}/{job['job_id']}").json["status"] == "archiving"  # the hook still has to run
+    scheduler.set_state("1002", "COMPLETED", exit_code=0)
+    poll(app)
+    assert client.get(f"{JOBS}/{job['job_id']}").json["status"] == "cancelled"
+    assert client.delete(f"{JOBS}/{job['job_id']}").status_code == 409
 
 
 def test_cancel_of_an_ended_job_is_409(client: FlaskClient, scheduler: FakeScheduler) -> None:
     scheduler.fail_submit_at = 0
     job = submit(client)
-    response = client.post(f"{JOBS}/{job['job_id']}/cancel")
+    response = client.delete(f"{JOBS}/{job['job_id']}")
     assert response.status_code == 409
     assert "already ended" in response.json["message"]
 
 
 def test_openapi_spec_lists_the_job_endpoints(client: FlaskClient) -> None:
     spec = client.get("/v1/relion/openapi.json").json
-    assert {"/v1/relion/jobs", "/v1/relion/jobs/{job_id}", "/v1/relion/jobs/{job_id}/cancel"} <= set(spec["paths"])
+    assert {"/v1/relion/jobs", "/v1/relion/jobs/{job_id}", "/v1/relion/jobs/{job_id}/script", "/v1/relion/render"} <= set(spec["paths"])
     assert "JobRequest" in spec["components"]["schemas"]
 
 
@@ -240,7 +263,7 @@ def test_render_is_a_dry_run(client: FlaskClient, app, scheduler: FakeScheduler)
     assert body["slurm_test"].startswith("sbatch: Job")
     assert body["resources"]["ntasks"] == 3
     assert scheduler.submitted == []  # nothing queued
-    assert app.extensions["relion_gateway"].store.list() == []  # nothing stored
+    assert app.extensions["relion_gateway"].store.list() == ([], 0)  # nothing stored
 
 
 def test_render_applies_the_same_rules(client: FlaskClient) -> None:

@@ -1,0 +1,182 @@
+"""Tracking: idempotent submit, resumed submissions, reused Slurm ids, the poller's cycle and lease."""
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+from flask.testing import FlaskClient
+
+from gateway.poller import Poller
+from gateway.slurm.backend import SchedulerError
+from tests.conftest import valid_request
+from tests.fakes import FakeScheduler
+
+JOBS = "/v1/relion/jobs"
+
+
+def service(app):
+    return app.extensions["relion_gateway"]
+
+
+def test_same_idempotency_key_returns_the_same_job(client: FlaskClient, scheduler: FakeScheduler) -> None:
+    first = client.post(JOBS, json=valid_request(), headers={"Idempotency-Key": "portal-42"})
+    second = client.post(JOBS, json=valid_request(), headers={"Idempotency-Key": "portal-42"})
+    assert first.status_code == second.status_code == 202
+    assert first.json["job_id"] == second.json["job_id"]
+    assert len(scheduler.submitted) == 2  # one main + one archive, once
+
+
+def test_same_key_from_another_user_is_another_job(client: FlaskClient) -> None:
+    a = client.post(JOBS, json=valid_request(), headers={"Idempotency-Key": "k1"}).json
+    b = client.post(JOBS, json=valid_request(user_id="bob"), headers={"Idempotency-Key": "k1"}).json
+    assert a["job_id"] != b["job_id"]
+
+
+def test_reusing_a_key_for_a_different_request_is_refused(client: FlaskClient) -> None:
+    client.post(JOBS, json=valid_request(), headers={"Idempotency-Key": "k2"})
+    response = client.post(JOBS, json=valid_request(num_mpi=5), headers={"Idempotency-Key": "k2"})
+    assert response.status_code == 422 and "different request" in response.json["message"]
+
+
+@pytest.mark.parametrize("key", ["", "has space", "x" * 129, "é"])
+def test_malformed_idempotency_key(client: FlaskClient, key: str) -> None:
+    response = client.post(JOBS, json=valid_request(), headers={"Idempotency-Key": key})
+    assert response.status_code == 422 and "Idempotency-Key" in response.json["errors"]["json"]
+
+
+def test_concurrent_retries_with_one_key_make_one_job(app, scheduler: FakeScheduler) -> None:
+    results: list[str] = []
+
+    def post() -> None:
+        with app.test_client() as c:
+            results.append(c.post(JOBS, json=valid_request(), headers={"Idempotency-Key": "race"}).json["job_id"])
+
+    threads = [threading.Thread(target=post) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(set(results)) == 1
+    assert service(app).store.list()[1] == 1
+    assert sum("relion-gateway main job" in s for s in scheduler.submitted) == 1
+
+
+def test_a_submission_cut_short_is_finished_on_retry_without_a_twin(app, scheduler: FakeScheduler, monkeypatch: pytest.MonkeyPatch) -> None:
+    jobs = service(app)
+    # The gateway "dies" after storing the record and submitting the main job, before storing its id.
+    real_update = jobs.store.update
+    calls = {"n": 0}
+
+    def dying_update(job_id: str, **changes: object) -> None:
+        if "main_slurm_id" in changes and calls["n"] == 0:
+            calls["n"] += 1
+            raise RuntimeError("killed")
+        real_update(job_id, **changes)
+
+    monkeypatch.setattr(jobs.store, "update", dying_update)
+    with pytest.raises(RuntimeError):
+        jobs.submit(valid_request(), idempotency_key="crash")
+    monkeypatch.setattr(jobs.store, "update", real_update)
+    jobs.store.update(jobs.store.list()[0][0].job_id, submit_claim_until=None)  # the dead process's claim expired
+
+    record = jobs.submit(valid_request(), idempotency_key="crash")  # the client retries
+    assert record.main_slurm_id == "1001" and record.archive_slurm_id == "1002"
+    assert len(scheduler.submitted) == 2  # the main job was adopted by name, not submitted twice
+
+
+def test_transient_sbatch_errors_are_retried(app, scheduler: FakeScheduler) -> None:
+    service(app).config["SLURM_SUBMIT_RETRY_DELAY"] = 0.01
+    scheduler.transient_failures = 2
+    record = service(app).submit(valid_request())
+    assert record.state == "queued" and record.main_slurm_id == "1001"
+
+
+def test_transient_errors_past_the_bound_are_submit_failed(app, scheduler: FakeScheduler) -> None:
+    service(app).config.update(SLURM_SUBMIT_RETRY_DELAY=0.01, SLURM_SUBMIT_ATTEMPTS=2)
+    scheduler.transient_failures = 5
+    record = service(app).submit(valid_request())
+    assert record.state == "submit_failed" and "timed out" in record.message
+
+
+def test_a_reused_slurm_id_marks_the_job_lost_never_adopts_the_stranger(client: FlaskClient, app, scheduler: FakeScheduler) -> None:
+    job = client.post(JOBS, json=valid_request()).json
+    scheduler.set_state("1001", "COMPLETED", exit_code=0, name="someone-elses-job")
+    scheduler.set_state("1002", "COMPLETED", exit_code=0, name="another-one")
+    service(app).poll()
+    body = client.get(f"{JOBS}/{job['job_id']}").json
+    assert body["status"] == "lost"
+    assert "Slurm lost this job" in body["message"] and "someone-elses-job" in body["message"]
+
+
+def test_list_filters_and_pages(client: FlaskClient, scheduler: FakeScheduler) -> None:
+    for n in range(3):
+        client.post(JOBS, json=valid_request(workspace_id=f"w{n}"))
+    client.post(JOBS, json=valid_request(user_id="bob", mode="3d", flags={"i": "p.star", "o": "C/run", "ref": "r.mrc"}))
+    scheduler.fail_submit_at = len(scheduler.submitted)
+    client.post(JOBS, json=valid_request(workspace_id="broken"))
+    everything = client.get(JOBS).json
+    assert everything["total"] == 5
+    page = client.get(f"{JOBS}?page=2&page_size=2").json
+    assert len(page["jobs"]) == 2 and page["page"] == 2
+    assert client.get(f"{JOBS}?mode=3d").json["total"] == 1
+    assert client.get(f"{JOBS}?user_id=alice").json["total"] == 4
+    failed = client.get(f"{JOBS}?state=submit_failed").json
+    assert [j["workspace_id"] for j in failed["jobs"]] == ["broken"]
+    assert client.get(f"{JOBS}?page=0").status_code == 422
+
+
+class FlakyScheduler(FakeScheduler):
+    down: bool = False
+
+    def status(self, job_ids):  # type: ignore[no-untyped-def]
+        if self.down:
+            raise SchedulerError("squeue failed (exit code 1): Unable to contact slurm controller", transient=True)
+        return super().status(job_ids)
+
+
+def test_poller_backs_off_on_errors_and_changes_nothing(app) -> None:
+    flaky = FlakyScheduler()
+    jobs = service(app)
+    jobs.scheduler = flaky
+    record = jobs.submit(valid_request())
+    poller = Poller(jobs, {**jobs.config, "POLLER_INTERVAL_ACTIVE": 5.0, "POLLER_INTERVAL_QUEUED": 15.0, "POLLER_MAX_BACKOFF": 20.0})
+    flaky.down = True
+    assert [poller.cycle() for _ in range(4)] == [5.0, 10.0, 20.0, 20.0]
+    assert jobs.store.get(record.job_id).state == "queued"
+    assert poller.stats.errors == 4
+    flaky.down = False
+    assert poller.cycle() == 15.0  # healthy again: only queued jobs -> the queued interval
+    flaky.set_state(record.main_slurm_id, "RUNNING")
+    assert poller.cycle() == 5.0  # something runs -> the active interval
+
+
+def test_one_status_query_per_cycle_whatever_the_number_of_jobs(app, scheduler: FakeScheduler) -> None:
+    jobs = service(app)
+    for n in range(50):
+        jobs.submit(valid_request(workspace_id=f"w{n}"))
+    scheduler.status_calls.clear()
+    jobs.poll()
+    assert len(scheduler.status_calls) == 1 and len(scheduler.status_calls[0]) == 100
+
+
+def test_only_the_lease_holder_polls(app, scheduler: FakeScheduler) -> None:
+    jobs = service(app)
+    jobs.submit(valid_request())
+    first = Poller(jobs, jobs.config, holder="a")
+    second = Poller(jobs, jobs.config, holder="b")
+    scheduler.status_calls.clear()
+    first.cycle()
+    second.cycle()
+    assert len(scheduler.status_calls) == 1
+    first.stop()  # releases the lease
+    second.cycle()
+    assert len(scheduler.status_calls) == 2
+
+
+def test_expired_lease_is_taken_over(app) -> None:
+    store = service(app).store
+    assert store.acquire_lease("poller", "a", 0.05)
+    assert not store.acquire_lease("poller", "b", 10)
+    time.sleep(0.1)
+    assert store.acquire_lease("poller", "b", 10)
