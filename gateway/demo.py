@@ -47,10 +47,11 @@ def healthy(url: str) -> bool:
 
 
 def start_gateway(state_dir: Path, env: dict[str, str], port: int = 9012) -> str:
-    """Start `relion-gateway serve` detached, recorded by pid file like the stack's daemons."""
+    """(Re)start `relion-gateway serve` detached, recorded by pid file like the stack's daemons.
+
+    A gateway left running by an earlier demo may be another checkout's code: replace it.
+    """
     url = f"http://127.0.0.1:{port}"
-    if healthy(url):
-        return url
     run_dir = state_dir / "stack" / "run"
     log_dir = state_dir / "stack" / "log"
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -61,6 +62,11 @@ def start_gateway(state_dir: Path, env: dict[str, str], port: int = 9012) -> str
             os.kill(int(pid_file.read_text().strip()), signal.SIGTERM)
         except (ValueError, ProcessLookupError, PermissionError):
             pass
+        deadline = time.monotonic() + 15
+        while healthy(url) and time.monotonic() < deadline:
+            time.sleep(0.2)
+    if healthy(url):
+        raise click.ClickException(f"port {port} is taken by a gateway this demo did not start; stop it first")
     with open(log_dir / "gateway.log", "ab") as out:
         proc = subprocess.Popen(
             [sys.executable, "-m", "gateway", "serve", "--port", str(port)],
