@@ -1,0 +1,197 @@
+"""Tracking on the real stack: cancel, time limit, RELION errors, restarts, reused Slurm ids.
+
+The slow cases (a one-minute time limit) are submitted first and checked last, so their waiting
+overlaps the rest of the module.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import tarfile
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import mrcfile
+import numpy as np
+import pytest
+import requests
+from werkzeug.serving import make_server
+
+from gateway import create_app
+from gateway.process import run_command
+from gateway.relion.presets import TINY_FLAGS
+from gateway.storage.s3 import S3Location, S3Storage
+from gateway.store import JobRecord
+from tests.integration.conftest import wait_for_end
+
+JOBS = "/v1/relion/jobs"
+
+
+def post(url: str, request: dict[str, Any]) -> dict[str, Any]:
+    response = requests.post(f"{url}{JOBS}", json=request, timeout=60)
+    assert response.status_code == 202, response.text
+    return dict(response.json())
+
+
+def long_2d(dataset_url: str, bucket: str, workspace: str, iterations: int, **changes: Any) -> dict[str, Any]:
+    return {
+        "user_id": "itrack",
+        "workspace_id": workspace,
+        "dataset_s3_url": dataset_url,
+        "output_s3_prefix": f"s3://{bucket}/itest-tracking",
+        "mode": "2d",
+        "num_mpi": 2,
+        "flags": {**TINY_FLAGS["2d"], "iter": iterations},
+        **changes,
+    }
+
+
+def wait_for(predicate: Any, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.5)
+
+
+@pytest.fixture(scope="module")
+def timeout_job(gateway_url: str, dataset_url: str, bucket: str) -> str:
+    """A job that cannot finish within its one-minute limit; Slurm kills it after 60-75 s."""
+    return post(gateway_url, long_2d(dataset_url, bucket, "timeout", 500, time_limit="1"))["job_id"]
+
+
+def test_cancel_while_running_archives_partial_output(timeout_job: str, gateway_url: str, dataset_url: str, bucket: str, gateway_config: dict) -> None:
+    job = post(gateway_url, long_2d(dataset_url, bucket, "cancel", 200))
+    output = Path(gateway_config["PATHS_WORKSPACE_ROOT"]) / "itrack" / job["job_id"] / "dataset" / "Class2D"
+    wait_for(lambda: (output / "run_it001_model.star").exists(), 120, "the first iteration")
+    response = requests.delete(f"{gateway_url}{JOBS}/{job['job_id']}", timeout=30)
+    assert response.status_code == 202
+    ended = wait_for_end(gateway_url, job["job_id"])
+    assert ended["status"] == "cancelled", ended
+    assert ended["metadata"]["slurm"]["state"].startswith("CANCELLED")
+    archived = {f["path"] for f in ended["metadata"]["output"]["files"]}
+    assert "run_it001_model.star" in archived  # what RELION had written is safe in S3
+    assert requests.delete(f"{gateway_url}{JOBS}/{job['job_id']}", timeout=30).status_code == 409
+
+
+@pytest.fixture(scope="module")
+def wrong_box_dataset(tmp_path_factory: pytest.TempPathFactory, storage: S3Storage, bucket: str) -> str:
+    from gateway.relion.dataset import make_dataset
+
+    tarball = make_dataset(tmp_path_factory.mktemp("wrongbox") / "tiny")
+    folder = tarball.parent / "tiny"
+    with mrcfile.new(folder / "ref48.mrc") as mrc:
+        mrc.set_data(np.zeros((48, 48, 48), dtype=np.float32))
+        mrc.voxel_size = 4.0
+    wrong = tarball.parent / "wrongbox.tar.gz"
+    with tarfile.open(wrong, "w:gz") as archive:
+        for name in ("particles.star", "particles.mrcs", "ref48.mrc"):
+            archive.add(folder / name, arcname=name)
+    location = S3Location(bucket, "datasets/itest-wrongbox.tar.gz")
+    storage.upload_file(str(wrong), location)
+    return location.url
+
+
+def test_relion_error_reaches_the_message(gateway_url: str, wrong_box_dataset: str, bucket: str) -> None:
+    request = {
+        "user_id": "itrack",
+        "workspace_id": "wrongbox",
+        "dataset_s3_url": wrong_box_dataset,
+        "output_s3_prefix": f"s3://{bucket}/itest-tracking",
+        "mode": "3d",
+        "num_mpi": 2,
+        "flags": {**TINY_FLAGS["3d"], "ref": "ref48.mrc"},
+    }
+    ended = wait_for_end(gateway_url, post(gateway_url, request)["job_id"])
+    assert ended["status"] == "failed"
+    assert "The reference box size is 48 px" in ended["message"], ended["message"]
+
+
+@pytest.fixture
+def private_gateway(gateway_config: dict, tmp_path: Path) -> Iterator[Any]:
+    """A gateway with its own store, which a test may 'restart' (a new app on the same database)."""
+    config = {**gateway_config, "STORE_DATABASE_URL": f"sqlite:///{tmp_path / 'private.sqlite'}"}
+    servers: list[Any] = []
+
+    def start() -> str:
+        app = create_app(config)
+        server = make_server("127.0.0.1", 0, app, threaded=True)
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        servers.append((server, app))
+        return f"http://127.0.0.1:{server.server_port}"
+
+    def stop() -> None:
+        server, app = servers.pop()
+        app.extensions["relion_gateway_poller"].stop()
+        server.shutdown()
+
+    start.stop = stop  # type: ignore[attr-defined]
+    yield start
+    while servers:
+        stop()
+
+
+def test_gateway_restart_mid_run_resumes_tracking(private_gateway: Any, dataset_url: str, bucket: str) -> None:
+    url = private_gateway()
+    job = post(url, long_2d(dataset_url, bucket, "restart", 4))
+    wait_for(lambda: requests.get(f"{url}{JOBS}/{job['job_id']}", timeout=10).json()["status"] in ("staging", "running"), 120, "running")
+    private_gateway.stop()  # the gateway goes away while Slurm runs the job
+    time.sleep(2)
+    url = private_gateway()  # a new process on the same store
+    ended = wait_for_end(url, job["job_id"])
+    assert ended["status"] == "succeeded", ended
+
+
+def test_slurmctld_restart_mid_run_is_tracked_to_the_end(gateway_url: str, dataset_url: str, bucket: str, stack: dict) -> None:
+    from gateway.stack import stack_status, stack_up
+
+    job = post(gateway_url, long_2d(dataset_url, bucket, "ctldrestart", 4))
+    wait_for(lambda: requests.get(f"{gateway_url}{JOBS}/{job['job_id']}", timeout=10).json()["status"] in ("staging", "running"), 120, "running")
+    pid = stack_status()["daemons"]["slurmctld"]["pid"]
+    os.kill(pid, signal.SIGTERM)  # a clean stop: Slurm keeps running jobs (shared notes)
+    wait_for(lambda: stack_status()["daemons"]["slurmctld"]["state"] != "up", 30, "slurmctld to stop")
+    time.sleep(3)  # the poller meets a dead controller meanwhile and must change nothing
+    assert requests.get(f"{gateway_url}{JOBS}/{job['job_id']}", timeout=10).json()["status"] in ("staging", "running", "archiving")
+    assert stack_up()["all_up"]
+    ended = wait_for_end(gateway_url, job["job_id"])
+    assert ended["status"] == "succeeded", ended
+
+
+def test_a_reused_slurm_id_ends_lost(gateway_url: str, gateway_config: dict) -> None:
+    # A stranger holds the Slurm ids our record points at, as after slurmctld lost our jobs.
+    stranger = run_command(["sbatch", "--parsable", "--hold", "--job-name=not-a-gateway-job", "--output=/dev/null", "--wrap", "true"], timeout=30).strip()
+    try:
+        app = create_app({**gateway_config, "POLLER_ENABLED": False})
+        service = app.extensions["relion_gateway"]
+        now = time.time()
+        service.store.insert(
+            JobRecord(
+                job_id="job_2d_reused_00000000",
+                user_id="itrack",
+                workspace_id="reused",
+                mode="2d",
+                state="running",
+                request_json="{}",
+                job_json='{"log_dir": "/nonexistent"}',
+                output_url="s3://relion-local/x/",
+                accepted_at=now,
+                updated_at=now,
+                main_slurm_id=stranger,
+                archive_slurm_id=stranger,
+            )
+        )
+        service.poll()
+        record = service.store.get("job_2d_reused_00000000")
+        assert record.state == "lost"
+        assert "not-a-gateway-job" in record.message
+    finally:
+        run_command(["scancel", stranger], timeout=30)
+
+
+def test_time_limit_ends_as_timeout(timeout_job: str, gateway_url: str) -> None:
+    ended = wait_for_end(gateway_url, timeout_job, timeout=240)
+    assert ended["status"] == "timeout", ended
+    assert ended["metadata"]["slurm"]["state"] == "TIMEOUT"
+    assert ended["metadata"]["output"] is not None  # partial output archived
