@@ -17,8 +17,9 @@ from typing import Any
 from gateway import __version__
 from gateway.errors import RequestError
 from gateway.resources import plan_resources
-from gateway.relion.catalogue import validate_options
+from gateway.relion.catalogue import CATALOGUE, validate_options
 from gateway.relion.flags import FlagError, NormalisedFlags, normalise_flags
+from gateway.relion.logs import error_line
 from gateway.scripts.render import ARCHIVE_TEMPLATE, MAIN_TEMPLATE, ScriptRenderer
 from gateway.slurm.backend import SchedulerBackend, SchedulerError, SlurmJobInfo
 from gateway.slurm.states import TERMINAL_STATES, JobState, SlurmState, gateway_state
@@ -195,6 +196,10 @@ class JobService:
             "quota_bytes": int(self.config["JOB_STAGE_IN_QUOTA_BYTES"]),
             "max_members": int(self.config["JOB_STAGE_IN_MAX_MEMBERS"]),
             "output_dir": flags.output_dir,
+            "input_star": flags.options["i"],
+            "required_inputs": [
+                str(value) for key, value in flags.options.items() if key not in ("i", "o") and CATALOGUE[key].kind == "path"
+            ],
             "mpi": mpi,
             "launcher": self.config["RELION_LAUNCHER"],
             "relion_binary": relion_binary,
@@ -433,30 +438,15 @@ def _last_phase(log_dir: Path) -> str | None:
     return lines[-2] if len(lines) >= 2 else None
 
 
-def _last_error_line(path: Path) -> str:
-    try:
-        lines = [ln.strip() for ln in path.read_text(errors="replace").splitlines() if ln.strip()]
-    except OSError:
-        return ""
-    # RELION prints "ERROR: " on one line and the message on the next (shared notes).
-    for index, line in enumerate(lines):
-        if line.startswith("ERROR") and index + 1 < len(lines):
-            return f"{line} {lines[index + 1]}".strip()
-    for line in reversed(lines):
-        if "failed" in line or "Error" in line or "error" in line:
-            return line
-    return lines[-1] if lines else ""
-
-
 def _final_message(state: JobState, log_dir: Path, main: SlurmJobInfo | None, archive: SlurmJobInfo | None) -> str:
     if state == JobState.SUCCEEDED:
         return "RELION finished; output archived"
     if state == JobState.ARCHIVE_FAILED:
-        detail = _last_error_line(log_dir / f"archive-{archive.job_id}.err") if archive else ""
+        detail = error_line(log_dir / f"archive-{archive.job_id}.err") if archive else ""
         return f"archive job failed, workspace kept: {detail}".strip()
     if state == JobState.LOST:
         return "Slurm no longer knows this job and it left no result"
-    detail = _last_error_line(log_dir / f"main-{main.job_id}.err") if main else ""
+    detail = error_line(log_dir / f"main-{main.job_id}.err") if main else ""
     slurm = main.describe() if main else ""
     return f"{state.value}: Slurm {slurm}" + (f", exit code {main.exit_code}" if main and main.exit_code is not None else "") + (
         f": {detail}" if detail else ""

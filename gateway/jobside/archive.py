@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, Callable, TypeVar
 
 from gateway.process import CommandError
+from gateway.relion.logs import error_line
 from gateway.slurm.backend import SchedulerBackend, SlurmJobInfo
 from gateway.storage.s3 import HashingReader, S3Location, S3Storage, StorageError, parse_s3_url
 
@@ -155,6 +156,8 @@ def run_archive(
     scheduler: SchedulerBackend,
     compressor: str = "pigz",
     summarize: Callable[[Path, str, str], dict[str, Any]] | None = None,
+    accounting: Callable[[str], dict[str, str]] | None = None,
+    report: Callable[[dict[str, Any]], None] | None = None,
     retry_delay: float = 2.0,
 ) -> dict[str, Any]:
     """Archive one job's output; return metadata.json's content. Raise ArchiveError if not safe."""
@@ -202,6 +205,16 @@ def run_archive(
 
     input_record_path = log_dir / "input.json"
     input_record = json.loads(input_record_path.read_text()) if input_record_path.exists() else {"url": job["dataset_s3_url"]}
+    usage: dict[str, str] = {}
+    if accounting is not None:
+        try:
+            usage = accounting(main_slurm_id)
+        except Exception as exc:  # accounting is nice to have; never a reason to lose the output
+            log.warning("no accounting for %s: %s", main_slurm_id, exc)
+    error = ""
+    if main is None or main.state.value != "COMPLETED":
+        error = error_line(log_dir / f"main-{main_slurm_id}.err")
+    flags = job["request"].get("flags", {})
     ended = time.time()
     metadata: dict[str, Any] = {
         "schema_version": METADATA_SCHEMA_VERSION,
@@ -213,7 +226,12 @@ def run_archive(
             "accepted_at": _iso(job["accepted_at"]),
         },
         "request": job["request"],
-        "resources": job["resources"],
+        "resources": {
+            **job["resources"],
+            "pool": flags.get("pool"),
+            "nodes": usage.get("nodes"),
+            "node_list": usage.get("node_list"),
+        },
         "slurm": {
             "main_job_id": main_slurm_id,
             "archive_job_id": job.get("archive_slurm_id"),
@@ -223,8 +241,15 @@ def run_archive(
             "start": main.start if main else None,
             "end": main.end if main else None,
             "elapsed": main.elapsed if main else None,
+            "total_cpu": usage.get("total_cpu"),
+            "cpu_time_allocated": usage.get("cpu_time_allocated"),
         },
-        "relion": {"command": job["relion_command"], "results": results},
+        "relion": {
+            "version": results.get("relion_version"),
+            "command": job["relion_command"],
+            "error": error or None,
+            "results": results,
+        },
         "input": input_record,
         "output": output,
         "logs": logs,
@@ -233,6 +258,8 @@ def run_archive(
     (log_dir / "metadata.json").write_text(json.dumps(metadata, indent=2, sort_keys=True) + "\n")
     retry(lambda: storage.put_json(metadata, destination.child("metadata.json")), what="metadata upload", first_delay=retry_delay)
 
+    if report is not None:
+        report(metadata)  # the gateway hears of it at once; the poller would find it anyway
     # Only now, with the archive verified and metadata stored, is the workspace disposable.
     shutil.rmtree(workspace, ignore_errors=True)
     log.info("archived %s to %s", job["job_id"], destination.url)

@@ -12,6 +12,7 @@ import click
 from gateway.jobside.archive import ArchiveError, run_archive
 from gateway.jobside.extract import UnsafeArchiveError
 from gateway.jobside.stage_in import stage_in, write_record
+from gateway.relion.inputs import MissingInputError, check_inputs
 from gateway.process import CommandError
 from gateway.slurm.cli import SlurmCliBackend
 from gateway.storage.s3 import S3Storage, StorageError, make_s3_client
@@ -32,14 +33,26 @@ def job_group() -> None:
 @click.option("--region", default="us-east-1", show_default=True)
 @click.option("--quota-bytes", type=int, required=True, help="refuse a dataset larger than this when extracted")
 @click.option("--max-members", type=int, required=True, help="refuse an archive with more members")
+@click.option("--star", default=None, help="the --i STAR file: it and every image stack it names must exist")
+@click.option("--require", "required", multiple=True, help="another input file that must exist (repeatable)")
 def stage_in_command(
-    url: str, dest: Path, record: Path | None, endpoint_url: str, region: str, quota_bytes: int, max_members: int
+    url: str,
+    dest: Path,
+    record: Path | None,
+    endpoint_url: str,
+    region: str,
+    quota_bytes: int,
+    max_members: int,
+    star: str | None,
+    required: tuple[str, ...],
 ) -> None:
-    """Stream the dataset from S3 and extract it safely into DEST."""
+    """Stream the dataset from S3, extract it safely into DEST and check the inputs RELION will read."""
     storage = S3Storage(make_s3_client(endpoint_url, region))
     try:
         staged = stage_in(storage, url, dest, quota_bytes=quota_bytes, max_members=max_members)
-    except (StorageError, UnsafeArchiveError, ValueError, OSError) as exc:
+        if star:
+            staged["checked"] = check_inputs(dest, star, required)
+    except (StorageError, UnsafeArchiveError, MissingInputError, ValueError, OSError) as exc:
         # One line on stderr that the gateway shows as the job's message.
         click.echo(f"stage-in failed: {exc}", err=True)
         sys.exit(2)
@@ -60,14 +73,16 @@ def archive_command(job_file: Path, main_slurm_id: str, endpoint_url: str, regio
     job = json.loads(job_file.read_text())
     job["archive_slurm_id"] = os.environ.get("SLURM_JOB_ID")
     storage = S3Storage(make_s3_client(endpoint_url, region))
+    scheduler = SlurmCliBackend()
     try:
         run_archive(
             job,
             main_slurm_id,
             storage=storage,
-            scheduler=SlurmCliBackend(),
+            scheduler=scheduler,
             compressor=compressor,
             summarize=summarize_results,
+            accounting=scheduler.accounting,
         )
     except (StorageError, ArchiveError, CommandError, OSError) as exc:
         click.echo(f"archive failed, workspace kept: {exc}", err=True)

@@ -43,7 +43,8 @@ def summarize_results(dataset_dir: Path, output_prefix: str, mode: str) -> dict[
     * ``resolution_angstrom``: ``_rlnCurrentResolution`` of the newest model; ``final_resolution_angstrom``
       the same from ``run_model.star`` for a converged auto-refine, else None.
     * ``resolution_per_iteration``: ``[{"iteration": n, "resolution_angstrom": x|None}]``.
-    * ``classes``, ``class_distribution``: K and the ``_rlnClassDistribution`` column of the newest model.
+    * ``classes``, ``class_distribution``: K and the ``_rlnClassDistribution`` column of the newest model;
+      ``class_resolution_angstrom``: its ``_rlnEstimatedResolution`` column (per class).
     * ``converged``: auto-refine only (True iff ``run_model.star`` exists), None for classification;
       ``completed``: classification reached ``iterations_planned``, or auto-refine converged.
     * ``relion_command`` and ``relion_version`` from the newest optimiser.star; ``fsc`` (auto-refine only):
@@ -66,6 +67,7 @@ def summarize_results(dataset_dir: Path, output_prefix: str, mode: str) -> dict[
         "resolution_per_iteration": [],
         "classes": None,
         "class_distribution": [],
+        "class_resolution_angstrom": [],
         "converged": False if mode == "autorefine" else None,
         "completed": False,
         "relion_command": None,
@@ -92,6 +94,11 @@ def summarize_results(dataset_dir: Path, output_prefix: str, mode: str) -> dict[
         if classes_block is not None and "rlnClassDistribution" in classes_block.labels
         else []
     )
+    class_resolution = (
+        classes_block.float_column("rlnEstimatedResolution")
+        if classes_block is not None and "rlnEstimatedResolution" in classes_block.labels
+        else []
+    )
     summary.update(
         iterations_run=last,
         last_iteration=last,
@@ -99,6 +106,7 @@ def summarize_results(dataset_dir: Path, output_prefix: str, mode: str) -> dict[
         resolution_per_iteration=[{"iteration": n, "resolution_angstrom": res} for n, res in history],
         classes=general.get_int("rlnNrClasses") or (len(distribution) or None),
         class_distribution=distribution,
+        class_resolution_angstrom=class_resolution,
     )
 
     optimiser_path = run.iteration_file(done[-1], "optimiser.star") if done else None

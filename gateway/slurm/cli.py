@@ -208,6 +208,28 @@ class SlurmCliBackend:
         ]
         return parse_sacct(self._call(argv))
 
+    def accounting(self, job_id: str) -> dict[str, str]:
+        """CPU time and nodes of an ended job, for metadata.json.
+
+        Asked without -X on purpose: in 22.05 the -X allocation record reports TotalCPU 00:00:00;
+        without -X the allocation row carries the sum of its steps.
+        """
+        fields = ["JobID", "TotalCPU", "CPUTime", "AllocCPUS", "NNodes", "NodeList", "MaxRSS"]
+        out = self._call(
+            ["sacct", "--noheader", "--parsable2", f"--delimiter={FIELD_SEPARATOR}", f"--jobs={job_id}", f"--format={','.join(fields)}"]
+        )
+        rows = [row for row in _rows(out, fields) if row["JobID"] == str(job_id)]
+        if not rows:
+            return {}
+        row = rows[-1]
+        return {
+            "total_cpu": row["TotalCPU"],
+            "cpu_time_allocated": row["CPUTime"],
+            "alloc_cpus": row["AllocCPUS"],
+            "nodes": row["NNodes"],
+            "node_list": row["NodeList"],
+        }
+
     def find_by_name(self, name: str, *, since: float) -> list[str]:
         # squeue first (cheap, in slurmctld memory); sacct for jobs that already left it.
         live = self._call(["squeue", "--noheader", "--states=all", f"--name={name}", "--format=%i"])

@@ -8,7 +8,10 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import boto3
+import jsonschema
 import pytest
+
+import gateway.jobside
 from moto import mock_aws
 
 from gateway.jobside.archive import ArchiveError, run_archive
@@ -46,7 +49,7 @@ def make_job(tmp_path: Path) -> dict[str, Any]:
         "workspace_id": "ws1",
         "mode": "2d",
         "request": {"flags": {"i": "particles.star"}},
-        "resources": {"ntasks": 3},
+        "resources": {"partition": "debug", "ntasks": 3, "cpus_per_task": 1, "mem_per_cpu_mb": 1000, "time_limit": "00:30:00", "total_cpus": 3, "total_memory_mb": 3000},
         "relion_command": ["relion_refine_mpi", "--i", "particles.star"],
         "dataset_s3_url": f"s3://{BUCKET}/datasets/tiny.tar.gz",
         "output_url": f"s3://{BUCKET}/results/job_2d_ws1_0123abcd/",
@@ -69,7 +72,9 @@ def test_archive_uploads_verified_output_metadata_and_logs_then_deletes_workspac
     metadata = run_archive(
         job, "1001", storage=storage, scheduler=finished_scheduler(), compressor="gzip",
         summarize=lambda d, prefix, mode: {"iterations_run": 2, "prefix": prefix, "mode": mode},
+        accounting=lambda job_id: {"total_cpu": "00:13.439", "nodes": "1", "node_list": "vm"},
     )
+    assert metadata["slurm"]["total_cpu"] == "00:13.439" and metadata["resources"]["node_list"] == "vm"
     client = storage.client
     body = client.get_object(Bucket=BUCKET, Key="results/job_2d_ws1_0123abcd/output.tar.gz")["Body"].read()
     with tarfile.open(fileobj=io.BytesIO(body), mode="r:gz") as archive:
@@ -84,6 +89,12 @@ def test_archive_uploads_verified_output_metadata_and_logs_then_deletes_workspac
     assert metadata["logs"][0].endswith("/logs/main-1001.err")
     assert not Path(job["workspace_dir"]).exists()
     assert json.loads((Path(job["log_dir"]) / "metadata.json").read_text()) == metadata
+    validate_metadata(metadata)
+
+
+def validate_metadata(metadata: dict) -> None:
+    schema = json.loads((Path(gateway.jobside.__file__).parent / "metadata.schema.json").read_text())
+    jsonschema.validate(metadata, schema)
 
 
 def test_archive_keeps_the_workspace_when_s3_fails(tmp_path: Path, storage: S3Storage) -> None:
@@ -101,7 +112,10 @@ def test_archive_of_a_job_that_produced_nothing_still_records_metadata(tmp_path:
     shutil.rmtree(Path(job["workspace_dir"]))
     scheduler = FakeScheduler()
     scheduler.set_state("1001", "FAILED", exit_code=2)
+    (Path(job["log_dir"]) / "main-1001.err").write_text("ERROR: \nMetaDataTable::read: File nonexist.star does not exist\n  backtrace...\n")
     metadata = run_archive(job, "1001", storage=storage, scheduler=scheduler, compressor="gzip")
+    validate_metadata(metadata)
+    assert metadata["relion"]["error"] == "ERROR: MetaDataTable::read: File nonexist.star does not exist"
     assert metadata["output"] is None
     assert metadata["slurm"]["state"] == "FAILED" and metadata["slurm"]["exit_code"] == 2
 
