@@ -8,7 +8,9 @@ from flask import Flask
 from flask_smorest import Api
 
 from gateway import __version__
+from gateway.callbacks import load_or_create_secret
 from gateway.config import build_config
+from gateway.storage.s3 import S3Storage, make_s3_client
 from gateway.poller import Poller
 from gateway.scripts.render import ScriptRenderer
 from gateway.service import JobService
@@ -27,6 +29,7 @@ def create_app(
     *,
     scheduler: SchedulerBackend | None = None,
     store: JobStore | None = None,
+    storage: S3Storage | None = None,
 ) -> Flask:
     """Build an app; nothing is bound at import time, so each test gets a fresh one."""
     app = Flask(__name__)
@@ -46,6 +49,8 @@ def create_app(
         store=store or JobStore(make_engine(config["STORE_DATABASE_URL"])),
         scheduler=scheduler or SlurmCliBackend(timeout=float(config["SLURM_COMMAND_TIMEOUT"])),
         renderer=ScriptRenderer(config["PATHS_TEMPLATE_DIR"] or None),
+        storage=storage if storage is not None else S3Storage(make_s3_client(config["S3_ENDPOINT_URL"], config["S3_REGION"])),
+        callback_secret=load_or_create_secret(config["SERVER_CALLBACK_SECRET"], config["PATHS_STATE_DIR"]),
     )
     app.extensions[EXTENSION_KEY] = service
     poller = Poller(service, config)

@@ -5,6 +5,7 @@ import logging
 
 import click
 
+from gateway.admin import archive_retry_command, janitor_command
 from gateway.demo import demo_command
 from gateway.jobside.commands import job_group
 from gateway.relion.dataset import make_dataset_command
@@ -29,6 +30,8 @@ cli.add_command(serve_command)
 cli.add_command(demo_command)
 cli.add_command(render_command)
 cli.add_command(job_group)
+cli.add_command(archive_retry_command)
+cli.add_command(janitor_command)
 
 
 def main() -> None:

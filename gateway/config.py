@@ -28,6 +28,11 @@ def default_config() -> dict[str, Any]:
         "SERVER_HOST": "127.0.0.1",
         "SERVER_PORT": 9012,
         "SERVER_BASE_PATH": "/v1/relion",
+        # How jobs on compute nodes reach the gateway for signed progress/metadata events;
+        # empty: http://<host>:<port> (the host's name when bound to 0.0.0.0).
+        "SERVER_PUBLIC_URL": "",
+        # HMAC key for per-job event tokens; empty: one kept in <state_dir>/callback.key.
+        "SERVER_CALLBACK_SECRET": "",
         # [paths]
         "PATHS_STATE_DIR": DEFAULT_STATE_DIR,
         "PATHS_WORKSPACE_ROOT": "",  # default: <state_dir>/workspaces (must be visible to compute nodes)

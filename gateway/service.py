@@ -9,6 +9,7 @@ import hashlib
 import json
 import logging
 import secrets
+import socket
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,7 +24,8 @@ from gateway.relion.logs import error_line
 from gateway.scripts.render import ARCHIVE_TEMPLATE, MAIN_TEMPLATE, ScriptRenderer
 from gateway.slurm.backend import SchedulerBackend, SchedulerError, SlurmJobInfo
 from gateway.slurm.states import TERMINAL_STATES, JobState, SlurmState, gateway_state
-from gateway.storage.s3 import parse_s3_url
+from gateway.callbacks import MAX_EVENT_AGE_S, TOKEN_ENV, job_token, verify
+from gateway.storage.s3 import S3Storage, StorageError, parse_s3_url
 from gateway.store import DuplicateIdempotencyKey, JobRecord, JobStore
 
 log = logging.getLogger(__name__)
@@ -61,11 +63,24 @@ class JobService:
         store: JobStore,
         scheduler: SchedulerBackend,
         renderer: ScriptRenderer,
+        storage: S3Storage | None = None,
+        callback_secret: bytes = b"",
     ) -> None:
         self.config = config
         self.store = store
         self.scheduler = scheduler
         self.renderer = renderer
+        self.storage = storage
+        self.callback_secret = callback_secret
+
+    @property
+    def callback_url(self) -> str:
+        """Where jobs send signed events: [server] public_url, else host and port."""
+        if self.config["SERVER_PUBLIC_URL"]:
+            return str(self.config["SERVER_PUBLIC_URL"]).rstrip("/") + self.config["SERVER_BASE_PATH"]
+        host = self.config["SERVER_HOST"]
+        host = socket.gethostname() if host in ("0.0.0.0", "::") else host
+        return f"http://{host}:{self.config['SERVER_PORT']}{self.config['SERVER_BASE_PATH']}"
 
     # -- validation and rendering -------------------------------------------------------------
 
@@ -183,6 +198,7 @@ class JobService:
             "python": self.config["JOB_PYTHON"],
             "s3_endpoint_url": self.config["S3_ENDPOINT_URL"],
             "mem_per_cpu_mb": plan.mem_per_cpu_mb,
+            "callback_url": self.callback_url,
         }
         main_context = {
             **common,
@@ -197,6 +213,8 @@ class JobService:
             "max_members": int(self.config["JOB_STAGE_IN_MAX_MEMBERS"]),
             "output_dir": flags.output_dir,
             "input_star": flags.options["i"],
+            "output_prefix": flags.output_prefix,
+            "iterations": flags.options.get("iter") if mode != "autorefine" else None,
             "required_inputs": [
                 str(value) for key, value in flags.options.items() if key not in ("i", "o") and CATALOGUE[key].kind == "path"
             ],
@@ -208,12 +226,17 @@ class JobService:
         archive_context = {
             **common,
             "archive_job_name": f"{job_id}.archive",
+            "after_main": True,
             "archive_cpus": 2,
             "archive_time_limit": self.config["SLURM_ARCHIVE_TIME_LIMIT"],
             "compressor": self.config["JOB_ARCHIVE_COMPRESSOR"],
         }
         main_script = self.renderer.render(MAIN_TEMPLATE, main_context)
         return PreparedJob(job_id, job, main_script, archive_context, flags, warnings)
+
+    def job_environment(self, job_id: str) -> dict[str, str]:
+        """What the job inherits besides the gateway's environment: its callback token."""
+        return {TOKEN_ENV: job_token(self.callback_secret, job_id)} if self.callback_secret else {}
 
     def render_archive(self, prepared: PreparedJob, main_slurm_id: str) -> str:
         return self.renderer.render(ARCHIVE_TEMPLATE, {**prepared.archive_context, "main_slurm_id": main_slurm_id})
@@ -276,7 +299,7 @@ class JobService:
             return record  # another request or process is submitting it right now
         return self._submit_record(self.store.get(record.job_id), resuming=True)
 
-    def _sbatch(self, script: str, job_name: str, since: float, resuming: bool) -> str:
+    def _sbatch(self, script: str, job_name: str, since: float, resuming: bool, job_id: str) -> str:
         """sbatch with bounded retries on transient errors, never submitting one job twice."""
         attempts = int(self.config["SLURM_SUBMIT_ATTEMPTS"])
         delay = float(self.config["SLURM_SUBMIT_RETRY_DELAY"])
@@ -288,7 +311,7 @@ class JobService:
                 log.info("adopting Slurm job %s already submitted as %s", found[-1], job_name)
                 return found[-1]
             try:
-                return self.scheduler.submit(script)
+                return self.scheduler.submit(script, environment=self.job_environment(job_id))
             except SchedulerError as exc:
                 if not exc.transient or attempt == attempts:
                     raise
@@ -305,7 +328,7 @@ class JobService:
             # Slurm does not create the --output directory; a missing one makes the job fail silently.
             log_dir.mkdir(parents=True, exist_ok=True)
             (log_dir / "job.json").write_text(json.dumps(job, indent=2, sort_keys=True) + "\n")
-            main_id = record.main_slurm_id or self._sbatch(record.main_script, record.job_id, since, resuming)
+            main_id = record.main_slurm_id or self._sbatch(record.main_script, record.job_id, since, resuming, record.job_id)
         except (SchedulerError, OSError) as exc:
             message = exc.message if isinstance(exc, SchedulerError) else str(exc)
             self.store.update(record.job_id, state=JobState.SUBMIT_FAILED.value, message=message, ended_at=time.time())
@@ -314,7 +337,7 @@ class JobService:
         self.store.update(record.job_id, main_slurm_id=main_id)
         archive_script = self.renderer.render(ARCHIVE_TEMPLATE, {**job["archive_context"], "main_slurm_id": main_id})
         try:
-            archive_id = self._sbatch(archive_script, f"{record.job_id}.archive", since, resuming)
+            archive_id = self._sbatch(archive_script, f"{record.job_id}.archive", since, resuming, record.job_id)
         except SchedulerError as exc:
             # Without its hook the job's output would never be archived: do not let it run.
             self.scheduler.cancel(main_id)
@@ -395,11 +418,16 @@ class JobService:
                 changes["exit_code"] = main.exit_code
         if record.started_at is None and state in (JobState.STAGING, JobState.RUNNING, JobState.ARCHIVING):
             changes["started_at"] = now
+        progress = _read_json(log_dir / "progress.json")
+        if progress is not None and record.progress_json is None or (progress and progress != record.progress):
+            changes["progress_json"] = json.dumps(progress, sort_keys=True)
         if state.is_terminal:
             changes["ended_at"] = now
-            metadata_path = log_dir / "metadata.json"
-            if metadata_path.exists():
-                changes["metadata_json"] = metadata_path.read_text()
+            if record.metadata_json is None:
+                # Normally the hook's signed callback delivered it; else the log dir, else S3.
+                metadata = self._find_metadata(record, log_dir)
+                if metadata is not None:
+                    changes["metadata_json"] = metadata
             changes["message"] = _final_message(state, log_dir, main, archive)
             if strangers:
                 changes["message"] = "Slurm lost this job (" + "; ".join(strangers) + ")"
@@ -408,6 +436,58 @@ class JobService:
         if state.value != record.state:
             log.info("job %s: %s -> %s (%s)", record.job_id, record.state, state.value, changes.get("slurm_state", ""))
         self.store.update(record.job_id, **changes)
+
+    def _find_metadata(self, record: JobRecord, log_dir: Path) -> str | None:
+        path = log_dir / "metadata.json"
+        if path.exists():
+            return path.read_text()
+        if self.storage is None:
+            return None
+        try:
+            return self.storage.get_bytes(parse_s3_url(record.output_url).child("metadata.json")).decode()
+        except StorageError as exc:
+            log.info("job %s: no metadata.json in S3 (%s)", record.job_id, exc)
+            return None
+
+    def record_event(self, job_id: str, body: bytes, signature: str) -> None:
+        """Take a signed event from a job (progress while it runs, metadata from its hook)."""
+        record = self.store.get(job_id)
+        if not self.callback_secret or not verify(self.callback_secret, job_id, body, signature):
+            raise EventRefused("bad or missing signature")
+        try:
+            event = json.loads(body)
+            kind, data, sent_at = event["type"], event["data"], float(event["sent_at"])
+        except (ValueError, KeyError, TypeError) as exc:
+            raise RequestError("event", f"not a valid event: {exc}") from exc
+        if event.get("job_id") != job_id or abs(time.time() - sent_at) > MAX_EVENT_AGE_S:
+            raise EventRefused("event is for another job or too old")
+        if kind == "progress" and isinstance(data, dict):
+            self.store.update(job_id, progress_json=json.dumps(data, sort_keys=True))
+        elif kind == "metadata" and isinstance(data, dict):
+            self.store.update(job_id, metadata_json=json.dumps(data, sort_keys=True))
+        else:
+            raise RequestError("event.type", f"unknown event type {kind!r} (progress, metadata)")
+        log.info("job %s: %s event", record.job_id, kind)
+
+    def retry_archive(self, job_id: str) -> JobRecord:
+        """Submit the completion hook again for a job whose archive failed (its workspace was kept)."""
+        record = self.store.get(job_id)
+        if record.state != JobState.ARCHIVE_FAILED.value:
+            raise RequestError("job_id", f"job {job_id} is {record.state}; only archive_failed jobs can be archived again", status=409)
+        job = record.job
+        # No dependency this time: the main job has long ended (and may have left Slurm's memory).
+        script = self.renderer.render(ARCHIVE_TEMPLATE, {**job["archive_context"], "main_slurm_id": record.main_slurm_id, "after_main": False})
+        archive_id = self.scheduler.submit(script, environment=self.job_environment(job_id))
+        self.store.update(
+            job_id,
+            state=JobState.ARCHIVING.value,
+            archive_slurm_id=archive_id,
+            archive_script=script,
+            ended_at=None,
+            message=f"archive retry submitted as Slurm job {archive_id}",
+        )
+        log.info("job %s: archive retried as Slurm job %s", job_id, archive_id)
+        return self.store.get(job_id)
 
     def cancel(self, job_id: str) -> JobRecord:
         """Cancel the main job; its afterany hook still runs and archives what was produced."""
@@ -428,6 +508,17 @@ def next_poll_seconds(record: JobRecord, config: dict[str, Any]) -> float | None
     if record.state == JobState.QUEUED.value:
         return float(config["POLLER_INTERVAL_QUEUED"])
     return float(config["POLLER_INTERVAL_ACTIVE"])
+
+
+class EventRefused(Exception):
+    """A job event failed its signature or freshness check."""
+
+
+def _read_json(path: Path) -> dict[str, Any] | None:
+    try:
+        return dict(json.loads(path.read_text()))
+    except (OSError, ValueError):
+        return None
 
 
 def _last_phase(log_dir: Path) -> str | None:

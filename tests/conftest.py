@@ -10,7 +10,7 @@ from flask import Flask
 from flask.testing import FlaskClient
 
 from gateway import create_app
-from tests.fakes import FakeScheduler
+from tests.fakes import FakeScheduler, FakeStorage
 
 
 def valid_request(**changes: Any) -> dict[str, Any]:
@@ -33,7 +33,12 @@ def scheduler() -> FakeScheduler:
 
 
 @pytest.fixture
-def app(tmp_path: Path, scheduler: FakeScheduler, monkeypatch: pytest.MonkeyPatch) -> Iterator[Flask]:
+def storage() -> FakeStorage:
+    return FakeStorage()
+
+
+@pytest.fixture
+def app(tmp_path: Path, scheduler: FakeScheduler, storage: FakeStorage, monkeypatch: pytest.MonkeyPatch) -> Iterator[Flask]:
     # A test must not pick up the developer's GATEWAY_* settings.
     for name in list(__import__("os").environ):
         if name.startswith("GATEWAY_"):
@@ -48,6 +53,7 @@ def app(tmp_path: Path, scheduler: FakeScheduler, monkeypatch: pytest.MonkeyPatc
             "S3_ALLOWED_BUCKETS": ["relion-local"],
         },
         scheduler=scheduler,
+        storage=storage,  # type: ignore[arg-type]
     )
     yield app
 

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from gateway.process import CommandError
 from gateway.slurm.backend import SchedulerError, SlurmJobInfo
 from gateway.slurm.states import SlurmState
+from gateway.storage.s3 import S3Location, StorageError
 
 
 @dataclass
@@ -15,6 +16,7 @@ class FakeScheduler:
     """Stands in for Slurm in API tests; tests set states with ``set_state``."""
 
     submitted: list[str] = field(default_factory=list)
+    environments: list[dict[str, str]] = field(default_factory=list)
     cancelled: list[str] = field(default_factory=list)
     status_calls: list[list[str]] = field(default_factory=list)
     jobs: dict[str, SlurmJobInfo] = field(default_factory=dict)
@@ -23,7 +25,7 @@ class FakeScheduler:
     transient_failures: int = 0  # this many submissions fail with a transient error first
     next_id: int = 1000
 
-    def submit(self, script: str, *, after_any: str | None = None) -> str:
+    def submit(self, script: str, *, environment: Mapping[str, str] | None = None) -> str:
         if self.transient_failures > 0:
             self.transient_failures -= 1
             raise SchedulerError("sbatch failed (timed out after 30 s)", transient=True)
@@ -31,6 +33,7 @@ class FakeScheduler:
             self.submitted.append(script)
             raise SchedulerError("sbatch failed (exit code 1): sbatch: error: Batch job submission failed: Invalid partition name specified")
         self.submitted.append(script)
+        self.environments.append(dict(environment or {}))
         self.next_id += 1
         job_id = str(self.next_id)
         match = re.search(r"^#SBATCH --job-name=(\S+)", script, re.MULTILINE)
@@ -91,3 +94,15 @@ class RecordedRunner:
         if isinstance(answer, CommandError):
             raise answer
         return answer
+
+
+@dataclass
+class FakeStorage:
+    """Objects in a dict; what the gateway process itself asks of S3 (reading metadata.json)."""
+
+    objects: dict[str, bytes] = field(default_factory=dict)
+
+    def get_bytes(self, location: S3Location) -> bytes:
+        if location.url not in self.objects:
+            raise StorageError("GET", location.bucket, location.key, "NoSuchKey", "NoSuchKey")
+        return self.objects[location.url]

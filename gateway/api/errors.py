@@ -10,6 +10,7 @@ from werkzeug.wrappers import Response
 
 from gateway.errors import RequestError
 from gateway.slurm.backend import SchedulerError
+from gateway.service import EventRefused
 from gateway.store import JobNotFound
 
 log = logging.getLogger(__name__)
@@ -30,7 +31,12 @@ def register_error_handlers(app: Flask) -> None:
 
     @app.errorhandler(JobNotFound)
     def _not_found(exc: JobNotFound) -> tuple[Response, int]:
-        return error_response(404, "Not Found", f"no job {exc.args[0]!r}")
+        what = str(exc.args[0])
+        return error_response(404, "Not Found", what if " " in what else f"no job {what!r}")
+
+    @app.errorhandler(EventRefused)
+    def _event_refused(exc: EventRefused) -> tuple[Response, int]:
+        return error_response(401, "Unauthorized", f"event refused: {exc}")
 
     @app.errorhandler(SchedulerError)
     def _scheduler_error(exc: SchedulerError) -> tuple[Response, int]:

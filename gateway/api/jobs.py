@@ -21,10 +21,11 @@ from gateway.api.schemas import (
     ScriptArgsSchema,
     job_to_dict,
 )
+from gateway.callbacks import SIGNATURE_HEADER
 from gateway.errors import RequestError
 from gateway.poller import Poller
 from gateway.service import DRY_RUN_MAIN_ID, JobService, next_poll_seconds
-from gateway.store import JobRecord
+from gateway.store import JobNotFound, JobRecord
 
 blp = Blueprint("jobs", __name__, description="Submit and follow RELION jobs")
 
@@ -110,6 +111,45 @@ class JobScript(MethodView):
         record = service().store.get(job_id)
         text = record.main_script if args["which"] == "main" else record.archive_script
         return Response(text, mimetype="text/x-shellscript")
+
+
+@blp.route("/jobs/<job_id>/metadata")
+class JobMetadata(MethodView):
+    @blp.response(200, description="metadata.json, as the archive job wrote it (schema: gateway/jobside/metadata.schema.json)")
+    @blp.alt_response(404, description="No such job, or no metadata yet (the job has not been archived)")
+    def get(self, job_id: str) -> Any:
+        """The job's metadata.json."""
+        record = service().get(job_id)
+        if record.metadata_json is None:
+            raise JobNotFound(f"{job_id} has no metadata yet (state {record.state})")
+        return Response(record.metadata_json, mimetype="application/json")
+
+
+@blp.route("/jobs/<job_id>/archive")
+class JobArchive(MethodView):
+    @blp.response(202, JobSchema)
+    @blp.alt_response(404, description="No such job")
+    @blp.alt_response(409, description="The job is not archive_failed")
+    def post(self, job_id: str) -> dict[str, Any]:
+        """Run the completion hook again for a job whose archive failed (its workspace was kept)."""
+        record = service().retry_archive(job_id)
+        poller().wake()
+        return shaped(record)
+
+
+@blp.route("/jobs/<job_id>/events")
+class JobEvents(MethodView):
+    @blp.doc(
+        parameters=[{"in": "header", "name": SIGNATURE_HEADER, "required": True, "schema": {"type": "string"},
+                     "description": "sha256=<HMAC of the body with the job's token>"}],
+        requestBody={"content": {"application/json": {"schema": {"type": "object"}}}},
+    )
+    @blp.response(204)
+    @blp.alt_response(401, description="Bad or missing signature")
+    @blp.alt_response(404, description="No such job")
+    def post(self, job_id: str) -> None:
+        """Signed events from a running job (progress) and from its hook (metadata). Not for portals."""
+        service().record_event(job_id, request.get_data(), request.headers.get(SIGNATURE_HEADER, ""))
 
 
 @blp.route("/render")

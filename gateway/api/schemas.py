@@ -105,6 +105,10 @@ class JobSchema(Schema):
     next_poll_s = fields.Float(
         allow_none=True, metadata={"description": "when this record may next change (seconds); null once the job has ended"}
     )
+    progress = fields.Dict(
+        allow_none=True,
+        metadata={"description": "RELION's progress while it runs: iteration, iterations_planned, resolution_angstrom, converged"},
+    )
     metadata = fields.Dict(allow_none=True, metadata={"description": "metadata.json once the job has ended"})
     metadata_b64 = fields.String(allow_none=True, metadata={"description": "metadata.json, base64 (seed compatible)"})
 
@@ -152,6 +156,7 @@ def job_to_dict(record: Any, next_poll_s: float | None = None) -> dict[str, Any]
         "ended_at": record.ended_at,
         "started_at": record.started_at,
         "next_poll_s": next_poll_s,
+        "progress": record.progress,
         "metadata": metadata,
         "metadata_b64": base64.b64encode(json.dumps(metadata, sort_keys=True).encode()).decode() if metadata else None,
     }

@@ -11,7 +11,9 @@ import click
 
 from gateway.jobside.archive import ArchiveError, run_archive
 from gateway.jobside.extract import UnsafeArchiveError
+from gateway.callbacks import post_event
 from gateway.jobside.stage_in import stage_in, write_record
+from gateway.jobside.watch import watch
 from gateway.relion.inputs import MissingInputError, check_inputs
 from gateway.process import CommandError
 from gateway.slurm.cli import SlurmCliBackend
@@ -60,13 +62,38 @@ def stage_in_command(
         write_record(staged, record)
 
 
+@job_group.command("watch")
+@click.option("--dir", "dataset_dir", required=True, type=click.Path(path_type=Path), help="RELION's working directory")
+@click.option("--prefix", required=True, help="RELION's --o")
+@click.option("--mode", required=True, type=click.Choice(["2d", "3d", "autorefine"]))
+@click.option("--job-id", required=True)
+@click.option("--progress-file", required=True, type=click.Path(path_type=Path))
+@click.option("--iterations", type=int, default=None, help="--iter, if set")
+@click.option("--callback-url", default="", help="the gateway's API base URL for signed events")
+@click.option("--interval", type=float, default=2.0, show_default=True)
+def watch_command(
+    dataset_dir: Path, prefix: str, mode: str, job_id: str, progress_file: Path, iterations: int | None, callback_url: str, interval: float
+) -> None:
+    """Report RELION's progress while it runs (runs in the background of the main job)."""
+    watch(
+        dataset_dir,
+        prefix,
+        mode,
+        progress_file=progress_file,
+        report=lambda progress: post_event(callback_url, job_id, "progress", progress),
+        interval=interval,
+        iterations_planned=iterations,
+    )
+
+
 @job_group.command("archive")
 @click.option("--job-file", required=True, type=click.Path(exists=True, path_type=Path), help="job.json written at submit")
 @click.option("--main-slurm-id", required=True)
 @click.option("--endpoint-url", default="")
 @click.option("--region", default="us-east-1", show_default=True)
 @click.option("--compressor", default="pigz", show_default=True, type=click.Choice(["pigz", "gzip"]))
-def archive_command(job_file: Path, main_slurm_id: str, endpoint_url: str, region: str, compressor: str) -> None:
+@click.option("--callback-url", default="", help="the gateway's API base URL for signed events")
+def archive_command(job_file: Path, main_slurm_id: str, endpoint_url: str, region: str, compressor: str, callback_url: str) -> None:
     """Pack and upload the output, write metadata.json, then delete the workspace."""
     from gateway.relion.results import summarize_results
 
@@ -83,6 +110,7 @@ def archive_command(job_file: Path, main_slurm_id: str, endpoint_url: str, regio
             compressor=compressor,
             summarize=summarize_results,
             accounting=scheduler.accounting,
+            report=lambda metadata: post_event(callback_url, job["job_id"], "metadata", metadata),
         )
     except (StorageError, ArchiveError, CommandError, OSError) as exc:
         click.echo(f"archive failed, workspace kept: {exc}", err=True)

@@ -1,7 +1,7 @@
 """The scheduler interface the gateway needs, and the job record a backend returns."""
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -48,8 +48,12 @@ class SlurmJobInfo:
 class SchedulerBackend(Protocol):
     """The whole of what the gateway asks of a scheduler."""
 
-    def submit(self, script: str, *, after_any: str | None = None) -> str:
-        """Submit a batch script; return the Slurm job id."""
+    def submit(self, script: str, *, environment: Mapping[str, str] | None = None) -> str:
+        """Submit a batch script; return the Slurm job id.
+
+        ``environment`` is added to what the job inherits (per-job secrets travel this way, never
+        in the script).
+        """
         ...
 
     def status(self, job_ids: Iterable[str]) -> dict[str, SlurmJobInfo]:

@@ -7,9 +7,10 @@ into ``SlurmJobInfo`` objects by field name, never by column position.
 from __future__ import annotations
 
 import logging
+import os
 import re
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 
 from gateway.process import CommandError, Runner, run_command
 from gateway.slurm.backend import SchedulerError, SlurmJobInfo
@@ -134,9 +135,9 @@ class SlurmCliBackend:
         self._run = runner
         self._timeout = timeout
 
-    def _call(self, argv: list[str], *, input: str | None = None) -> str:
+    def _call(self, argv: list[str], *, input: str | None = None, env: Mapping[str, str] | None = None) -> str:
         try:
-            return self._run(argv, timeout=self._timeout, input=input)
+            return self._run(argv, timeout=self._timeout, input=input, env=env)
         except CommandError as exc:
             raise SchedulerError(
                 f"{argv[0]} failed ({exc.reason}): {exc.stderr.strip() or exc.stdout.strip()}",
@@ -145,12 +146,11 @@ class SlurmCliBackend:
                 transient=is_transient(exc),
             ) from exc
 
-    def submit(self, script: str, *, after_any: str | None = None) -> str:
+    def submit(self, script: str, *, environment: Mapping[str, str] | None = None) -> str:
         # The script goes on stdin: nothing is written to disk, and the exact text is what we store.
-        argv = ["sbatch", "--parsable"]
-        if after_any:
-            argv.append(f"--dependency=afterany:{after_any}")
-        return parse_sbatch_parsable(self._call(argv, input=script))
+        # sbatch's default --export=ALL hands its environment to the job.
+        env = {**os.environ, **environment} if environment else None
+        return parse_sbatch_parsable(self._call(["sbatch", "--parsable"], input=script, env=env))
 
     def test_only(self, script: str) -> str:
         # sbatch --test-only prints its verdict on stderr and exits 0 when the job would be accepted.

@@ -269,3 +269,57 @@ def test_render_is_a_dry_run(client: FlaskClient, app, scheduler: FakeScheduler)
 def test_render_applies_the_same_rules(client: FlaskClient) -> None:
     response = client.post("/v1/relion/render", json=valid_request(mode="autorefine", num_mpi=2, flags={"i": "p.star", "o": "R/run", "ref": "r.mrc"}))
     assert response.status_code == 422 and "odd number" in response.json["message"]
+
+
+def test_signed_progress_and_metadata_events(client: FlaskClient, app, scheduler: FakeScheduler) -> None:
+    from gateway.callbacks import SIGNATURE_HEADER, TOKEN_ENV, sign
+
+    job = submit(client)
+    token = scheduler.environments[0][TOKEN_ENV]  # handed to the job at sbatch time, not in the script
+    assert token not in scheduler.submitted[0] and token not in scheduler.submitted[1]
+
+    def send(kind: str, data: dict, signed_with: str = token, job_id: str = job["job_id"], age: float = 0.0):
+        import time as _time
+
+        body = json.dumps({"job_id": job_id, "type": kind, "sent_at": _time.time() - age, "data": data}).encode()
+        return client.post(f"{JOBS}/{job['job_id']}/events", data=body, headers={SIGNATURE_HEADER: sign(signed_with, body)}, content_type="application/json")
+
+    assert send("progress", {"iteration": 3, "iterations_planned": 25, "resolution_angstrom": 12.5}).status_code == 204
+    assert client.get(f"{JOBS}/{job['job_id']}").json["progress"]["iteration"] == 3
+    assert send("progress", {"iteration": 4}, signed_with="0" * 64).status_code == 401
+    assert send("progress", {"iteration": 4}, age=3600).status_code == 401
+    assert send("progress", {"iteration": 4}, job_id="job_2d_other_00000000").status_code == 401
+    assert send("bogus", {}).status_code == 422
+    assert send("metadata", {"schema_version": 1}).status_code == 204
+    assert client.get(f"{JOBS}/{job['job_id']}/metadata").json == {"schema_version": 1}
+
+
+def test_metadata_before_the_job_ends_is_404(client: FlaskClient) -> None:
+    job = submit(client)
+    response = client.get(f"{JOBS}/{job['job_id']}/metadata")
+    assert response.status_code == 404 and "no metadata yet" in response.json["message"]
+
+
+def test_archive_retry_only_for_archive_failed(client: FlaskClient, app, scheduler: FakeScheduler) -> None:
+    job = submit(client)
+    assert client.post(f"{JOBS}/{job['job_id']}/archive").status_code == 409
+    scheduler.set_state("1001", "COMPLETED", exit_code=0)
+    scheduler.set_state("1002", "FAILED", exit_code=3)
+    poll(app)
+    response = client.post(f"{JOBS}/{job['job_id']}/archive")
+    assert response.status_code == 202
+    assert response.json["status"] == "archiving" and response.json["slurm"]["archive_job_id"] == "1003"
+    retry_script = scheduler.submitted[-1]
+    assert "--dependency" not in retry_script and "--main-slurm-id 1001" in retry_script
+    scheduler.set_state("1003", "COMPLETED", exit_code=0)
+    poll(app)
+    assert client.get(f"{JOBS}/{job['job_id']}").json["status"] == "succeeded"
+
+
+def test_metadata_is_fetched_from_s3_when_no_callback_came(client: FlaskClient, app, scheduler: FakeScheduler, storage) -> None:
+    job = submit(client)
+    storage.objects[f"{job['output_url']}metadata.json"] = b'{"schema_version": 1, "from": "s3"}'
+    scheduler.set_state("1001", "COMPLETED", exit_code=0)
+    scheduler.set_state("1002", "COMPLETED", exit_code=0)
+    poll(app)
+    assert client.get(f"{JOBS}/{job['job_id']}").json["metadata"] == {"schema_version": 1, "from": "s3"}

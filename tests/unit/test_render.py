@@ -134,7 +134,13 @@ def test_hostile_values_reach_relion_intact_and_execute_nothing(tmp_path: Path) 
     script.write_text(prepared.main_script)
     subprocess.run(["bash", str(script)], cwd=tmp_path, check=True, timeout=30, env={"PATH": os.environ["PATH"], "HOME": str(tmp_path)})
 
-    stage_in, relion = [json.loads(line) for line in calls.read_text().splitlines()]
+    calls_made = [json.loads(line) for line in calls.read_text().splitlines()]
+    stage_in = next(c for c in calls_made if c[:4] == ["-m", "gateway", "job", "stage-in"])
+    relion = next(c for c in calls_made if c[:1] == ["--i"])
+    for watcher in (c for c in calls_made if c[:4] == ["-m", "gateway", "job", "watch"]):
+        # The background watcher may be killed by the EXIT trap before it starts; if it ran, its
+        # arguments arrived intact too.
+        assert watcher[watcher.index("--prefix") + 1] == "Out $(touch PWNED_dir)/run"
     assert stage_in[stage_in.index("--url") + 1] == "s3://relion-local/it's $(touch PWNED_url);.tar.gz"
     assert relion == prepared.job["relion_command"][1:]
     for option, value in hostile_flags.items():
