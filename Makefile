@@ -16,7 +16,7 @@ install: $(VENV)/.installed
 
 # Installs missing Debian packages, writes the Slurm configs, starts every daemon (idempotent).
 stack: install
-	$(GATEWAY) stack up
+	$(GATEWAY) stack up --with-rest --with-postgres
 
 # A real 2D classification through the REST API, Slurm and S3; prints the result.
 demo: stack

@@ -15,7 +15,7 @@ from gateway.poller import Poller
 from gateway.scripts.render import ScriptRenderer
 from gateway.service import JobService
 from gateway.slurm.backend import SchedulerBackend
-from gateway.slurm.cli import SlurmCliBackend
+from gateway.slurm.factory import make_scheduler
 from gateway.store import JobStore, make_engine
 
 log = logging.getLogger(__name__)
@@ -47,7 +47,7 @@ def create_app(
     service = JobService(
         config=config,
         store=store or JobStore(make_engine(config["STORE_DATABASE_URL"])),
-        scheduler=scheduler or SlurmCliBackend(timeout=float(config["SLURM_COMMAND_TIMEOUT"])),
+        scheduler=scheduler or make_scheduler(config),
         renderer=ScriptRenderer(config["PATHS_TEMPLATE_DIR"] or None),
         storage=storage if storage is not None else S3Storage(make_s3_client(config["S3_ENDPOINT_URL"], config["S3_REGION"])),
         callback_secret=load_or_create_secret(config["SERVER_CALLBACK_SECRET"], config["PATHS_STATE_DIR"]),

@@ -41,6 +41,11 @@ def default_config() -> dict[str, Any]:
         # [store]
         "STORE_DATABASE_URL": "",  # default: sqlite:///<state_dir>/gateway.sqlite
         # [slurm]
+        "SLURM_BACKEND": "cli",  # cli (sbatch/squeue/sacct), rest (slurmrestd + JWT) or pyslurm (Slurm >= 25.11)
+        "SLURM_REST_URL": "http://127.0.0.1:6820",
+        "SLURM_REST_USER": "root",
+        "SLURM_REST_API_VERSION": "v0.0.38",
+        "SLURM_REST_TOKEN_LIFESPAN": 3600,
         "SLURM_PARTITION": "",
         "SLURM_ACCOUNT": "",
         "SLURM_QOS": "",

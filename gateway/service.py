@@ -397,12 +397,22 @@ class JobService:
         strangers = []
         # A Slurm id is not a durable identity: slurmctld killed right after a submit loses the
         # job and hands its id to the next submission. Never adopt a job with another name.
-        if main is not None and main.name and main.name != record.job_id:
-            strangers.append(f"main job {main.job_id} now belongs to {main.name!r}")
-            main = None
-        if archive is not None and archive.name and archive.name != f"{record.job_id}.archive":
-            strangers.append(f"archive job {archive.job_id} now belongs to {archive.name!r}")
-            archive = None
+        expected = {"main": record.job_id, "archive": f"{record.job_id}.archive"}
+        infos = {"main": main, "archive": archive}
+        for role, info in infos.items():
+            if info is None or not info.name or info.name == expected[role]:
+                continue
+            # Before calling the job lost, ask Slurm by name: one odd answer must not end a job.
+            ours = self.scheduler.find_by_name(expected[role], since=record.accepted_at)
+            if info.job_id in ours:
+                log.warning(
+                    "job %s: Slurm reported %s job %s as %r (%s) but lists it under our name; ignoring this answer",
+                    record.job_id, role, info.job_id, info.name, info.source,
+                )
+                return
+            strangers.append(f"{role} job {info.job_id} now belongs to {info.name!r}")
+            infos[role] = None
+        main, archive = infos["main"], infos["archive"]
         phase = _last_phase(log_dir)
         state = gateway_state(
             main.state if main else None,

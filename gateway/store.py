@@ -14,11 +14,12 @@ from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import DBAPIError, IntegrityError
 
 log = logging.getLogger(__name__)
 
 metadata_obj = sa.MetaData()
+SCHEMA_ATTEMPTS = 5
 
 jobs_table = sa.Table(
     "jobs",
@@ -159,6 +160,26 @@ def _add_missing_columns(engine: Engine) -> None:
             with engine.begin() as conn:
                 conn.execute(sa.text(f'ALTER TABLE {table.name} ADD COLUMN {column.name} {ddl_type}{default}'))
             log.info("store: added column %s.%s", table.name, column.name)
+        _add_missing_indexes(engine, table)
+
+
+def _add_missing_indexes(engine: Engine, table: sa.Table) -> None:
+    """Indexes and unique constraints an older table lacks (ALTER ... ADD COLUMN adds neither).
+
+    Without uq_jobs_user_idempotency_key on an upgraded database, two retries with one
+    Idempotency-Key would both be stored and submitted.
+    """
+    inspector = sa.inspect(engine)  # a fresh one: the columns just changed
+    unique = {tuple(u["column_names"]) for u in inspector.get_unique_constraints(table.name)}
+    unique |= {tuple(i["column_names"]) for i in inspector.get_indexes(table.name) if i.get("unique")}
+    for constraint in table.constraints:
+        columns = tuple(c.name for c in constraint.columns)
+        if isinstance(constraint, sa.UniqueConstraint) and columns not in unique:
+            with engine.begin() as conn:
+                conn.execute(sa.text(f"CREATE UNIQUE INDEX {constraint.name} ON {table.name} ({', '.join(columns)})"))
+            log.info("store: added unique index %s on %s%s", constraint.name, table.name, columns)
+    for index in table.indexes:
+        index.create(engine, checkfirst=True)
 
 
 class JobStore:
@@ -166,8 +187,19 @@ class JobStore:
 
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
-        metadata_obj.create_all(engine)
-        _add_missing_columns(engine)
+        # Gunicorn workers and replicas start together: on a fresh database all but one lose the
+        # race to CREATE TABLE (or ALTER TABLE) and see "already exists". Looking again finds the
+        # winner's tables, so a short retry converges.
+        for attempt in range(SCHEMA_ATTEMPTS):
+            try:
+                metadata_obj.create_all(engine)
+                _add_missing_columns(engine)
+                break
+            except DBAPIError as exc:
+                if attempt == SCHEMA_ATTEMPTS - 1:
+                    raise
+                log.info("store: schema set-up raced another process (%s); retrying", str(exc).splitlines()[0])
+                time.sleep(0.05 * (attempt + 1))
 
     # -- jobs ---------------------------------------------------------------------------------
 

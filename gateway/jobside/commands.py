@@ -5,12 +5,12 @@ import json
 import logging
 import os
 import sys
+import tarfile
 from pathlib import Path
 
 import click
 
 from gateway.jobside.archive import ArchiveError, run_archive
-from gateway.jobside.extract import UnsafeArchiveError
 from gateway.callbacks import post_event
 from gateway.jobside.stage_in import stage_in, write_record
 from gateway.jobside.watch import watch
@@ -54,7 +54,8 @@ def stage_in_command(
         staged = stage_in(storage, url, dest, quota_bytes=quota_bytes, max_members=max_members)
         if star:
             staged["checked"] = check_inputs(dest, star, required)
-    except (StorageError, UnsafeArchiveError, MissingInputError, ValueError, OSError) as exc:
+    except (StorageError, tarfile.TarError, MissingInputError, ValueError, OSError) as exc:
+        # tarfile.TarError covers our strict filter, the data filter's refusals and corrupt archives.
         # One line on stderr that the gateway shows as the job's message.
         click.echo(f"stage-in failed: {exc}", err=True)
         sys.exit(2)
@@ -71,8 +72,17 @@ def stage_in_command(
 @click.option("--iterations", type=int, default=None, help="--iter, if set")
 @click.option("--callback-url", default="", help="the gateway's API base URL for signed events")
 @click.option("--interval", type=float, default=2.0, show_default=True)
+@click.option("--once", is_flag=True, help="report the current progress once and exit")
 def watch_command(
-    dataset_dir: Path, prefix: str, mode: str, job_id: str, progress_file: Path, iterations: int | None, callback_url: str, interval: float
+    dataset_dir: Path,
+    prefix: str,
+    mode: str,
+    job_id: str,
+    progress_file: Path,
+    iterations: int | None,
+    callback_url: str,
+    interval: float,
+    once: bool,
 ) -> None:
     """Report RELION's progress while it runs (runs in the background of the main job)."""
     watch(
@@ -83,6 +93,7 @@ def watch_command(
         report=lambda progress: post_event(callback_url, job_id, "progress", progress),
         interval=interval,
         iterations_planned=iterations,
+        once=once,
     )
 
 

@@ -23,6 +23,7 @@ def watch(
     interval: float = 2.0,
     iterations_planned: int | None = None,
     keep_going: Callable[[], bool] | None = None,
+    once: bool = False,
 ) -> None:
     """Poll the output directory; on each change write ``progress_file`` and call ``report``."""
     parent = os.getppid()
@@ -42,4 +43,6 @@ def watch(
             tmp.replace(progress_file)  # atomic: the poller never reads half a file
             report(progress)
             last = {k: v for k, v in progress.items() if k not in ("iterations_planned", "updated_at")}
+        if once:
+            return
         time.sleep(interval)

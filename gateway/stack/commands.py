@@ -37,11 +37,19 @@ def stack_group(ctx: click.Context, state_dir: str | None) -> None:
 
 @stack_group.command("up")
 @_state_dir_option
+@click.option(
+    "--with-rest", is_flag=True,
+    help="Also run slurmrestd on 127.0.0.1:6820 with JWT auth (kept by later `up` runs once enabled).",
+)
+@click.option(
+    "--with-postgres", is_flag=True,
+    help="Also run PostgreSQL on 127.0.0.1:5433 for the job store (kept by later `up` runs once enabled).",
+)
 @click.pass_context
-def up_command(ctx: click.Context, state_dir: str | None) -> None:
+def up_command(ctx: click.Context, state_dir: str | None, with_rest: bool, with_postgres: bool) -> None:
     """Start whatever is not running (installs missing packages first); a no-op when all is up."""
     try:
-        stack_up(_resolve(ctx, state_dir), report=click.echo)
+        stack_up(_resolve(ctx, state_dir), report=click.echo, with_rest=with_rest, with_postgres=with_postgres)
     except (DaemonError, CommandError, RuntimeError, OSError, ValueError) as exc:
         raise click.ClickException(str(exc)) from exc
 
@@ -87,6 +95,15 @@ def format_status(status: dict[str, Any]) -> str:
         f"# S3 endpoint: {s3['endpoint_url']}  bucket: {s3['bucket']}  region: {s3['region']}",
         f"# Slurm config: {status['slurm_conf']}",
         f"# gateway: {status['gateway_url'] or 'not running'}",
+    ]
+    rest = status.get("slurmrestd") or {}
+    if rest.get("enabled"):
+        lines.append(f"# slurmrestd: {rest['url']}  api: {rest['api_version']}")
+    pg = status.get("postgres") or {}
+    if pg.get("enabled"):
+        masked = (pg["url"] or "").replace(f":{pg['password']}@", ":***@") if pg.get("password") else pg["url"]
+        lines.append(f"# postgres: {masked}  (password: stack status --json)")
+    lines += [
         f"# all up: {'yes' if status['all_up'] else 'no'}",
     ]
     lines += [f"export {key}={shlex.quote(value)}" for key, value in status["environment"].items()]

@@ -11,7 +11,8 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from gateway.stack import s3_server
+from gateway.stack import rest, s3_server
+from gateway.stack import postgres
 from gateway.stack.credentials import StackSecrets, load_or_create_secrets, load_secrets
 from gateway.stack.daemons import State, pid_from_file, terminate
 from gateway.stack.layout import SLURM_CONF, SLURMDBD_CONF, StackPaths
@@ -31,7 +32,7 @@ log = logging.getLogger(__name__)
 Report = Callable[[str], None]
 
 # Which daemons read which config: they must be restarted when it changes under them.
-_READERS = {SLURM_CONF: ("slurmctld", "slurmd"), SLURMDBD_CONF: ("slurmdbd",)}
+_READERS = {SLURM_CONF: ("slurmctld", "slurmd", "slurmrestd"), SLURMDBD_CONF: ("slurmdbd",)}
 
 
 def _log_report(line: str) -> None:
@@ -42,8 +43,15 @@ def _daemon_line(name: str, state: str, pid: int | None, note: str) -> str:
     return f"{name:<10} {state:<9} pid {pid if pid is not None else '-':<8} {note}"
 
 
-def stack_up(state_dir: str | os.PathLike[str] | None = None, report: Report | None = None) -> dict[str, Any]:
-    """Bring every daemon of the stack up; return the status dict plus `actions` and `elapsed_s`."""
+def stack_up(
+    state_dir: str | os.PathLike[str] | None = None, report: Report | None = None, *, with_rest: bool = False,
+    with_postgres: bool = False,
+) -> dict[str, Any]:
+    """Bring every daemon of the stack up; return the status dict plus `actions` and `elapsed_s`.
+
+    ``with_rest`` also sets up slurmrestd; once done, later runs keep it (gateway/stack/rest.py).
+    ``with_postgres`` also runs PostgreSQL for the job store; sticky too (gateway/stack/postgres.py).
+    """
     report = report or _log_report
     started = time.monotonic()
     if os.geteuid() != 0:
@@ -58,7 +66,17 @@ def stack_up(state_dir: str | os.PathLike[str] | None = None, report: Report | N
         secrets = load_or_create_secrets(paths.secrets_file)
         node = short_hostname()
         make_slurm_dirs(paths)
-        settings = SlurmSettings.for_stack(paths, node, secrets.mariadb_slurm_password)
+        with_rest = with_rest or rest.rest_enabled(paths)
+        if with_rest:
+            for line in rest.prepare(paths):
+                report(line)
+        with_postgres = with_postgres or postgres.postgres_enabled(paths)
+        if with_postgres:
+            for line in postgres.prepare(paths):
+                report(line)
+        settings = SlurmSettings.for_stack(
+            paths, node, secrets.mariadb_slurm_password, jwt_key=rest.jwt_key_path(paths) if with_rest else None
+        )
         restart: set[str] = set()
         for path, text, mode, owner in (
             (SLURM_CONF, render_slurm_conf(settings), 0o644, None),
@@ -67,7 +85,8 @@ def stack_up(state_dir: str | os.PathLike[str] | None = None, report: Report | N
         ):
             if write_managed_file(path, text, mode=mode, owner=owner):
                 restart.update(_READERS[path])
-        daemons = build_daemons(paths, secrets, node)
+        daemons = [*build_daemons(paths, secrets, node), *rest.rest_daemons(paths, with_rest)]
+        daemons += postgres.postgres_daemons(paths, with_postgres)
         states: dict[str, tuple[State, int | None]] = {}
         actions: dict[str, str] = {}
         for daemon in daemons:
@@ -88,6 +107,9 @@ def stack_up(state_dir: str | os.PathLike[str] | None = None, report: Report | N
         client = probe.client() if isinstance(probe, S3Probe) else _s3_client(secrets)
         if s3_server.ensure_bucket(client, s3_server.S3_BUCKET):
             report(f"created bucket {s3_server.S3_BUCKET}")
+        if with_postgres:
+            for line in postgres.provision(paths):
+                report(line)
     status = _status_dict(paths, states, secrets, node)
     status["actions"] = actions
     status["elapsed_s"] = round(time.monotonic() - started, 3)
@@ -104,7 +126,11 @@ def stack_down(state_dir: str | os.PathLike[str] | None = None, report: Report |
         return
     with paths.lock():
         report(f"{'gateway':<10} {_stop_gateway(paths)}")
-        daemons = build_daemons(paths, load_secrets(paths.secrets_file), short_hostname())
+        daemons = [
+            *build_daemons(paths, load_secrets(paths.secrets_file), short_hostname()),
+            *rest.rest_daemons(paths, rest.rest_enabled(paths)),
+        ]
+        daemons += postgres.postgres_daemons(paths, postgres.postgres_enabled(paths))
         for daemon in reversed(daemons):
             pid = daemon.live_pid()
             result = daemon.stop()
@@ -116,7 +142,9 @@ def stack_status(state_dir: str | os.PathLike[str] | None = None) -> dict[str, A
     paths = StackPaths.for_state_dir(state_dir)
     secrets = load_secrets(paths.secrets_file)
     node = short_hostname()
-    states = {daemon.name: daemon.inspect() for daemon in build_daemons(paths, secrets, node)}
+    daemons = [*build_daemons(paths, secrets, node), *rest.rest_daemons(paths, rest.rest_enabled(paths))]
+    daemons += postgres.postgres_daemons(paths, postgres.postgres_enabled(paths))
+    states = {daemon.name: daemon.inspect() for daemon in daemons}
     return _status_dict(paths, states, secrets, node)
 
 
@@ -191,5 +219,7 @@ def _status_dict(
         "slurm": {"cluster": CLUSTER_NAME, "node": node, "partitions": ["debug", "long"]},
         "slurm_conf": str(SLURM_CONF),
         "slurmdbd_conf": str(SLURMDBD_CONF),
+        "slurmrestd": rest.rest_status(paths),
+        "postgres": postgres.postgres_status(paths),
     }
 

@@ -11,7 +11,7 @@ import os
 import shutil
 from collections.abc import Callable
 
-from gateway.process import run_command
+from gateway.process import CommandError, run_command
 
 log = logging.getLogger(__name__)
 
@@ -82,6 +82,43 @@ def ensure_packages() -> list[str]:
         env=env,
     )
     still = missing_items()
+    if still:
+        raise RuntimeError(f"still missing after apt-get install: {', '.join(still)}")
+    return missing
+
+
+# `stack up --with-rest` only. slurmrestd's own plugins (rest_auth/jwt, openapi/v0.0.38) come with
+# slurm-wlm-basic-plugins; the auth/jwt plugin that slurmctld and slurmdbd load is a separate package.
+REST_PACKAGES = ("slurmrestd", "slurm-wlm-jwt-plugin")
+REST_FILES = {
+    "/usr/sbin/slurmrestd": "slurmrestd",
+    "/usr/lib/*/slurm-wlm/auth_jwt.so": "slurm-wlm-jwt-plugin",
+}
+
+
+def missing_rest_items(exists: Callable[[str], bool] | None = None) -> list[str]:
+    """Return the REST files (globs) that are not installed."""
+    exists = exists or (lambda pattern: bool(glob.glob(pattern)))
+    return [pattern for pattern in REST_FILES if not exists(pattern)]
+
+
+def ensure_rest_packages() -> list[str]:
+    """Install slurmrestd and the JWT plugin if missing; return the missing packages.
+
+    Debian's slurmrestd postinst only enables a systemd unit; without systemd nothing starts.
+    """
+    missing = sorted({REST_FILES[pattern] for pattern in missing_rest_items()})
+    if not missing:
+        return []
+    log.info("installing %s", " ".join(missing))
+    env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
+    try:
+        run_command(["apt-get", "install", "-y", *missing], timeout=APT_INSTALL_TIMEOUT_S, env=env)
+    except CommandError:
+        # A stale package index: update once, then try again.
+        run_command(["apt-get", "update"], timeout=APT_UPDATE_TIMEOUT_S, env=env)
+        run_command(["apt-get", "install", "-y", *missing], timeout=APT_INSTALL_TIMEOUT_S, env=env)
+    still = missing_rest_items()
     if still:
         raise RuntimeError(f"still missing after apt-get install: {', '.join(still)}")
     return missing

@@ -44,9 +44,13 @@ class SlurmSettings:
     slurm_run_dir: Path
     log_dir: Path
     db_password: str
+    # Set once `stack up --with-rest` was ever run: slurmrestd's JWT auth (gateway/stack/rest.py).
+    jwt_key: Path | None = None
 
     @classmethod
-    def for_stack(cls, paths: StackPaths, hostname: str, db_password: str) -> SlurmSettings:
+    def for_stack(
+        cls, paths: StackPaths, hostname: str, db_password: str, jwt_key: Path | None = None
+    ) -> SlurmSettings:
         return cls(
             hostname=hostname,
             ctld_state_dir=paths.ctld_state_dir,
@@ -54,6 +58,7 @@ class SlurmSettings:
             slurm_run_dir=paths.slurm_run_dir,
             log_dir=paths.log_dir,
             db_password=db_password,
+            jwt_key=jwt_key,
         )
 
 
@@ -62,6 +67,18 @@ def _v(value: object) -> str:
     if not _SAFE_VALUE.match(text):
         raise ValueError(f"value {text!r} cannot be written to a Slurm config (whitespace, quote or '#')")
     return text
+
+
+def _jwt_lines(s: SlurmSettings) -> str:
+    if s.jwt_key is None:
+        return ""
+    # Only after `stack up --with-rest`: slurmrestd forwards each request's JWT, which slurmctld
+    # and slurmdbd check with this key; munge stays the main AuthType for daemons and commands.
+    return (
+        "# slurmrestd (stack up --with-rest): JWTs minted by `scontrol token`, checked with this key.\n"
+        "AuthAltTypes=auth/jwt\n"
+        f"AuthAltParameters=jwt_key={_v(s.jwt_key)}\n"
+    )
 
 
 def render_slurm_conf(s: SlurmSettings) -> str:
@@ -75,7 +92,7 @@ SlurmUser={SLURM_USER}
 SlurmdUser=root
 AuthType=auth/munge
 CredType=cred/munge
-SlurmctldPort={SLURMCTLD_PORT}
+{_jwt_lines(s)}SlurmctldPort={SLURMCTLD_PORT}
 SlurmdPort={SLURMD_PORT}
 StateSaveLocation={_v(s.ctld_state_dir)}
 SlurmdSpoolDir={_v(s.slurmd_spool_dir)}
@@ -121,7 +138,7 @@ def render_slurmdbd_conf(s: SlurmSettings) -> str:
     """Return the text of /etc/slurm/slurmdbd.conf (holds the DB password: owner slurm, mode 600)."""
     return f"""{MANAGED_HEADER}
 AuthType=auth/munge
-DbdHost=localhost
+{_jwt_lines(s)}DbdHost=localhost
 DbdPort={SLURMDBD_PORT}
 SlurmUser={SLURM_USER}
 PidFile={_v(s.slurm_run_dir / "slurmdbd.pid")}

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import secrets
+import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -77,6 +78,8 @@ def gateway_config(tmp_path_factory: pytest.TempPathFactory, stack: dict[str, An
             "POLLER_INTERVAL_ACTIVE": 1.0,
             "POLLER_INTERVAL_QUEUED": 1.0,
             "POLLER_INTERVAL_IDLE": 2.0,
+            "JOB_STAGE_IN_QUOTA_BYTES": 32 * 1024 * 1024,
+            "SERVER_PUBLIC_URL": "",
         }
     )
     return config
@@ -84,12 +87,23 @@ def gateway_config(tmp_path_factory: pytest.TempPathFactory, stack: dict[str, An
 
 @pytest.fixture(scope="session")
 def gateway_url(gateway_config: dict[str, Any]) -> Iterator[str]:
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    # Jobs send their signed events to this URL.
+    gateway_config["SERVER_PUBLIC_URL"] = url
     app = create_app(gateway_config)
-    server = make_server("127.0.0.1", 0, app, threaded=True)
+    server = make_server("127.0.0.1", port, app, threaded=True)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
-    yield f"http://127.0.0.1:{server.server_port}"
+    yield url
+    app.extensions["relion_gateway_poller"].stop()
     server.shutdown()
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
 
 
 def wait_for_end(url: str, job_id: str, timeout: float = 300) -> dict[str, Any]:

@@ -78,12 +78,13 @@ def test_2d_classification_runs_end_to_end(gateway_url: str, dataset_url: str, b
     assert "Expectation iteration 2 of 2" in (log_dir / f"main-{main_id}.out").read_text()
 
 
-def test_relion_error_fails_the_job_but_the_hook_still_archives(gateway_url: str, dataset_url: str, bucket: str) -> None:
+def test_missing_input_fails_before_relion_and_the_hook_still_archives(gateway_url: str, dataset_url: str, bucket: str) -> None:
     flags = {**DEMO_FLAGS, "i": "missing.star"}
     job = wait_for_end(gateway_url, submit(gateway_url, request_for(dataset_url, bucket, flags=flags))["job_id"])
     assert job["status"] == "failed", job
-    assert "missing.star does not exist" in job["message"]
-    assert job["metadata"]["slurm"]["state"] == "FAILED" and job["metadata"]["slurm"]["exit_code"] == 1
+    # Checked after stage-in, before RELION would have failed on it.
+    assert "stage-in failed: missing from the dataset: missing.star" in job["message"]
+    assert job["metadata"]["slurm"]["state"] == "FAILED" and job["metadata"]["slurm"]["exit_code"] == 2
     assert job["metadata"]["logs"], "the hook uploaded the logs"
 
 
@@ -92,3 +93,42 @@ def test_missing_dataset_fails_at_stage_in_with_a_clear_message(gateway_url: str
     job = wait_for_end(gateway_url, submit(gateway_url, request)["job_id"])
     assert job["status"] == "failed", job
     assert "stage-in failed" in job["message"] and "NoSuchKey" in job["message"]
+
+
+def test_2d_classification_through_slurmrestd(
+    gateway_config: dict, dataset_url: str, bucket: str, storage: S3Storage, tmp_path: Path
+) -> None:
+    """The same path with the `rest` backend: the gateway talks to slurmrestd (JWT) instead of sbatch."""
+    import threading
+
+    from werkzeug.serving import make_server
+
+    from gateway import create_app
+    from gateway.stack import stack_up
+    from tests.integration.conftest import free_port
+
+    rest = stack_up(with_rest=True)["slurmrestd"]
+    port = free_port()
+    config = {
+        **gateway_config,
+        "SLURM_BACKEND": "rest",
+        "SLURM_REST_URL": rest["url"],
+        "SERVER_PUBLIC_URL": f"http://127.0.0.1:{port}",
+        "STORE_DATABASE_URL": f"sqlite:///{tmp_path / 'rest.sqlite'}",
+    }
+    app = create_app(config)
+    server = make_server("127.0.0.1", port, app, threaded=True)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{port}"
+    try:
+        job = wait_for_end(url, submit(url, request_for(dataset_url, bucket, workspace_id="rest"))["job_id"])
+    finally:
+        app.extensions["relion_gateway_poller"].stop()
+        server.shutdown()
+    assert job["status"] == "succeeded", job
+    results = job["metadata"]["relion"]["results"]
+    assert sum(results["class_distribution"]) == pytest.approx(1.0, abs=1e-3)
+    assert storage.head(parse_s3_url(job["metadata"]["output"]["url"])).size == job["metadata"]["output"]["bytes"]
+    # Slurm saw the job under the gateway's name, with the allocation the script asked for.
+    accounted = run_command(["sacct", "-X", "-n", "-P", "-j", job["slurm"]["main_job_id"], "-o", "JobName,NTasks,AllocCPUS"], timeout=30)
+    assert accounted.strip().splitlines()[-1].startswith(f"{job['job_id']}|")

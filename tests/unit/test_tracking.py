@@ -109,6 +109,16 @@ def test_a_reused_slurm_id_marks_the_job_lost_never_adopts_the_stranger(client: 
     assert "Slurm lost this job" in body["message"] and "someone-elses-job" in body["message"]
 
 
+def test_one_odd_name_in_a_status_answer_does_not_end_the_job(client: FlaskClient, app, scheduler: FakeScheduler) -> None:
+    job = client.post(JOBS, json=valid_request()).json
+    scheduler.set_state("1001", "RUNNING", name="allocation", glitch=True)
+    service(app).poll()
+    assert client.get(f"{JOBS}/{job['job_id']}").json["status"] == "queued"  # unchanged, not lost
+    scheduler.set_state("1001", "RUNNING")
+    service(app).poll()
+    assert client.get(f"{JOBS}/{job['job_id']}").json["status"] == "running"
+
+
 def test_list_filters_and_pages(client: FlaskClient, scheduler: FakeScheduler) -> None:
     for n in range(3):
         client.post(JOBS, json=valid_request(workspace_id=f"w{n}"))

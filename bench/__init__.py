@@ -1,0 +1,1 @@
+"""Benchmarks for relion-gateway: run them with `python bench/run.py` (see bench/README.md)."""

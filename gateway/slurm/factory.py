@@ -1,0 +1,68 @@
+"""Choose the scheduler backend from config: `SLURM_BACKEND` = cli | rest | pyslurm.
+
+Config keys (defaults in DEFAULTS; gateway/config.py holds the same values):
+
+- SLURM_BACKEND: "cli" (sbatch/squeue/sacct), "rest" (slurmrestd), "pyslurm" (Slurm >= 25.11 only)
+- SLURM_COMMAND_TIMEOUT: seconds for each command, HTTP request or token mint
+- SLURM_REST_URL, SLURM_REST_USER, SLURM_REST_API_VERSION, SLURM_REST_TOKEN_LIFESPAN (seconds)
+"""
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from typing import Any
+
+from gateway.slurm.backend import SchedulerBackend
+
+log = logging.getLogger(__name__)
+
+BACKENDS = ("cli", "rest", "pyslurm")
+
+DEFAULTS: dict[str, Any] = {
+    "SLURM_BACKEND": "cli",
+    "SLURM_COMMAND_TIMEOUT": 30.0,
+    "SLURM_REST_URL": "http://127.0.0.1:6820",
+    "SLURM_REST_USER": "root",
+    "SLURM_REST_API_VERSION": "v0.0.38",
+    "SLURM_REST_TOKEN_LIFESPAN": 3600,
+}
+
+
+def _get(config: Mapping[str, Any], key: str) -> Any:
+    value = config.get(key)
+    return DEFAULTS[key] if value is None or value == "" else value
+
+
+def make_scheduler(config: Mapping[str, Any], **overrides: Any) -> SchedulerBackend:
+    """Build the backend named by config["SLURM_BACKEND"].
+
+    ``overrides`` go to the backend's constructor (tests pass e.g. ``session=`` for REST or
+    ``pyslurm_module=`` for pyslurm). Unknown names raise ValueError listing the allowed ones.
+    """
+    name = str(_get(config, "SLURM_BACKEND")).strip().lower()
+    timeout = float(_get(config, "SLURM_COMMAND_TIMEOUT"))
+    if name == "cli":
+        from gateway.slurm.cli import SlurmCliBackend
+
+        return SlurmCliBackend(timeout=timeout, **overrides)
+    if name == "rest":
+        from gateway.slurm.rest import SlurmRestBackend, TokenProvider
+
+        user = str(_get(config, "SLURM_REST_USER"))
+        lifespan = int(_get(config, "SLURM_REST_TOKEN_LIFESPAN"))
+        tokens = overrides.pop("token_provider", None) or TokenProvider(user, lifespan=lifespan, timeout=timeout)
+        return SlurmRestBackend(
+            str(_get(config, "SLURM_REST_URL")),
+            user,
+            tokens,
+            api_version=str(_get(config, "SLURM_REST_API_VERSION")),
+            timeout=timeout,
+            **overrides,
+        )
+    if name == "pyslurm":
+        from gateway.slurm.pyslurm_backend import PyslurmBackend
+
+        # pyslurm is imported on first use, so a missing package fails with a clear
+        # SchedulerError then, not at app start-up.
+        return PyslurmBackend(timeout=timeout, **overrides)
+    raise ValueError(f"unknown SLURM_BACKEND {name!r}: allowed values are {', '.join(BACKENDS)}")
