@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 GATEWAY := $(VENV)/bin/relion-gateway
 
-.PHONY: install stack demo test unit integration bench stack-down clean
+.PHONY: install stack browser demo test unit integration bench stack-down clean
 
 $(VENV)/.installed: setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -22,8 +22,12 @@ stack: install
 demo: stack
 	$(GATEWAY) demo
 
+# Debian's Chromium, for the docs-page test (headless).
+browser:
+	command -v chromium >/dev/null || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium)
+
 # The whole suite: unit tests and the integration tests on the real stack.
-test: stack
+test: stack browser
 	$(PY) -m pytest
 
 unit: install

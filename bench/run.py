@@ -30,6 +30,7 @@ from bench.common import RESULTS_DIR, Context, fmt, goal_met, ratio_text  # noqa
 # name -> module. Later issues append theirs; the report keeps this order.
 BENCHMARKS: dict[str, str] = {
     "tracking": "bench.tracking",  # Tracking that never floods slurmctld
+    "datapath": "bench.datapath",  # S3 data path: stage-in and archive speed, disk and memory
 }
 
 

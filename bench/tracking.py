@@ -43,6 +43,9 @@ from bench.common import (
     session_cpu_seconds,
 )
 from gateway import create_app
+from gateway.auth import create_token
+
+BENCH_TOKEN = ""  # an admin token in the store of the served gateway (throughput phase)
 from gateway.config import build_config
 from gateway.poller import Poller
 from gateway.scripts.render import ScriptRenderer
@@ -165,6 +168,7 @@ class Bench:
         url = f"http://127.0.0.1:{server.server_port}/v1/relion/jobs/{record.job_id}"
         try:
             session = requests.Session()
+            session.headers["Authorization"] = f"Bearer {create_token(store, 'bench', admin=True)[1]}"
 
             def gateway_reads() -> dict[str, int]:
                 for _ in range(reads):
@@ -286,6 +290,8 @@ class Bench:
         store = JobStore(make_engine(f"sqlite:///{state / 'gateway.sqlite'}"))
         for record in self.records:
             store.insert(record)
+        global BENCH_TOKEN
+        BENCH_TOKEN = create_token(store, "bench", admin=True)[1]
         store.engine.dispose()
         job_ids = [r.job_id for r in self.records]
         env = {k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_")}
@@ -407,6 +413,8 @@ def _load(urls: list[str], total: int, threads: int, server_sid: int | None = No
 
     def worker() -> None:
         session = requests.Session()
+        if BENCH_TOKEN:
+            session.headers["Authorization"] = f"Bearer {BENCH_TOKEN}"
         mine: list[float] = []
         while True:
             with lock:

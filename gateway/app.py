@@ -1,15 +1,21 @@
 """The Flask application factory: config layers, services in app.extensions, the API blueprint."""
 from __future__ import annotations
 
+import atexit
 import logging
 from typing import Any, Mapping
 
-from flask import Flask
+from flask import Flask, Response
+from prometheus_client import CONTENT_TYPE_LATEST
 from flask_smorest import Api
 
 from gateway import __version__
+from gateway import auth
+from gateway.audit import Auditor
 from gateway.callbacks import load_or_create_secret
+from gateway.api.docs import register_docs
 from gateway.config import build_config
+from gateway.observability import instrumented, readiness, render_metrics
 from gateway.storage.s3 import S3Storage, make_s3_client
 from gateway.poller import Poller
 from gateway.scripts.render import ScriptRenderer
@@ -22,6 +28,14 @@ log = logging.getLogger(__name__)
 
 EXTENSION_KEY = "relion_gateway"
 POLLER_KEY = "relion_gateway_poller"
+AUDIT_KEY = "relion_gateway_audit"
+
+
+def _default_scheduler(config: Mapping[str, Any]) -> SchedulerBackend:
+    # Time every Slurm command the CLI backend runs (metrics); other backends talk HTTP or C.
+    if str(config["SLURM_BACKEND"]).lower() == "cli":
+        return make_scheduler(config, runner=instrumented())
+    return make_scheduler(config)
 
 
 def create_app(
@@ -43,30 +57,59 @@ def create_app(
         OPENAPI_URL_PREFIX=base,
         OPENAPI_JSON_PATH="openapi.json",
         MAX_CONTENT_LENGTH=1024 * 1024,
+        # Bearer tokens for every operation but the public ones (gateway/auth.py).
+        API_SPEC_OPTIONS={
+            "components": {"securitySchemes": {"bearerAuth": {"type": "http", "scheme": "bearer", "bearerFormat": "rg_<id>_<secret>"}}},
+            "security": [{"bearerAuth": []}],
+        },
     )
+    auditor = Auditor(config["AUDIT_FILE"])
+    app.extensions[AUDIT_KEY] = auditor
     service = JobService(
         config=config,
         store=store or JobStore(make_engine(config["STORE_DATABASE_URL"])),
-        scheduler=scheduler or make_scheduler(config),
+        scheduler=scheduler or _default_scheduler(config),
         renderer=ScriptRenderer(config["PATHS_TEMPLATE_DIR"] or None),
         storage=storage if storage is not None else S3Storage(make_s3_client(config["S3_ENDPOINT_URL"], config["S3_REGION"])),
         callback_secret=load_or_create_secret(config["SERVER_CALLBACK_SECRET"], config["PATHS_STATE_DIR"]),
+        auditor=auditor,
     )
     app.extensions[EXTENSION_KEY] = service
+    auth.init_app(app, service.store, auditor)
     poller = Poller(service, config)
     app.extensions[POLLER_KEY] = poller
     if config["POLLER_ENABLED"] and not config.get("TESTING"):
         poller.start()
+        # Hand the lease back on a clean exit so the next gateway polls at once, not after expiry.
+        atexit.register(poller.stop)
 
+    register_docs(app, base)  # before Api(): flask-smorest reads the Swagger UI settings at init
     api = Api(app)
+    from gateway.api.admin import blp as admin_blueprint
     from gateway.api.jobs import blp as jobs_blueprint
     from gateway.api.errors import register_error_handlers
 
     api.register_blueprint(jobs_blueprint, url_prefix=base)
+    api.register_blueprint(admin_blueprint, url_prefix=base)
     register_error_handlers(app)
 
     @app.get("/healthz")
+    @auth.public
     def healthz() -> dict[str, str]:
+        """The process is up (nothing else is checked)."""
         return {"status": "ok", "version": __version__}
 
+    @app.get("/readyz")
+    @auth.public
+    def readyz() -> tuple[dict[str, Any], int]:
+        """Ready when the store, Slurm and S3 all answer; 503 naming what does not."""
+        checks = readiness(service)
+        ready = all(check["ok"] for check in checks.values())
+        return {"ready": ready, "checks": checks}, 200 if ready else 503
+
+    def metrics() -> Response:
+        """Prometheus metrics: jobs by state, submits, poll cycles, Slurm command latency and errors."""
+        return Response(render_metrics(service.store.engine), mimetype=CONTENT_TYPE_LATEST)
+
+    app.add_url_rule("/metrics", "metrics", auth.public(metrics) if config["SERVER_METRICS_PUBLIC"] else auth.admin_required(metrics))
     return app

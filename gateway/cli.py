@@ -6,6 +6,8 @@ import logging
 import click
 
 from gateway.admin import archive_retry_command, janitor_command
+from gateway.auth import token_group
+from gateway.client_cli import CLIENT_COMMANDS
 from gateway.demo import demo_command
 from gateway.jobside.commands import job_group
 from gateway.relion.dataset import make_dataset_command
@@ -32,6 +34,9 @@ cli.add_command(render_command)
 cli.add_command(job_group)
 cli.add_command(archive_retry_command)
 cli.add_command(janitor_command)
+cli.add_command(token_group)
+for _command in CLIENT_COMMANDS:
+    cli.add_command(_command)
 
 
 def main() -> None:

@@ -33,6 +33,12 @@ def default_config() -> dict[str, Any]:
         "SERVER_PUBLIC_URL": "",
         # HMAC key for per-job event tokens; empty: one kept in <state_dir>/callback.key.
         "SERVER_CALLBACK_SECRET": "",
+        "SERVER_WORKERS": 2,  # gunicorn worker processes (one poller runs among them, by lease)
+        "SERVER_THREADS": 4,  # threads per worker (gthread)
+        "SERVER_TIMEOUT": 120,  # seconds before gunicorn restarts a stuck worker
+        "SERVER_ACCESS_LOG": False,  # one line per request on stdout (costs ~10% of read throughput)
+        "SERVER_JSON_LOGS": True,  # one JSON object per log line, with job_id when about a job
+        "SERVER_METRICS_PUBLIC": False,  # true: /metrics needs no token (a scraper on a private network)
         # [paths]
         "PATHS_STATE_DIR": DEFAULT_STATE_DIR,
         "PATHS_WORKSPACE_ROOT": "",  # default: <state_dir>/workspaces (must be visible to compute nodes)
@@ -67,7 +73,7 @@ def default_config() -> dict[str, Any]:
         "POLLER_INTERVAL_QUEUED": 15.0,
         "POLLER_INTERVAL_IDLE": 30.0,
         "POLLER_MAX_BACKOFF": 120.0,  # after Slurm errors the interval doubles up to this
-        "POLLER_LEASE_SECONDS": 60.0,
+        "POLLER_LEASE_SECONDS": 30.0,  # a crashed leader's lease is taken over after this
         # [relion]
         "RELION_REFINE": "relion_refine",
         "RELION_REFINE_MPI": "relion_refine_mpi",
@@ -89,6 +95,22 @@ def default_config() -> dict[str, Any]:
         "JOB_STAGE_IN_QUOTA_BYTES": 500 * 1024**3,
         "JOB_STAGE_IN_MAX_MEMBERS": 100_000,
         "JOB_ARCHIVE_COMPRESSOR": "pigz",  # pigz (parallel) or gzip
+        # [auth] "token": every request but /healthz, the docs and signed job events needs a bearer
+        # token (`relion-gateway token create`). "none" turns authentication off: development only,
+        # logged as a WARNING whenever an app is built.
+        "AUTH_MODE": "token",
+        # Portals that authenticate users upstream: a header naming the user, trusted only from
+        # the addresses in trusted_proxies (exact IPs or CIDR blocks). Empty: off.
+        "AUTH_PROXY_HEADER": "",
+        "AUTH_TRUSTED_PROXIES": [],
+        "AUTH_PROXY_ADMINS": [],  # users named by the proxy header who are admins
+        "AUTH_SCRYPT_N": 2**14,  # scrypt cost of new token hashes (a power of two; r=8, p=1)
+        # [limits] per user (the job's user_id); 0 turns a limit off. A hit is a 429 naming the limit.
+        "LIMITS_MAX_ACTIVE_JOBS": 100,  # jobs not yet ended
+        "LIMITS_SUBMISSIONS_PER_MINUTE": 60,
+        "LIMITS_MAX_CORES_PER_JOB": 1024,  # num_mpi x j (partition limits apply as well)
+        # [audit] one JSON line per submit, cancel, archive retry and token change (logger gateway.audit)
+        "AUDIT_FILE": "",  # also append the lines to this file
     }
 
 

@@ -14,7 +14,7 @@ from typing import Any
 import click
 import requests
 
-from gateway.config import CONFIG_FILE_ENV, DEFAULT_STATE_DIR
+from gateway.config import CONFIG_FILE_ENV, DEFAULT_STATE_DIR, build_config
 from gateway.relion.presets import TINY_FLAGS
 from gateway.storage.s3 import S3Location, S3Storage, make_s3_client, parse_s3_url
 
@@ -86,12 +86,37 @@ def start_gateway(state_dir: Path, env: dict[str, str], port: int = 9012) -> str
     return url
 
 
-def follow(url: str, job_id: str, *, timeout: float = 600, interval: float = 2.0) -> dict[str, Any]:
+def demo_token(env: dict[str, str]) -> tuple[str, str]:
+    """A fresh bearer token for user `demo` in the store the gateway uses (`token create --user demo`)."""
+    from gateway.audit import Auditor
+    from gateway.auth import create_token
+    from gateway.store import JobStore, make_engine
+
+    config = build_config(environ=env)
+    record, token = create_token(
+        JobStore(make_engine(config["STORE_DATABASE_URL"])), "demo", n=int(config["AUTH_SCRYPT_N"]), auditor=Auditor(config["AUDIT_FILE"])
+    )
+    return record.id, token
+
+
+def revoke_demo_token(env: dict[str, str], token_id: str) -> None:
+    from gateway.audit import Auditor
+    from gateway.auth import revoke_token
+    from gateway.store import JobStore, make_engine
+
+    config = build_config(environ=env)
+    revoke_token(JobStore(make_engine(config["STORE_DATABASE_URL"])), token_id, auditor=Auditor(config["AUDIT_FILE"]))
+
+
+def follow(
+    url: str, job_id: str, *, timeout: float = 600, interval: float = 2.0, session: requests.Session | None = None
+) -> dict[str, Any]:
     """Poll GET /jobs/<id> until the job ends; print each state change."""
+    http = session or requests.Session()
     deadline = time.monotonic() + timeout
     last = ""
     while True:
-        job: dict[str, Any] = requests.get(f"{url}/v1/relion/jobs/{job_id}", timeout=30).json()
+        job: dict[str, Any] = http.get(f"{url}/v1/relion/jobs/{job_id}", timeout=30).json()
         line = f"{job['status']}  (Slurm: {job['slurm']['state'] or '-'})"
         if line != last:
             click.echo(f"  {time.strftime('%H:%M:%S')}  {line}")
@@ -131,6 +156,24 @@ def demo_command(state_dir: Path, num_mpi: int, timeout: float) -> None:
 
     url = start_gateway(state_dir, env)
     click.echo(f"gateway at {url}")
+    # Authentication is on, as in production: the demo makes its own token, and revokes it at the end.
+    token_id, token = demo_token(env)
+    click.echo(f"created bearer token {token_id} for user demo (relion-gateway token create --user demo)")
+    session = requests.Session()
+    session.headers["Authorization"] = f"Bearer {token}"
+    try:
+        job = submit_and_follow(session, url, bucket, dataset, num_mpi, timeout)
+    finally:
+        revoke_demo_token(env, token_id)
+    print_summary(job, storage)
+    click.echo(f"demo took {time.monotonic() - started:.0f} s")
+    if job["status"] != "succeeded":
+        sys.exit(1)
+
+
+def submit_and_follow(
+    session: requests.Session, url: str, bucket: str, dataset: S3Location, num_mpi: int, timeout: float
+) -> dict[str, Any]:
     request = {
         "user_id": "demo",
         "workspace_id": "tiny",
@@ -140,16 +183,12 @@ def demo_command(state_dir: Path, num_mpi: int, timeout: float) -> None:
         "num_mpi": num_mpi,
         "flags": DEMO_FLAGS,
     }
-    response = requests.post(f"{url}/v1/relion/jobs", json=request, timeout=60)
+    response = session.post(f"{url}/v1/relion/jobs", json=request, timeout=60)
     if response.status_code != 202:
         raise click.ClickException(f"submit refused ({response.status_code}): {response.text}")
     job = response.json()
     click.echo(f"submitted {job['job_id']}: Slurm main job {job['slurm']['main_job_id']}, archive job {job['slurm']['archive_job_id']}")
-    job = follow(url, job["job_id"], timeout=timeout)
-    print_summary(job, storage)
-    click.echo(f"demo took {time.monotonic() - started:.0f} s")
-    if job["status"] != "succeeded":
-        sys.exit(1)
+    return follow(url, job["job_id"], timeout=timeout, session=session)
 
 
 def print_summary(job: dict[str, Any], storage: S3Storage) -> None:

@@ -15,6 +15,7 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
+from gateway.observability import POLL_CYCLE, POLL_ERRORS
 from gateway.service import JobService
 from gateway.slurm.backend import SchedulerError
 from gateway.slurm.states import TERMINAL_STATES, JobState
@@ -69,6 +70,7 @@ class Poller:
             self.stats.last_live_jobs = self.service.poll()
         except SchedulerError as exc:
             # Slurm unreachable: change nothing, back off, try again.
+            POLL_ERRORS.inc()
             self.stats.errors += 1
             self.stats.last_error = exc.message
             active = float(self.config["POLLER_INTERVAL_ACTIVE"])
@@ -78,6 +80,7 @@ class Poller:
         finally:
             self.stats.cycles += 1
             self.stats.last_duration_s = time.monotonic() - started
+            POLL_CYCLE.observe(self.stats.last_duration_s)
             self.stats.durations = (self.stats.durations + [self.stats.last_duration_s])[-100:]
         self._backoff = 0.0
         return self.next_interval()
@@ -106,4 +109,7 @@ class Poller:
         self._wake.set()
         if self._thread is not None:
             self._thread.join(timeout=10)
-        self.service.store.release_lease(LEASE_NAME, self.holder)
+        try:
+            self.service.store.release_lease(LEASE_NAME, self.holder)
+        except Exception as exc:  # at interpreter exit the store may already be gone
+            log.debug("could not release the poller lease: %s", exc)

@@ -8,7 +8,10 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
+import re
 import secrets
+import unicodedata
 import socket
 import time
 from dataclasses import dataclass, field
@@ -16,7 +19,10 @@ from pathlib import Path
 from typing import Any
 
 from gateway import __version__
+from gateway.audit import Actor, Auditor
+from gateway.auth import Forbidden
 from gateway.errors import RequestError
+from gateway.ratelimit import LimitExceeded, check_submission_limits
 from gateway.resources import plan_resources
 from gateway.relion.catalogue import CATALOGUE, validate_options
 from gateway.relion.flags import FlagError, NormalisedFlags, normalise_flags
@@ -26,7 +32,7 @@ from gateway.slurm.backend import SchedulerBackend, SchedulerError, SlurmJobInfo
 from gateway.slurm.states import TERMINAL_STATES, JobState, SlurmState, gateway_state
 from gateway.callbacks import MAX_EVENT_AGE_S, TOKEN_ENV, job_token, verify
 from gateway.storage.s3 import S3Storage, StorageError, parse_s3_url
-from gateway.store import DuplicateIdempotencyKey, JobRecord, JobStore
+from gateway.store import DuplicateIdempotencyKey, JobNotFound, JobRecord, JobStore
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +41,42 @@ MODES = ("2d", "3d", "autorefine")
 SUBMIT_CLAIM_SECONDS = 120.0
 # Placeholder shown in a dry-run archive script, where the main job has no Slurm id yet.
 DRY_RUN_MAIN_ID = "MAIN_JOB_ID"
+# Every number a request passes to RELION, whatever the option's own bounds.
+MAX_NUMBER = 1e9
+# A file name (one path component) no common file system takes beyond this (NAME_MAX).
+MAX_NAME_BYTES = 255
+# S3 bucket names as S3 defines them: no IP addresses, no '..', no reserved prefixes or suffixes.
+_BUCKET = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")
+_IP_LIKE = re.compile(r"\d{1,3}(\.\d{1,3}){3}")
+MAX_S3_KEY_BYTES = 1024
+
+
+def check_s3_url(url: str) -> tuple[str, str]:
+    """Split ``s3://bucket/key``, refusing what S3, a proxy or a path normaliser could read otherwise.
+
+    Keys may hold spaces, quotes and shell characters (scripts quote every value), but not control
+    characters, '%' (percent-encoding), '\\', or empty, '.' or '..' segments: an HTTP layer that
+    normalises ``/bucket/../other/x`` would reach another bucket.
+    """
+    if not url.startswith("s3://"):
+        raise ValueError("must be an s3://bucket/key URL (no other scheme)")
+    bucket, _, key = url[len("s3://"):].partition("/")
+    if not _BUCKET.fullmatch(bucket):
+        raise ValueError(f"bucket {bucket!r} is not a valid S3 bucket name (3-63 lowercase letters, digits, '.' or '-')")
+    if ".." in bucket or ".-" in bucket or "-." in bucket or _IP_LIKE.fullmatch(bucket):
+        raise ValueError(f"bucket {bucket!r} is not a valid S3 bucket name (no '..', no IP address)")
+    if bucket.startswith(("xn--", "sthree-")) or bucket.endswith(("-s3alias", "--ol-s3")):
+        raise ValueError(f"bucket {bucket!r} uses a prefix or suffix S3 reserves")
+    if any(unicodedata.category(c) in ("Cc", "Cs") for c in key):
+        raise ValueError("the key must not contain control characters")
+    if "%" in key or "\\" in key:
+        raise ValueError("the key must not contain '%' (percent-encoding) or '\\'; S3 keys are given as they are")
+    if len(key.encode()) > MAX_S3_KEY_BYTES:
+        raise ValueError(f"the key is longer than {MAX_S3_KEY_BYTES} bytes")
+    segments = key.rstrip("/").split("/") if key else []
+    if any(segment in ("", ".", "..") for segment in segments):
+        raise ValueError("the key must not contain empty, '.' or '..' segments")
+    return bucket, key
 
 
 @dataclass
@@ -65,6 +107,7 @@ class JobService:
         renderer: ScriptRenderer,
         storage: S3Storage | None = None,
         callback_secret: bytes = b"",
+        auditor: Auditor | None = None,
     ) -> None:
         self.config = config
         self.store = store
@@ -72,6 +115,7 @@ class JobService:
         self.renderer = renderer
         self.storage = storage
         self.callback_secret = callback_secret
+        self.auditor = auditor or Auditor()
 
     @property
     def callback_url(self) -> str:
@@ -86,6 +130,7 @@ class JobService:
 
     def _check_bucket(self, field_name: str, url: str) -> None:
         try:
+            check_s3_url(url)
             location = parse_s3_url(url)
         except ValueError as exc:
             raise RequestError(field_name, str(exc)) from exc
@@ -140,14 +185,22 @@ class JobService:
             )
         except FlagError as exc:
             raise RequestError(f"flags.{exc.key}", exc.message) from exc
+        _check_values(flags)
         threads = flags.options.get("j", 1)
         if not isinstance(threads, int) or isinstance(threads, bool) or threads < 1:
             raise RequestError("flags.j", "--j (threads per rank) must be a whole number >= 1")
+        max_cores = int(self.config["LIMITS_MAX_CORES_PER_JOB"])
+        if max_cores > 0 and num_mpi * threads > max_cores:
+            raise RequestError(
+                "num_mpi",
+                f"{num_mpi} ranks x {threads} threads = {num_mpi * threads} cores; "
+                f"the limit ([limits] max_cores_per_job) is {max_cores}",
+            )
 
         job_id = f"job_{mode}_{request['workspace_id']}_{secrets.token_hex(4)}"
         user = request["user_id"]
-        log_dir = Path(self.config["PATHS_LOG_ROOT"]) / user / job_id
-        workspace_dir = Path(self.config["PATHS_WORKSPACE_ROOT"]) / user / job_id
+        log_dir = _inside(Path(self.config["PATHS_LOG_ROOT"]), user, job_id)
+        workspace_dir = _inside(Path(self.config["PATHS_WORKSPACE_ROOT"]), user, job_id)
         output_url = parse_s3_url(request["output_s3_prefix"]).child(job_id).url + "/"
         mpi = num_mpi > 1
         # relion_refine_mpi refuses to run with one rank; the sequential program does the same work.
@@ -243,18 +296,46 @@ class JobService:
 
     # -- submission ---------------------------------------------------------------------------
 
-    def submit(self, request: dict[str, Any], *, idempotency_key: str | None = None) -> JobRecord:
+    def submit(
+        self,
+        request: dict[str, Any],
+        *,
+        idempotency_key: str | None = None,
+        principal: Actor | None = None,
+        enforce_limits: bool = False,
+    ) -> JobRecord:
         """Validate, store, then submit the main job and its afterany archive hook.
 
         With an ``idempotency_key`` the same key from the same user always names one job: a retry
         (say, after a lost HTTP reply or a gateway crash) gets that job back, finishing its
-        submission if it was cut short, and never a second one.
+        submission if it was cut short, and never a second one. A ``principal`` that is not an
+        admin may submit only as itself; ``enforce_limits`` applies the per-user [limits] (the
+        API does; a replayed key never counts). Every outcome is audited.
         """
+        details = {"user_id": request.get("user_id"), "mode": request.get("mode"), "idempotency_key": idempotency_key}
+        try:
+            record = self._submit(request, idempotency_key, principal, enforce_limits)
+        except Exception as exc:
+            self.auditor.record("job.submit", _outcome(exc), actor=principal, **details, reason=_reason(exc))
+            raise
+        self.auditor.record("job.submit", "ok", actor=principal, job_id=record.job_id, state=record.state, **details)
+        return record
+
+    def _submit(
+        self, request: dict[str, Any], idempotency_key: str | None, principal: Actor | None, enforce_limits: bool
+    ) -> JobRecord:
+        if principal is not None and not principal.admin and request["user_id"] != principal.user:
+            raise Forbidden(
+                "user_id",
+                f"user_id {request['user_id']!r} is not the authenticated user {principal.user!r}; only admins act for other users",
+            )
         digest = request_hash(request)
         if idempotency_key is not None:
             existing = self.store.find_by_idempotency_key(request["user_id"], idempotency_key)
             if existing is not None:
                 return self._replay(existing, digest)
+        if enforce_limits:
+            check_submission_limits(self.store, self.config, request["user_id"])
         prepared = self.prepare(request)
         job = prepared.job
         job["archive_context"] = prepared.archive_context
@@ -365,9 +446,16 @@ class JobService:
 
     # -- tracking -----------------------------------------------------------------------------
 
-    def get(self, job_id: str) -> JobRecord:
-        """Read a job from the store; this never calls Slurm (the poller keeps records fresh)."""
-        return self.store.get(job_id)
+    def get(self, job_id: str, *, principal: Actor | None = None) -> JobRecord:
+        """Read a job from the store; this never calls Slurm (the poller keeps records fresh).
+
+        With a ``principal`` that is not an admin, another user's job does not exist (JobNotFound),
+        so its id cannot even be confirmed.
+        """
+        record = self.store.get(job_id)
+        if principal is not None and not principal.admin and record.user_id != principal.user:
+            raise JobNotFound(job_id)
+        return record
 
     def poll(self) -> int:
         """One poll cycle: resume cut-short submissions, then one batched status query for the rest.
@@ -459,16 +547,40 @@ class JobService:
             log.info("job %s: no metadata.json in S3 (%s)", record.job_id, exc)
             return None
 
+    def read_log(self, job_id: str, stream: str, tail: int | None, *, principal: Actor | None = None) -> str:
+        """The text of one of the job's Slurm log files (the log dir outlives the workspace)."""
+        record = self.get(job_id, principal=principal)
+        slurm_id = record.archive_slurm_id if stream.startswith("archive") else record.main_slurm_id
+        kind = "archive" if stream.startswith("archive") else "main"
+        suffix = "err" if stream.endswith("err") else "out"
+        path = Path(record.job["log_dir"]) / f"{kind}-{slurm_id}.{suffix}"
+        if not slurm_id or not path.exists():
+            raise JobNotFound(f"{job_id} has no {stream} log yet (state {record.state})")
+        lines = path.read_text(errors="replace").splitlines(keepends=True)
+        return "".join(lines[-tail:] if tail else lines)
+
+    def output_link(self, job_id: str, *, principal: Actor | None = None, expires_s: int = 3600) -> dict[str, Any]:
+        """A presigned URL for the job's archived output."""
+        record = self.get(job_id, principal=principal)
+        output = (record.metadata or {}).get("output")
+        if not output or self.storage is None:
+            raise JobNotFound(f"{job_id} has no archived output (state {record.state})")
+        url = self.storage.presigned_get(parse_s3_url(output["url"]), expires_s)
+        return {"url": url, "expires_in": expires_s, "bytes": output.get("bytes"), "sha256": output.get("sha256")}
+
     def record_event(self, job_id: str, body: bytes, signature: str) -> None:
         """Take a signed event from a job (progress while it runs, metadata from its hook)."""
-        record = self.store.get(job_id)
+        # The signature first: without it, nobody learns even whether the job exists.
         if not self.callback_secret or not verify(self.callback_secret, job_id, body, signature):
             raise EventRefused("bad or missing signature")
+        record = self.store.get(job_id)
         try:
-            event = json.loads(body)
+            event = json.loads(body, parse_constant=_refuse_constant)
             kind, data, sent_at = event["type"], event["data"], float(event["sent_at"])
         except (ValueError, KeyError, TypeError) as exc:
             raise RequestError("event", f"not a valid event: {exc}") from exc
+        if not math.isfinite(sent_at):
+            raise EventRefused("event has no valid time")
         if event.get("job_id") != job_id or abs(time.time() - sent_at) > MAX_EVENT_AGE_S:
             raise EventRefused("event is for another job or too old")
         if kind == "progress" and isinstance(data, dict):
@@ -479,9 +591,18 @@ class JobService:
             raise RequestError("event.type", f"unknown event type {kind!r} (progress, metadata)")
         log.info("job %s: %s event", record.job_id, kind)
 
-    def retry_archive(self, job_id: str) -> JobRecord:
+    def retry_archive(self, job_id: str, *, principal: Actor | None = None) -> JobRecord:
         """Submit the completion hook again for a job whose archive failed (its workspace was kept)."""
-        record = self.store.get(job_id)
+        try:
+            record = self._retry_archive(job_id, principal)
+        except Exception as exc:
+            self.auditor.record("job.archive_retry", _outcome(exc), actor=principal, job_id=job_id, reason=_reason(exc))
+            raise
+        self.auditor.record("job.archive_retry", "ok", actor=principal, job_id=job_id, archive_slurm_id=record.archive_slurm_id)
+        return record
+
+    def _retry_archive(self, job_id: str, principal: Actor | None) -> JobRecord:
+        record = self.get(job_id, principal=principal)
         if record.state != JobState.ARCHIVE_FAILED.value:
             raise RequestError("job_id", f"job {job_id} is {record.state}; only archive_failed jobs can be archived again", status=409)
         job = record.job
@@ -499,9 +620,18 @@ class JobService:
         log.info("job %s: archive retried as Slurm job %s", job_id, archive_id)
         return self.store.get(job_id)
 
-    def cancel(self, job_id: str) -> JobRecord:
+    def cancel(self, job_id: str, *, principal: Actor | None = None) -> JobRecord:
         """Cancel the main job; its afterany hook still runs and archives what was produced."""
-        record = self.store.get(job_id)
+        try:
+            record = self._cancel(job_id, principal)
+        except Exception as exc:
+            self.auditor.record("job.cancel", _outcome(exc), actor=principal, job_id=job_id, reason=_reason(exc))
+            raise
+        self.auditor.record("job.cancel", "ok", actor=principal, job_id=job_id, main_slurm_id=record.main_slurm_id)
+        return record
+
+    def _cancel(self, job_id: str, principal: Actor | None) -> JobRecord:
+        record = self.get(job_id, principal=principal)
         if record.state in {s.value for s in TERMINAL_STATES}:
             raise RequestError("job_id", f"job {job_id} has already ended ({record.state})", status=409)
         if record.main_slurm_id:
@@ -522,6 +652,54 @@ def next_poll_seconds(record: JobRecord, config: dict[str, Any]) -> float | None
 
 class EventRefused(Exception):
     """A job event failed its signature or freshness check."""
+
+
+def _refuse_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def _outcome(exc: Exception) -> str:
+    """An audit outcome: refused (the caller's fault, a 4xx) or error (ours or Slurm's)."""
+    if isinstance(exc, (RequestError, JobNotFound, LimitExceeded, Forbidden)):
+        return "refused"
+    return "error"
+
+
+def _reason(exc: Exception) -> str:
+    if isinstance(exc, RequestError):
+        return f"{exc.field}: {exc.message}"
+    if isinstance(exc, JobNotFound):
+        return "no such job (or not the caller's)"
+    return str(getattr(exc, "message", "") or exc or type(exc).__name__)[:500]
+
+
+def _inside(root: Path, *parts: str) -> Path:
+    """``root/parts...``, refused unless it resolves inside ``root`` (symlinks followed)."""
+    path = root.joinpath(*parts)
+    resolved_root = root.resolve()
+    if not path.resolve().is_relative_to(resolved_root) or path.resolve() == resolved_root:
+        raise RequestError("workspace_id", f"the job's directory {str(path)!r} would leave {str(root)!r}")
+    return path
+
+
+def _check_values(flags: NormalisedFlags) -> None:
+    """Bounds every option shares: finite numbers of at most MAX_NUMBER, text that cannot read as an option."""
+    for key, value in flags.options.items():
+        if isinstance(value, bool):
+            continue
+        if isinstance(value, (int, float)):
+            if isinstance(value, float) and not math.isfinite(value):
+                raise RequestError(f"flags.{key}", f"--{key} must be a finite number")
+            if abs(value) > MAX_NUMBER:
+                raise RequestError(f"flags.{key}", f"--{key} must be between -{MAX_NUMBER:g} and {MAX_NUMBER:g}, got {value!r}")
+        elif isinstance(value, str):
+            if any(unicodedata.category(c) in ("Cc", "Cs") for c in value):
+                raise RequestError(f"flags.{key}", f"--{key} must not contain control characters")
+            if value.startswith("-"):
+                raise RequestError(f"flags.{key}", f"--{key} must not start with '-' (it would read as an option): {value!r}")
+            spec = CATALOGUE.get(key)
+            if spec is not None and spec.kind == "path" and any(len(part.encode()) > MAX_NAME_BYTES for part in value.split("/")):
+                raise RequestError(f"flags.{key}", f"--{key} has a path component longer than {MAX_NAME_BYTES} bytes")
 
 
 def _read_json(path: Path) -> dict[str, Any] | None:

@@ -62,6 +62,35 @@ leases_table = sa.Table(
     sa.Column("expires_at", sa.Float, nullable=False),
 )
 
+# Bearer tokens: only a salted scrypt hash of each secret is kept; the id (public, the token's
+# prefix) finds the row in one lookup.
+tokens_table = sa.Table(
+    "tokens",
+    metadata_obj,
+    sa.Column("id", sa.String(32), primary_key=True),
+    sa.Column("user", sa.String(64), nullable=False, index=True),
+    sa.Column("admin", sa.Boolean, nullable=False, default=False),
+    sa.Column("salt", sa.String(64), nullable=False),
+    sa.Column("hash", sa.String(256), nullable=False),
+    sa.Column("created_at", sa.Float, nullable=False),
+    sa.Column("revoked_at", sa.Float),
+    sa.Column("last_used_at", sa.Float),
+)
+
+
+@dataclass
+class TokenRecord:
+    """One bearer token as stored: never its secret."""
+
+    id: str
+    user: str
+    admin: bool
+    salt: str
+    hash: str
+    created_at: float
+    revoked_at: float | None = None
+    last_used_at: float | None = None
+
 
 @dataclass
 class JobRecord:
@@ -256,6 +285,24 @@ class JobStore:
             total = int(conn.execute(count).scalar_one())
         return rows, total
 
+    def count_active(self, user_id: str, terminal: set[str]) -> int:
+        """How many of ``user_id``'s jobs have not ended."""
+        query = sa.select(sa.func.count()).select_from(jobs_table).where(
+            jobs_table.c.user_id == user_id, jobs_table.c.state.not_in(sorted(terminal))
+        )
+        with self.engine.connect() as conn:
+            return int(conn.execute(query).scalar_one())
+
+    def accepted_since(self, user_id: str, since: float) -> list[float]:
+        """When ``user_id``'s jobs accepted at or after ``since`` were accepted, oldest first."""
+        query = (
+            sa.select(jobs_table.c.accepted_at)
+            .where(jobs_table.c.user_id == user_id, jobs_table.c.accepted_at >= since)
+            .order_by(jobs_table.c.accepted_at)
+        )
+        with self.engine.connect() as conn:
+            return [float(v) for v in conn.execute(query).scalars()]
+
     def live(self, terminal: set[str]) -> list[JobRecord]:
         query = sa.select(jobs_table).where(jobs_table.c.state.not_in(sorted(terminal)))
         with self.engine.connect() as conn:
@@ -294,3 +341,35 @@ class JobStore:
     def release_lease(self, name: str, holder: str) -> None:
         with self.engine.begin() as conn:
             conn.execute(leases_table.delete().where(leases_table.c.name == name, leases_table.c.holder == holder))
+
+    # -- tokens -------------------------------------------------------------------------------
+
+    def insert_token(self, token: TokenRecord) -> None:
+        with self.engine.begin() as conn:
+            conn.execute(tokens_table.insert().values(**{f.name: getattr(token, f.name) for f in fields(TokenRecord)}))
+
+    def get_token(self, token_id: str) -> TokenRecord | None:
+        with self.engine.connect() as conn:
+            row = conn.execute(sa.select(tokens_table).where(tokens_table.c.id == token_id)).mappings().first()
+        return TokenRecord(**dict(row)) if row else None
+
+    def list_tokens(self, *, user: str | None = None) -> list[TokenRecord]:
+        query = sa.select(tokens_table).order_by(tokens_table.c.created_at, tokens_table.c.id)
+        if user is not None:
+            query = query.where(tokens_table.c.user == user)
+        with self.engine.connect() as conn:
+            return [TokenRecord(**dict(row)) for row in conn.execute(query).mappings()]
+
+    def revoke_token(self, token_id: str, when: float) -> bool:
+        """Revoke a token; false if there is no such token or it was already revoked."""
+        with self.engine.begin() as conn:
+            result = conn.execute(
+                tokens_table.update()
+                .where(tokens_table.c.id == token_id, tokens_table.c.revoked_at.is_(None))
+                .values(revoked_at=when)
+            )
+        return bool(result.rowcount)
+
+    def touch_token(self, token_id: str, when: float) -> None:
+        with self.engine.begin() as conn:
+            conn.execute(tokens_table.update().where(tokens_table.c.id == token_id).values(last_used_at=when))

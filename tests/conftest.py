@@ -1,4 +1,9 @@
-"""Fixtures in the style of the Flask tutorial: a fresh app per test, built by the factory."""
+"""Fixtures in the style of the Flask tutorial: a fresh app per test, built by the factory.
+
+Authentication is on, as in production: the app fixture creates a token for alice and an admin
+token, and every client that ``app.test_client()`` makes sends alice's unless told otherwise
+(``app.test_client(token=ADMIN)``, ``app.test_client(token=None)`` for none at all).
+"""
 from __future__ import annotations
 
 from collections.abc import Iterator
@@ -10,7 +15,30 @@ from flask import Flask
 from flask.testing import FlaskClient
 
 from gateway import create_app
+from gateway.auth import create_token
 from tests.fakes import FakeScheduler, FakeStorage
+
+# A cheap scrypt cost for tests (production's default is 2**14); the stored hash names its cost.
+TEST_SCRYPT_N = 16
+_DEFAULT = object()
+
+
+class AuthClient(FlaskClient):
+    """A test client that sends ``Authorization: Bearer <token>`` unless the request sets its own."""
+
+    def __init__(self, *args: Any, token: Any = _DEFAULT, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.token: str | None = self.application.config["TEST_TOKENS"]["alice"] if token is _DEFAULT else token
+
+    def open(self, *args: Any, **kwargs: Any) -> Any:
+        if self.token is not None:
+            headers = kwargs.get("headers")
+            names = {str(k).lower() for k in (headers.keys() if hasattr(headers, "keys") else dict(headers or []).keys())}
+            if "authorization" not in names:
+                merged = dict(headers.items() if hasattr(headers, "items") else (headers or []))
+                merged["Authorization"] = f"Bearer {self.token}"
+                kwargs["headers"] = merged
+        return super().open(*args, **kwargs)
 
 
 def valid_request(**changes: Any) -> dict[str, Any]:
@@ -51,13 +79,37 @@ def app(tmp_path: Path, scheduler: FakeScheduler, storage: FakeStorage, monkeypa
             "PATHS_LOG_ROOT": "",
             "STORE_DATABASE_URL": "",
             "S3_ALLOWED_BUCKETS": ["relion-local"],
+            "AUTH_SCRYPT_N": TEST_SCRYPT_N,
         },
         scheduler=scheduler,
         storage=storage,  # type: ignore[arg-type]
     )
+    store = app.extensions["relion_gateway"].store
+    app.config["TEST_TOKENS"] = {
+        "alice": create_token(store, "alice", n=TEST_SCRYPT_N)[1],
+        "bob": create_token(store, "bob", n=TEST_SCRYPT_N)[1],
+        "admin": create_token(store, "root", admin=True, n=TEST_SCRYPT_N)[1],
+    }
+    app.test_client_class = AuthClient
     yield app
 
 
 @pytest.fixture
 def client(app: Flask) -> FlaskClient:
+    """Alice's client."""
     return app.test_client()
+
+
+@pytest.fixture
+def admin_client(app: Flask) -> FlaskClient:
+    return app.test_client(token=app.config["TEST_TOKENS"]["admin"])
+
+
+@pytest.fixture
+def bob_client(app: Flask) -> FlaskClient:
+    return app.test_client(token=app.config["TEST_TOKENS"]["bob"])
+
+
+@pytest.fixture
+def anonymous_client(app: Flask) -> FlaskClient:
+    return app.test_client(token=None)

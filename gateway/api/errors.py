@@ -4,11 +4,13 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from flask import Flask, jsonify
-from werkzeug.exceptions import HTTPException
+from flask import Flask, current_app, jsonify
+from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 from werkzeug.wrappers import Response
 
+from gateway.auth import Forbidden, Unauthenticated
 from gateway.errors import RequestError
+from gateway.ratelimit import LimitExceeded
 from gateway.slurm.backend import SchedulerError
 from gateway.service import EventRefused
 from gateway.store import JobNotFound
@@ -28,6 +30,27 @@ def register_error_handlers(app: Flask) -> None:
     def _request_error(exc: RequestError) -> tuple[Response, int]:
         status = "Conflict" if exc.status == 409 else "Unprocessable Entity"
         return error_response(exc.status, status, f"{exc.field}: {exc.message}", {"json": {exc.field: [exc.message]}})
+
+    @app.errorhandler(Unauthenticated)
+    def _unauthenticated(exc: Unauthenticated) -> tuple[Response, int]:
+        response, code = error_response(401, "Unauthorized", exc.message)
+        response.headers["WWW-Authenticate"] = exc.challenge
+        return response, code
+
+    @app.errorhandler(Forbidden)
+    def _forbidden(exc: Forbidden) -> tuple[Response, int]:
+        return error_response(403, "Forbidden", exc.message, {"json": {exc.field: [exc.message]}} if exc.field != "admin" else None)
+
+    @app.errorhandler(LimitExceeded)
+    def _limit(exc: LimitExceeded) -> tuple[Response, int]:
+        response, code = error_response(429, "Too Many Requests", exc.message, {"limits": {exc.limit: [exc.message]}})
+        response.headers["Retry-After"] = str(exc.retry_after)
+        return response, code
+
+    @app.errorhandler(RequestEntityTooLarge)
+    def _too_large(exc: RequestEntityTooLarge) -> tuple[Response, int]:
+        limit = current_app.config.get("MAX_CONTENT_LENGTH")
+        return error_response(413, "Request Entity Too Large", f"the request body is larger than the limit of {limit} bytes")
 
     @app.errorhandler(JobNotFound)
     def _not_found(exc: JobNotFound) -> tuple[Response, int]:

@@ -9,8 +9,13 @@ from flask import Response, current_app, request
 from marshmallow import ValidationError
 from flask.views import MethodView
 from flask_smorest import Blueprint
+from flask_smorest.error_handler import ErrorSchema
 
+from gateway.api.parser import StrictJSONParser
+from gateway.observability import SUBMITS
 from gateway.api.schemas import (
+    LogArgsSchema,
+    OutputLinkSchema,
     IDEMPOTENCY_KEY,
     JobListArgsSchema,
     JobListSchema,
@@ -21,6 +26,7 @@ from gateway.api.schemas import (
     ScriptArgsSchema,
     job_to_dict,
 )
+from gateway.auth import Forbidden, authorize_user, current_principal, public
 from gateway.callbacks import SIGNATURE_HEADER
 from gateway.errors import RequestError
 from gateway.poller import Poller
@@ -28,6 +34,20 @@ from gateway.service import DRY_RUN_MAIN_ID, JobService, next_poll_seconds
 from gateway.store import JobNotFound, JobRecord
 
 blp = Blueprint("jobs", __name__, description="Submit and follow RELION jobs")
+blp.ARGUMENTS_PARSER = StrictJSONParser()
+
+# Error responses all have the one shape (flask-smorest's ErrorSchema: code, status, message, errors).
+BAD_JSON = {"schema": ErrorSchema, "description": "The body is not valid JSON (NaN, Infinity and lone surrogates included)"}
+UNAUTHORIZED = {"schema": ErrorSchema, "description": "No valid bearer token (WWW-Authenticate: Bearer)"}
+FORBIDDEN_USER = {"schema": ErrorSchema, "description": "user_id is not the caller's own (only admins act for other users)"}
+NOT_FOUND = {"schema": ErrorSchema, "description": "No such job, or not the caller's"}
+INVALID = {"schema": ErrorSchema, "description": "The request breaks a validation rule (the message names the field)"}
+TOO_LARGE = {"schema": ErrorSchema, "description": "The body is larger than the limit"}
+RATE_LIMITED = {
+    "schema": ErrorSchema,
+    "description": "A per-user limit is reached (the message names it)",
+    "headers": {"Retry-After": {"description": "seconds to wait", "schema": {"type": "integer"}}},
+}
 
 
 def service() -> JobService:
@@ -57,22 +77,39 @@ def idempotency_key() -> str | None:
 class Jobs(MethodView):
     @blp.arguments(JobRequestSchema)
     @blp.response(202, JobSchema)
-    @blp.alt_response(422, description="The request breaks a validation rule (the message names the field)")
+    @blp.alt_response(400, **BAD_JSON)
+    @blp.alt_response(401, **UNAUTHORIZED)
+    @blp.alt_response(403, **FORBIDDEN_USER)
+    @blp.alt_response(413, **TOO_LARGE)
+    @blp.alt_response(422, **INVALID)
+    @blp.alt_response(429, **RATE_LIMITED)
     @blp.doc(parameters=[{"in": "header", "name": "Idempotency-Key", "schema": {"type": "string", "maxLength": 128},
                           "description": "the same key from the same user always returns the same job"}])
     def post(self, job_request: dict[str, Any]) -> dict[str, Any]:
         """Submit a RELION job: it is stored, then its main and archive Slurm jobs are submitted."""
-        record = service().submit(job_request, idempotency_key=idempotency_key())
+        record = service().submit(
+            job_request, idempotency_key=idempotency_key(), principal=current_principal(), enforce_limits=True
+        )
+        SUBMITS.labels(record.mode, "submit_failed" if record.state == "submit_failed" else "accepted").inc()
         poller().wake()
         return shaped(record)
 
     @blp.arguments(JobListArgsSchema, location="query")
     @blp.response(200, JobListSchema)
+    @blp.alt_response(401, **UNAUTHORIZED)
+    @blp.alt_response(403, schema=ErrorSchema, description="The user_id filter names another user (admins only)")
+    @blp.alt_response(422, **INVALID)
     def get(self, args: dict[str, Any]) -> dict[str, Any]:
-        """List jobs, newest first, with filters and pages."""
+        """List jobs, newest first, with filters and pages: the caller's own jobs, or any for admins."""
+        principal = current_principal()
+        user_id = args.get("user_id")
+        if not principal.admin:
+            if user_id is not None and user_id != principal.user:
+                raise Forbidden("user_id", f"the user_id filter is for admins; you see your own jobs ({principal.user})")
+            user_id = principal.user
         size = args["page_size"]
         records, total = service().store.list(
-            user_id=args.get("user_id"),
+            user_id=user_id,
             states=args.get("state"),
             mode=args.get("mode"),
             limit=size,
@@ -84,19 +121,21 @@ class Jobs(MethodView):
 @blp.route("/jobs/<job_id>")
 class JobById(MethodView):
     @blp.response(200, JobSchema)
-    @blp.alt_response(404, description="No such job")
+    @blp.alt_response(401, **UNAUTHORIZED)
+    @blp.alt_response(404, **NOT_FOUND)
     def get(self, job_id: str) -> Any:
         """A job's state, Slurm's view of it and, once it has ended, its metadata. Reads the store only."""
-        body = shaped(service().get(job_id))
+        body = shaped(service().get(job_id, principal=current_principal()))
         headers = {"Retry-After": str(int(body["next_poll_s"]))} if body["next_poll_s"] else {}
         return body, 200, headers
 
     @blp.response(202, JobSchema)
-    @blp.alt_response(404, description="No such job")
-    @blp.alt_response(409, description="The job has already ended")
+    @blp.alt_response(401, **UNAUTHORIZED)
+    @blp.alt_response(404, **NOT_FOUND)
+    @blp.alt_response(409, schema=ErrorSchema, description="The job has already ended")
     def delete(self, job_id: str) -> dict[str, Any]:
         """Cancel a job; its archive hook still runs and saves whatever was produced. Repeating is harmless."""
-        record = service().cancel(job_id)
+        record = service().cancel(job_id, principal=current_principal())
         poller().wake()
         return shaped(record)
 
@@ -105,21 +144,27 @@ class JobById(MethodView):
 class JobScript(MethodView):
     @blp.arguments(ScriptArgsSchema, location="query")
     @blp.doc(responses={"200": {"description": "The exact script submitted", "content": {"text/x-shellscript": {"schema": {"type": "string"}}}}})
-    @blp.alt_response(404, description="No such job")
+    @blp.alt_response(401, **UNAUTHORIZED)
+    @blp.alt_response(404, **NOT_FOUND)
+    @blp.alt_response(422, **INVALID)
     def get(self, args: dict[str, Any], job_id: str) -> Response:
         """The exact text of the main (or, with which=archive, the archive) script as submitted."""
-        record = service().store.get(job_id)
+        record = service().get(job_id, principal=current_principal())
         text = record.main_script if args["which"] == "main" else record.archive_script
         return Response(text, mimetype="text/x-shellscript")
 
 
 @blp.route("/jobs/<job_id>/metadata")
 class JobMetadata(MethodView):
-    @blp.response(200, description="metadata.json, as the archive job wrote it (schema: gateway/jobside/metadata.schema.json)")
-    @blp.alt_response(404, description="No such job, or no metadata yet (the job has not been archived)")
+    @blp.doc(responses={"200": {
+        "description": "metadata.json, as the archive job wrote it (schema: gateway/jobside/metadata.schema.json)",
+        "content": {"application/json": {"schema": {"type": "object"}}},
+    }})
+    @blp.alt_response(401, **UNAUTHORIZED)
+    @blp.alt_response(404, schema=ErrorSchema, description="No such job (or not the caller's), or no metadata yet (the job has not been archived)")
     def get(self, job_id: str) -> Any:
         """The job's metadata.json."""
-        record = service().get(job_id)
+        record = service().get(job_id, principal=current_principal())
         if record.metadata_json is None:
             raise JobNotFound(f"{job_id} has no metadata yet (state {record.state})")
         return Response(record.metadata_json, mimetype="application/json")
@@ -128,25 +173,52 @@ class JobMetadata(MethodView):
 @blp.route("/jobs/<job_id>/archive")
 class JobArchive(MethodView):
     @blp.response(202, JobSchema)
-    @blp.alt_response(404, description="No such job")
-    @blp.alt_response(409, description="The job is not archive_failed")
+    @blp.alt_response(401, **UNAUTHORIZED)
+    @blp.alt_response(404, **NOT_FOUND)
+    @blp.alt_response(409, schema=ErrorSchema, description="The job is not archive_failed")
     def post(self, job_id: str) -> dict[str, Any]:
         """Run the completion hook again for a job whose archive failed (its workspace was kept)."""
-        record = service().retry_archive(job_id)
+        record = service().retry_archive(job_id, principal=current_principal())
         poller().wake()
         return shaped(record)
 
 
+@blp.route("/jobs/<job_id>/logs")
+class JobLogs(MethodView):
+    @blp.arguments(LogArgsSchema, location="query")
+    @blp.doc(responses={"200": {"description": "The log text", "content": {"text/plain": {"schema": {"type": "string"}}}}})
+    @blp.alt_response(401, **UNAUTHORIZED)
+    @blp.alt_response(404, **NOT_FOUND)
+    def get(self, args: dict[str, Any], job_id: str) -> Response:
+        """A job's Slurm output: RELION's stdout (out) or stderr (err), or the archive job's (archive-out, archive-err)."""
+        text = service().read_log(job_id, args["stream"], args.get("tail"), principal=current_principal())
+        return Response(text, mimetype="text/plain")
+
+
+@blp.route("/jobs/<job_id>/output")
+class JobOutput(MethodView):
+    @blp.response(200, OutputLinkSchema)
+    @blp.alt_response(401, **UNAUTHORIZED)
+    @blp.alt_response(404, **NOT_FOUND)
+    def get(self, job_id: str) -> dict[str, Any]:
+        """A presigned URL (valid one hour) for the job's output.tar.gz: download without S3 credentials."""
+        return service().output_link(job_id, principal=current_principal())
+
+
 @blp.route("/jobs/<job_id>/events")
+@public  # authenticated by its HMAC signature (the job's token), not by a bearer token
 class JobEvents(MethodView):
     @blp.doc(
         parameters=[{"in": "header", "name": SIGNATURE_HEADER, "required": True, "schema": {"type": "string"},
                      "description": "sha256=<HMAC of the body with the job's token>"}],
         requestBody={"content": {"application/json": {"schema": {"type": "object"}}}},
+        security=[],
     )
     @blp.response(204)
-    @blp.alt_response(401, description="Bad or missing signature")
-    @blp.alt_response(404, description="No such job")
+    @blp.alt_response(401, schema=ErrorSchema, description="Bad or missing signature")
+    @blp.alt_response(404, schema=ErrorSchema, description="No such job")
+    @blp.alt_response(413, **TOO_LARGE)
+    @blp.alt_response(422, schema=ErrorSchema, description="Not a valid event")
     def post(self, job_id: str) -> None:
         """Signed events from a running job (progress) and from its hook (metadata). Not for portals."""
         service().record_event(job_id, request.get_data(), request.headers.get(SIGNATURE_HEADER, ""))
@@ -157,9 +229,14 @@ class Render(MethodView):
     @blp.arguments(JobRequestSchema)
     @blp.arguments(RenderArgsSchema, location="query")
     @blp.response(200, RenderSchema)
-    @blp.alt_response(422, description="The request breaks a validation rule")
+    @blp.alt_response(400, **BAD_JSON)
+    @blp.alt_response(401, **UNAUTHORIZED)
+    @blp.alt_response(403, **FORBIDDEN_USER)
+    @blp.alt_response(413, **TOO_LARGE)
+    @blp.alt_response(422, **INVALID)
     def post(self, job_request: dict[str, Any], args: dict[str, Any]) -> dict[str, Any]:
         """Validate and render a job without submitting it (optionally asking sbatch --test-only)."""
+        authorize_user(current_principal(), job_request["user_id"])
         jobs = service()
         prepared = jobs.prepare(job_request)
         verdict = jobs.scheduler.test_only(prepared.main_script) if args["slurm_test"] else None

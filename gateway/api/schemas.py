@@ -8,12 +8,26 @@ from typing import Any
 from marshmallow import RAISE, Schema, ValidationError, fields, validate, validates
 
 from gateway.service import MODES
+from gateway.slurm.states import JobState
 
 # Letters, digits and ._- ; used in paths and Slurm job names, so no '/', no spaces, not '.' or '..'.
+
+class FullMatch(validate.Regexp):
+    """validate.Regexp matching the whole value: its ``re.match`` lets ``$`` pass "alice\n"."""
+
+    def __call__(self, value: Any) -> Any:
+        if not isinstance(value, str) or self.regex.fullmatch(value) is None:
+            raise ValidationError(self._format_error(value))
+        return value
+
+
 IDENTIFIER = validate.And(
-    validate.Regexp(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$", error="must be 1-64 characters of letters, digits, '.', '_' or '-', starting with a letter or digit"),
+    FullMatch(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$", error="must be 1-64 characters of letters, digits, '.', '_' or '-', starting with a letter or digit"),
     validate.NoneOf([".", ".."], error="must not be '.' or '..'"),
 )
+
+
+MAX_FLAGS = 200
 
 
 class JobRequestSchema(Schema):
@@ -42,16 +56,20 @@ class JobRequestSchema(Schema):
         metadata={"description": "MPI ranks (#SBATCH --ntasks)"},
     )
     partition = fields.String(
-        validate=validate.Regexp(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$", error="must be a Slurm partition name"),
+        validate=FullMatch(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$", error="must be a Slurm partition name"),
         metadata={"description": "Slurm partition (default: [slurm] partition); checked against its limits"},
     )
     time_limit = fields.String(
-        validate=validate.Regexp(r"^(\d+-)?\d+(:\d+){0,2}$", error="must be a Slurm time such as 90, 01:30:00 or 2-00:00:00"),
+        validate=validate.And(
+            validate.Length(max=32),
+            FullMatch(r"^(\d+-)?\d+(:\d+){0,2}$", error="must be a Slurm time such as 90, 01:30:00 or 2-00:00:00"),
+        ),
         metadata={"description": "Slurm --time for the main job (default: [slurm] time_limit)", "example": "00:30:00"},
     )
     flags = fields.Dict(
         keys=fields.String(validate=validate.Length(min=1, max=64)),
         values=fields.Raw(allow_none=False),
+        validate=validate.Length(max=MAX_FLAGS, error="at most {max} flags"),
         load_default=dict,
         metadata={
             "description": "relion_refine options by name (dashes or underscores); true for a switch",
@@ -88,11 +106,14 @@ class JobSchema(Schema):
     mode = fields.String()
     num_mpi = fields.Integer()
     partition = fields.String(
-        validate=validate.Regexp(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$", error="must be a Slurm partition name"),
+        validate=FullMatch(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$", error="must be a Slurm partition name"),
         metadata={"description": "Slurm partition (default: [slurm] partition); checked against its limits"},
     )
     time_limit = fields.String(
-        validate=validate.Regexp(r"^(\d+-)?\d+(:\d+){0,2}$", error="must be a Slurm time such as 90, 01:30:00 or 2-00:00:00"),
+        validate=validate.And(
+            validate.Length(max=32),
+            FullMatch(r"^(\d+-)?\d+(:\d+){0,2}$", error="must be a Slurm time such as 90, 01:30:00 or 2-00:00:00"),
+        ),
         metadata={"description": "Slurm --time for the main job (default: [slurm] time_limit)", "example": "00:30:00"},
     )
     flags = fields.Dict()
@@ -114,10 +135,14 @@ class JobSchema(Schema):
 
 
 class JobListArgsSchema(Schema):
-    state = fields.List(fields.String(), metadata={"description": "only jobs in these states (repeat the parameter)"})
+    state = fields.List(
+        fields.String(validate=validate.OneOf([s.value for s in JobState])),
+        validate=validate.Length(max=len(JobState)),
+        metadata={"description": "only jobs in these states (repeat the parameter)"},
+    )
     mode = fields.String(validate=validate.OneOf(MODES))
-    user_id = fields.String(validate=IDENTIFIER)
-    page = fields.Integer(load_default=1, validate=validate.Range(min=1))
+    user_id = fields.String(validate=IDENTIFIER, metadata={"description": "only this user's jobs (admins only)"})
+    page = fields.Integer(load_default=1, validate=validate.Range(min=1, max=1_000_000))
     page_size = fields.Integer(load_default=50, validate=validate.Range(min=1, max=500))
 
 
@@ -128,7 +153,7 @@ class JobListSchema(Schema):
     page_size = fields.Integer()
 
 
-IDEMPOTENCY_KEY = validate.Regexp(r"^[\x21-\x7e]{1,128}$", error="must be 1-128 printable ASCII characters without spaces")
+IDEMPOTENCY_KEY = FullMatch(r"^[\x21-\x7e]{1,128}$", error="must be 1-128 printable ASCII characters without spaces")
 
 
 def job_to_dict(record: Any, next_poll_s: float | None = None) -> dict[str, Any]:
@@ -183,3 +208,26 @@ class RenderSchema(Schema):
 
 class ScriptArgsSchema(Schema):
     which = fields.String(load_default="main", validate=validate.OneOf(["main", "archive"]))
+
+
+class TokenSchema(Schema):
+    """A bearer token as admins see it: never its secret or hash."""
+
+    id = fields.String(metadata={"description": "the token's public id: rg_<id>_<secret>"})
+    user = fields.String()
+    admin = fields.Boolean()
+    created_at = fields.Float()
+    last_used_at = fields.Float(allow_none=True)
+    revoked_at = fields.Float(allow_none=True)
+
+
+class LogArgsSchema(Schema):
+    stream = fields.String(load_default="out", validate=validate.OneOf(["out", "err", "archive-out", "archive-err"]))
+    tail = fields.Integer(validate=validate.Range(min=1, max=100_000), metadata={"description": "only the last N lines"})
+
+
+class OutputLinkSchema(Schema):
+    url = fields.String(required=True, metadata={"description": "presigned GET URL of output.tar.gz"})
+    expires_in = fields.Integer(required=True, metadata={"description": "seconds the URL stays valid"})
+    bytes = fields.Integer(allow_none=True)
+    sha256 = fields.String(allow_none=True)

@@ -1,16 +1,86 @@
 """Stage-in: stream the dataset tarball from S3 into the job's workspace."""
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
+import queue
+import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from gateway.jobside.extract import extract_stream
-from gateway.storage.s3 import HashingReader, S3Storage, parse_s3_url
+from gateway.storage.s3 import S3Storage, parse_s3_url
 
 log = logging.getLogger(__name__)
+
+
+class ReadAheadReader:
+    """Read and sha256 a stream in a background thread, ``depth`` chunks ahead of the caller.
+
+    Receiving from the socket and hashing both release the GIL, so they overlap the caller's gzip
+    inflate and file writes on a second core: on a 1 GB dataset this took stage-in from ~0.8x to
+    ~0.95x the speed of `get_object | tar -I pigz -xf -` (bench/datapath.py). Memory stays bounded
+    at ``depth`` x ``chunk_size``. A read error is raised in the caller; ``close`` stops the thread
+    and closes the stream.
+    """
+
+    def __init__(self, stream: IO[bytes], *, chunk_size: int = 1024 * 1024, depth: int = 8) -> None:
+        self.sha256 = hashlib.sha256()
+        self.bytes = 0
+        self._queue: queue.Queue[bytes | BaseException] = queue.Queue(maxsize=depth)
+        self._stop = threading.Event()
+        self._buffer = b""
+        self._position = 0
+        self._eof = False
+        self._stream = stream
+        self._thread = threading.Thread(target=self._pump, args=(stream, chunk_size), name="stage-in-read", daemon=True)
+        self._thread.start()
+
+    def _pump(self, stream: IO[bytes], chunk_size: int) -> None:
+        try:
+            while not self._stop.is_set():
+                chunk = stream.read(chunk_size)
+                self.sha256.update(chunk)
+                self.bytes += len(chunk)
+                self._put(chunk)
+                if not chunk:
+                    return
+        except BaseException as exc:  # handed to the reader, which raises it
+            self._put(exc)
+
+    def _put(self, item: bytes | BaseException) -> None:
+        while not self._stop.is_set():
+            try:
+                self._queue.put(item, timeout=0.1)
+                return
+            except queue.Full:
+                continue
+
+    def read(self, size: int = -1) -> bytes:
+        if self._position >= len(self._buffer):
+            if self._eof:
+                return b""
+            item = self._queue.get()
+            if isinstance(item, BaseException):
+                self._eof = True
+                raise item
+            if not item:
+                self._eof = True
+                self._thread.join()  # the end of the stream was queued after the last hash update
+                return b""
+            self._buffer, self._position = item, 0
+        if size is None or size < 0:
+            size = len(self._buffer) - self._position
+        chunk = self._buffer[self._position : self._position + size]
+        self._position += len(chunk)
+        return chunk
+
+    def close(self) -> None:
+        self._stop.set()
+        self._stream.close()  # also wakes a read blocked on the socket (after an extract error)
+        self._thread.join(timeout=5)
 
 
 def stage_in(storage: S3Storage, url: str, dest: Path, *, quota_bytes: int, max_members: int) -> dict[str, Any]:
@@ -21,14 +91,14 @@ def stage_in(storage: S3Storage, url: str, dest: Path, *, quota_bytes: int, max_
     if info.size > quota_bytes:
         # The compressed size alone is over the quota: refuse before reading a byte.
         raise ValueError(f"{url} is {info.size} bytes, over the stage-in quota of {quota_bytes} bytes")
-    hashing = HashingReader(body)
+    hashing = ReadAheadReader(body)
     try:
         counts = extract_stream(hashing, dest, quota_bytes=quota_bytes, max_members=max_members)
         # tarfile stops at the end-of-archive marker; read the rest so the checksum covers the object.
         while hashing.read(1024 * 1024):
             pass
     finally:
-        body.close()
+        hashing.close()
     record = {
         "url": url,
         "bytes": hashing.bytes,

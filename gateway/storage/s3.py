@@ -57,13 +57,25 @@ def parse_s3_url(url: str) -> S3Location:
     return S3Location(match.group("bucket"), match.group("key") or "")
 
 
-def make_s3_client(endpoint_url: str | None = None, region: str | None = None) -> Any:
+def make_s3_client(
+    endpoint_url: str | None = None,
+    region: str | None = None,
+    *,
+    connect_timeout: float = 60.0,
+    read_timeout: float = 60.0,
+    attempts: int = 5,
+) -> Any:
     """Build a boto3 S3 client; s3v4 signing so presigned URLs work on every server we target."""
     return boto3.client(
         "s3",
         endpoint_url=endpoint_url or None,
         region_name=region or None,
-        config=Config(signature_version="s3v4", retries={"max_attempts": 5, "mode": "standard"}),
+        config=Config(
+            signature_version="s3v4",
+            retries={"max_attempts": attempts, "mode": "standard"},
+            connect_timeout=connect_timeout,
+            read_timeout=read_timeout,
+        ),
     )
 
 
@@ -142,6 +154,18 @@ class S3Storage:
 
     def put_json(self, document: Any, location: S3Location) -> None:
         self.put_bytes(json.dumps(document, indent=2, sort_keys=True).encode(), location, "application/json")
+
+    def presigned_get(self, location: S3Location, expires_s: int = 3600) -> str:
+        """A URL anyone holding it can GET for ``expires_s`` seconds (no S3 credentials needed)."""
+        return str(
+            self._call(
+                "PRESIGN",
+                location,
+                lambda: self.client.generate_presigned_url(
+                    "get_object", Params={"Bucket": location.bucket, "Key": location.key}, ExpiresIn=expires_s
+                ),
+            )
+        )
 
     def get_bytes(self, location: S3Location) -> bytes:
         response = self._call("GET", location, lambda: self.client.get_object(Bucket=location.bucket, Key=location.key))

@@ -2,6 +2,10 @@
 
 `relion-gateway stack up` is idempotent, so the session fixture simply calls it; it never takes
 the stack down (other sessions and developers share it).
+
+Authentication is on, as in production: the session creates an admin token in the gateway's store
+and the tests' requests carry it (the `http` session). A test that serves a gateway on another
+store lets the same token in with `allow_admin(app, admin_token)`.
 """
 from __future__ import annotations
 
@@ -19,8 +23,10 @@ import requests
 from werkzeug.serving import make_server
 
 from gateway import create_app
+from gateway.auth import create_token
 from gateway.config import build_config
 from gateway.storage.s3 import S3Location, S3Storage, make_s3_client
+from gateway.store import JobStore, TokenRecord, make_engine
 
 ROOT = Path(__file__).resolve().parents[2]
 TERMINAL = {"succeeded", "failed", "cancelled", "timeout", "out_of_memory", "node_fail", "submit_failed", "archive_failed", "lost"}
@@ -86,6 +92,28 @@ def gateway_config(tmp_path_factory: pytest.TempPathFactory, stack: dict[str, An
 
 
 @pytest.fixture(scope="session")
+def admin_token(gateway_config: dict[str, Any]) -> tuple[TokenRecord, str]:
+    """An admin token in the session gateway's store, as `relion-gateway token create --admin` makes."""
+    store = JobStore(make_engine(gateway_config["STORE_DATABASE_URL"]))
+    return create_token(store, "itest-admin", admin=True, n=int(gateway_config["AUTH_SCRYPT_N"]))
+
+
+@pytest.fixture(scope="session")
+def http(admin_token: tuple[TokenRecord, str]) -> requests.Session:
+    """Requests to the gateway under test, with the admin bearer token."""
+    session = requests.Session()
+    session.headers["Authorization"] = f"Bearer {admin_token[1]}"
+    return session
+
+
+def allow_admin(app: Any, admin_token: tuple[TokenRecord, str]) -> None:
+    """Let the session's admin token into a gateway with a store of its own."""
+    store = app.extensions["relion_gateway"].store
+    if store.get_token(admin_token[0].id) is None:
+        store.insert_token(admin_token[0])
+
+
+@pytest.fixture(scope="session")
 def gateway_url(gateway_config: dict[str, Any]) -> Iterator[str]:
     port = free_port()
     url = f"http://127.0.0.1:{port}"
@@ -106,10 +134,10 @@ def free_port() -> int:
         return int(probe.getsockname()[1])
 
 
-def wait_for_end(url: str, job_id: str, timeout: float = 300) -> dict[str, Any]:
+def wait_for_end(http: requests.Session, url: str, job_id: str, timeout: float = 300) -> dict[str, Any]:
     deadline = time.monotonic() + timeout
     while True:
-        job: dict[str, Any] = requests.get(f"{url}/v1/relion/jobs/{job_id}", timeout=30).json()
+        job: dict[str, Any] = http.get(f"{url}/v1/relion/jobs/{job_id}", timeout=30).json()
         if job["status"] in TERMINAL:
             return job
         assert time.monotonic() < deadline, f"{job_id} still {job['status']} after {timeout} s"

@@ -23,8 +23,8 @@ from tests.integration.conftest import TERMINAL, wait_for_end
 JOBS = "/v1/relion/jobs"
 
 
-def post(url: str, request: dict[str, Any]) -> dict[str, Any]:
-    response = requests.post(f"{url}{JOBS}", json=request, timeout=60)
+def post(http: requests.Session, url: str, request: dict[str, Any]) -> dict[str, Any]:
+    response = http.post(f"{url}{JOBS}", json=request, timeout=60)
     assert response.status_code == 202, response.text
     return dict(response.json())
 
@@ -65,20 +65,20 @@ def file_member(name: str, data: bytes) -> tuple[tarfile.TarInfo, bytes]:
     return info, data
 
 
-def test_nested_dataset_runs_and_a_missing_stack_is_named(tiny_dir: Path, storage: S3Storage, bucket: str, gateway_url: str) -> None:
+def test_nested_dataset_runs_and_a_missing_stack_is_named(http: requests.Session, tiny_dir: Path, storage: S3Storage, bucket: str, gateway_url: str) -> None:
     star = (tiny_dir / "particles.star").read_text().replace("@particles.mrcs", "@Extract/job001/particles.mrcs")
     stack = (tiny_dir / "particles.mrcs").read_bytes()
     nested = upload_tar(storage, bucket, "nested", [file_member("particles.star", star.encode()), file_member("Extract/job001/particles.mrcs", stack)])
     broken = upload_tar(storage, bucket, "nostack", [file_member("particles.star", star.encode())])
-    ok = post(gateway_url, request_2d(nested, bucket, "nested"))
-    missing = post(gateway_url, request_2d(broken, bucket, "nostack"))
-    assert wait_for_end(gateway_url, ok["job_id"])["status"] == "succeeded"
-    ended = wait_for_end(gateway_url, missing["job_id"])
+    ok = post(http, gateway_url, request_2d(nested, bucket, "nested"))
+    missing = post(http, gateway_url, request_2d(broken, bucket, "nostack"))
+    assert wait_for_end(http, gateway_url, ok["job_id"])["status"] == "succeeded"
+    ended = wait_for_end(http, gateway_url, missing["job_id"])
     assert ended["status"] == "failed"
     assert "missing from the dataset: Extract/job001/particles.mrcs (named in particles.star)" in ended["message"]
 
 
-def test_hostile_tarballs_fail_cleanly(storage: S3Storage, bucket: str, gateway_url: str, gateway_config: dict) -> None:
+def test_hostile_tarballs_fail_cleanly(http: requests.Session, storage: S3Storage, bucket: str, gateway_url: str, gateway_config: dict) -> None:
     outside = f"/tmp/rg-escape-{secrets.token_hex(4)}"
 
     def link(name: str, kind: bytes, target: str = "") -> tuple[tarfile.TarInfo, None]:
@@ -97,9 +97,9 @@ def test_hostile_tarballs_fail_cleanly(storage: S3Storage, bucket: str, gateway_
     }
     jobs = {}
     for name, (members, _) in cases.items():
-        jobs[name] = post(gateway_url, request_2d(upload_tar(storage, bucket, name, members), bucket, f"hostile-{name}"))["job_id"]
+        jobs[name] = post(http, gateway_url, request_2d(upload_tar(storage, bucket, name, members), bucket, f"hostile-{name}"))["job_id"]
     for name, job_id in jobs.items():
-        ended = wait_for_end(gateway_url, job_id)
+        ended = wait_for_end(http, gateway_url, job_id)
         assert ended["status"] == "failed", (name, ended)
         assert "stage-in failed" in ended["message"] and cases[name][1] in ended["message"], (name, ended["message"])
         workspace = Path(gateway_config["PATHS_WORKSPACE_ROOT"]) / "idata" / job_id
@@ -107,7 +107,7 @@ def test_hostile_tarballs_fail_cleanly(storage: S3Storage, bucket: str, gateway_
     assert not os.path.lexists(outside)
 
 
-def test_progress_is_reported_during_an_autorefine(dataset_url: str, bucket: str, gateway_url: str) -> None:
+def test_progress_is_reported_during_an_autorefine(http: requests.Session, dataset_url: str, bucket: str, gateway_url: str) -> None:
     request = {
         "user_id": "idata",
         "workspace_id": "progress",
@@ -117,11 +117,11 @@ def test_progress_is_reported_during_an_autorefine(dataset_url: str, bucket: str
         "num_mpi": 3,
         "flags": TINY_FLAGS["autorefine"],
     }
-    job_id = post(gateway_url, request)["job_id"]
+    job_id = post(http, gateway_url, request)["job_id"]
     seen: list[tuple[str, int | None]] = []
     deadline = time.monotonic() + 300
     while True:
-        job = requests.get(f"{gateway_url}{JOBS}/{job_id}", timeout=10).json()
+        job = http.get(f"{gateway_url}{JOBS}/{job_id}", timeout=10).json()
         progress = job.get("progress") or {}
         point = (job["status"], progress.get("iteration"))
         if progress and (not seen or seen[-1] != point):
@@ -136,8 +136,8 @@ def test_progress_is_reported_during_an_autorefine(dataset_url: str, bucket: str
     assert job["progress"]["converged"] is True
 
 
-def test_metadata_matches_relions_star_files(dataset_url: str, bucket: str, gateway_url: str, storage: S3Storage, tmp_path: Path) -> None:
-    ended = wait_for_end(gateway_url, post(gateway_url, request_2d(dataset_url, bucket, "starcheck"))["job_id"])
+def test_metadata_matches_relions_star_files(http: requests.Session, dataset_url: str, bucket: str, gateway_url: str, storage: S3Storage, tmp_path: Path) -> None:
+    ended = wait_for_end(http, gateway_url, post(http, gateway_url, request_2d(dataset_url, bucket, "starcheck"))["job_id"])
     assert ended["status"] == "succeeded"
     body = storage.get_bytes(parse_s3_url(ended["metadata"]["output"]["url"]))
     with tarfile.open(fileobj=io.BytesIO(body), mode="r:gz") as archive:
@@ -152,12 +152,12 @@ def test_metadata_matches_relions_star_files(dataset_url: str, bucket: str, gate
     assert ended["metadata"]["relion"]["version"] == "3.1.3"
 
 
-def test_s3_outage_during_archiving_keeps_the_workspace_and_retry_succeeds(
+def test_s3_outage_during_archiving_keeps_the_workspace_and_retry_succeeds(http: requests.Session, 
     dataset_url: str, bucket: str, gateway_url: str, gateway_config: dict
 ) -> None:
     from gateway.stack import stack_status, stack_up
 
-    job = post(gateway_url, request_2d(dataset_url, bucket, "s3outage", iter=3))
+    job = post(http, gateway_url, request_2d(dataset_url, bucket, "s3outage", iter=3))
     log_dir = Path(gateway_config["PATHS_LOG_ROOT"]) / "idata" / job["job_id"]
     deadline = time.monotonic() + 120
     while "running" not in (log_dir / "phases").read_text(errors="ignore") if (log_dir / "phases").exists() else True:
@@ -165,16 +165,16 @@ def test_s3_outage_during_archiving_keeps_the_workspace_and_retry_succeeds(
         time.sleep(0.2)
     os.kill(stack_status()["daemons"]["nanio"]["pid"], signal.SIGKILL)  # S3 goes away while RELION runs
     try:
-        ended = wait_for_end(gateway_url, job["job_id"], timeout=300)
+        ended = wait_for_end(http, gateway_url, job["job_id"], timeout=300)
     finally:
         assert stack_up()["all_up"]
     assert ended["status"] == "archive_failed", ended
     workspace = Path(gateway_config["PATHS_WORKSPACE_ROOT"]) / "idata" / job["job_id"]
     assert (workspace / "dataset" / "Class2D" / "run_it003_model.star").exists()  # nothing lost
 
-    response = requests.post(f"{gateway_url}{JOBS}/{job['job_id']}/archive", timeout=30)
+    response = http.post(f"{gateway_url}{JOBS}/{job['job_id']}/archive", timeout=30)
     assert response.status_code == 202, response.text
-    ended = wait_for_end(gateway_url, job["job_id"])
+    ended = wait_for_end(http, gateway_url, job["job_id"])
     assert ended["status"] == "succeeded", ended
     assert ended["metadata"]["output"]["files"]
     assert not workspace.exists()

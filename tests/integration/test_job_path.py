@@ -14,11 +14,11 @@ import requests
 from gateway.demo import DEMO_FLAGS
 from gateway.process import run_command
 from gateway.storage.s3 import S3Storage, parse_s3_url
-from tests.integration.conftest import wait_for_end
+from tests.integration.conftest import allow_admin, wait_for_end
 
 
-def submit(url: str, request: dict[str, Any]) -> dict[str, Any]:
-    response = requests.post(f"{url}/v1/relion/jobs", json=request, timeout=60)
+def submit(http: requests.Session, url: str, request: dict[str, Any]) -> dict[str, Any]:
+    response = http.post(f"{url}/v1/relion/jobs", json=request, timeout=60)
     assert response.status_code == 202, response.text
     return dict(response.json())
 
@@ -37,14 +37,14 @@ def request_for(dataset_url: str, bucket: str, **changes: Any) -> dict[str, Any]
     return request
 
 
-def test_2d_classification_runs_end_to_end(gateway_url: str, dataset_url: str, bucket: str, storage: S3Storage, gateway_config: dict) -> None:
-    job = submit(gateway_url, request_for(dataset_url, bucket))
+def test_2d_classification_runs_end_to_end(http: requests.Session, gateway_url: str, dataset_url: str, bucket: str, storage: S3Storage, gateway_config: dict) -> None:
+    job = submit(http, gateway_url, request_for(dataset_url, bucket))
     main_id = job["slurm"]["main_job_id"]
     # An admin at a shell can map the Slurm job back to the gateway job.
     squeue_or_sacct = run_command(["sacct", "-X", "-n", "-P", "-j", main_id, "-o", "JobName"], timeout=30)
     assert job["job_id"] in squeue_or_sacct or squeue_or_sacct.strip() == ""  # the record may lag ~1 s
 
-    job = wait_for_end(gateway_url, job["job_id"])
+    job = wait_for_end(http, gateway_url, job["job_id"])
     assert job["status"] == "succeeded", job
     metadata = job["metadata"]
     assert metadata["slurm"]["state"] == "COMPLETED" and metadata["slurm"]["exit_code"] == 0
@@ -78,9 +78,9 @@ def test_2d_classification_runs_end_to_end(gateway_url: str, dataset_url: str, b
     assert "Expectation iteration 2 of 2" in (log_dir / f"main-{main_id}.out").read_text()
 
 
-def test_missing_input_fails_before_relion_and_the_hook_still_archives(gateway_url: str, dataset_url: str, bucket: str) -> None:
+def test_missing_input_fails_before_relion_and_the_hook_still_archives(http: requests.Session, gateway_url: str, dataset_url: str, bucket: str) -> None:
     flags = {**DEMO_FLAGS, "i": "missing.star"}
-    job = wait_for_end(gateway_url, submit(gateway_url, request_for(dataset_url, bucket, flags=flags))["job_id"])
+    job = wait_for_end(http, gateway_url, submit(http, gateway_url, request_for(dataset_url, bucket, flags=flags))["job_id"])
     assert job["status"] == "failed", job
     # Checked after stage-in, before RELION would have failed on it.
     assert "stage-in failed: missing from the dataset: missing.star" in job["message"]
@@ -88,15 +88,15 @@ def test_missing_input_fails_before_relion_and_the_hook_still_archives(gateway_u
     assert job["metadata"]["logs"], "the hook uploaded the logs"
 
 
-def test_missing_dataset_fails_at_stage_in_with_a_clear_message(gateway_url: str, bucket: str) -> None:
+def test_missing_dataset_fails_at_stage_in_with_a_clear_message(http: requests.Session, gateway_url: str, bucket: str) -> None:
     request = request_for(f"s3://{bucket}/datasets/does-not-exist.tar.gz", bucket)
-    job = wait_for_end(gateway_url, submit(gateway_url, request)["job_id"])
+    job = wait_for_end(http, gateway_url, submit(http, gateway_url, request)["job_id"])
     assert job["status"] == "failed", job
     assert "stage-in failed" in job["message"] and "NoSuchKey" in job["message"]
 
 
 def test_2d_classification_through_slurmrestd(
-    gateway_config: dict, dataset_url: str, bucket: str, storage: S3Storage, tmp_path: Path
+    gateway_config: dict, dataset_url: str, bucket: str, storage: S3Storage, tmp_path: Path, http: requests.Session, admin_token: Any
 ) -> None:
     """The same path with the `rest` backend: the gateway talks to slurmrestd (JWT) instead of sbatch."""
     import threading
@@ -117,11 +117,12 @@ def test_2d_classification_through_slurmrestd(
         "STORE_DATABASE_URL": f"sqlite:///{tmp_path / 'rest.sqlite'}",
     }
     app = create_app(config)
+    allow_admin(app, admin_token)
     server = make_server("127.0.0.1", port, app, threaded=True)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     url = f"http://127.0.0.1:{port}"
     try:
-        job = wait_for_end(url, submit(url, request_for(dataset_url, bucket, workspace_id="rest"))["job_id"])
+        job = wait_for_end(http, url, submit(http, url, request_for(dataset_url, bucket, workspace_id="rest"))["job_id"])
     finally:
         app.extensions["relion_gateway_poller"].stop()
         server.shutdown()

@@ -25,28 +25,28 @@ def request_for(mode: str, dataset_url: str, bucket: str) -> dict[str, Any]:
 
 
 @pytest.mark.parametrize("mode", sorted(TINY_FLAGS))
-def test_sbatch_test_only_accepts_every_mode(gateway_url: str, dataset_url: str, bucket: str, mode: str) -> None:
-    response = requests.post(f"{gateway_url}/v1/relion/render?slurm_test=true", json=request_for(mode, dataset_url, bucket), timeout=60)
+def test_sbatch_test_only_accepts_every_mode(http: requests.Session, gateway_url: str, dataset_url: str, bucket: str, mode: str) -> None:
+    response = http.post(f"{gateway_url}/v1/relion/render?slurm_test=true", json=request_for(mode, dataset_url, bucket), timeout=60)
     assert response.status_code == 200, response.text
     verdict = response.json()["slurm_test"]
     assert "to start at" in verdict and "partition debug" in verdict
 
 
-def test_sbatch_test_only_refusal_is_reported(gateway_url: str, dataset_url: str, bucket: str) -> None:
+def test_sbatch_test_only_refusal_is_reported(http: requests.Session, gateway_url: str, dataset_url: str, bucket: str) -> None:
     request = {**request_for("2d", dataset_url, bucket), "partition": "nonexistent"}
-    response = requests.post(f"{gateway_url}/v1/relion/render?slurm_test=true", json=request, timeout=60)
+    response = http.post(f"{gateway_url}/v1/relion/render?slurm_test=true", json=request, timeout=60)
     assert response.status_code == 422  # unknown to the configured limits: refused before Slurm
     assert "unknown partition 'nonexistent'" in response.json()["message"]
 
 
-def test_3d_classification_and_autorefine_succeed(gateway_url: str, dataset_url: str, bucket: str) -> None:
+def test_3d_classification_and_autorefine_succeed(http: requests.Session, gateway_url: str, dataset_url: str, bucket: str) -> None:
     # Submitted together: Slurm runs them side by side, which keeps the suite short.
     jobs = {}
     for mode in ("3d", "autorefine"):
-        response = requests.post(f"{gateway_url}/v1/relion/jobs", json=request_for(mode, dataset_url, bucket), timeout=60)
+        response = http.post(f"{gateway_url}/v1/relion/jobs", json=request_for(mode, dataset_url, bucket), timeout=60)
         assert response.status_code == 202, response.text
         jobs[mode] = response.json()["job_id"]
-    ended = {mode: wait_for_end(gateway_url, job_id, timeout=600) for mode, job_id in jobs.items()}
+    ended = {mode: wait_for_end(http, gateway_url, job_id, timeout=600) for mode, job_id in jobs.items()}
     for mode, job in ended.items():
         assert job["status"] == "succeeded", (mode, job["message"])
 

@@ -25,13 +25,13 @@ from gateway.process import run_command
 from gateway.relion.presets import TINY_FLAGS
 from gateway.storage.s3 import S3Location, S3Storage
 from gateway.store import JobRecord
-from tests.integration.conftest import wait_for_end
+from tests.integration.conftest import allow_admin, wait_for_end
 
 JOBS = "/v1/relion/jobs"
 
 
-def post(url: str, request: dict[str, Any]) -> dict[str, Any]:
-    response = requests.post(f"{url}{JOBS}", json=request, timeout=60)
+def post(http: requests.Session, url: str, request: dict[str, Any]) -> dict[str, Any]:
+    response = http.post(f"{url}{JOBS}", json=request, timeout=60)
     assert response.status_code == 202, response.text
     return dict(response.json())
 
@@ -57,23 +57,23 @@ def wait_for(predicate: Any, timeout: float, what: str) -> None:
 
 
 @pytest.fixture(scope="module")
-def timeout_job(gateway_url: str, dataset_url: str, bucket: str) -> str:
+def timeout_job(http: requests.Session, gateway_url: str, dataset_url: str, bucket: str) -> str:
     """A job that cannot finish within its one-minute limit; Slurm kills it after 60-75 s."""
-    return post(gateway_url, long_2d(dataset_url, bucket, "timeout", 500, time_limit="1"))["job_id"]
+    return post(http, gateway_url, long_2d(dataset_url, bucket, "timeout", 500, time_limit="1"))["job_id"]
 
 
-def test_cancel_while_running_archives_partial_output(timeout_job: str, gateway_url: str, dataset_url: str, bucket: str, gateway_config: dict) -> None:
-    job = post(gateway_url, long_2d(dataset_url, bucket, "cancel", 200))
+def test_cancel_while_running_archives_partial_output(http: requests.Session, timeout_job: str, gateway_url: str, dataset_url: str, bucket: str, gateway_config: dict) -> None:
+    job = post(http, gateway_url, long_2d(dataset_url, bucket, "cancel", 200))
     output = Path(gateway_config["PATHS_WORKSPACE_ROOT"]) / "itrack" / job["job_id"] / "dataset" / "Class2D"
     wait_for(lambda: (output / "run_it001_model.star").exists(), 120, "the first iteration")
-    response = requests.delete(f"{gateway_url}{JOBS}/{job['job_id']}", timeout=30)
+    response = http.delete(f"{gateway_url}{JOBS}/{job['job_id']}", timeout=30)
     assert response.status_code == 202
-    ended = wait_for_end(gateway_url, job["job_id"])
+    ended = wait_for_end(http, gateway_url, job["job_id"])
     assert ended["status"] == "cancelled", ended
     assert ended["metadata"]["slurm"]["state"].startswith("CANCELLED")
     archived = {f["path"] for f in ended["metadata"]["output"]["files"]}
     assert "run_it001_model.star" in archived  # what RELION had written is safe in S3
-    assert requests.delete(f"{gateway_url}{JOBS}/{job['job_id']}", timeout=30).status_code == 409
+    assert http.delete(f"{gateway_url}{JOBS}/{job['job_id']}", timeout=30).status_code == 409
 
 
 @pytest.fixture(scope="module")
@@ -94,7 +94,7 @@ def wrong_box_dataset(tmp_path_factory: pytest.TempPathFactory, storage: S3Stora
     return location.url
 
 
-def test_relion_error_reaches_the_message(gateway_url: str, wrong_box_dataset: str, bucket: str) -> None:
+def test_relion_error_reaches_the_message(http: requests.Session, gateway_url: str, wrong_box_dataset: str, bucket: str) -> None:
     request = {
         "user_id": "itrack",
         "workspace_id": "wrongbox",
@@ -104,19 +104,20 @@ def test_relion_error_reaches_the_message(gateway_url: str, wrong_box_dataset: s
         "num_mpi": 2,
         "flags": {**TINY_FLAGS["3d"], "ref": "ref48.mrc"},
     }
-    ended = wait_for_end(gateway_url, post(gateway_url, request)["job_id"])
+    ended = wait_for_end(http, gateway_url, post(http, gateway_url, request)["job_id"])
     assert ended["status"] == "failed"
     assert "The reference box size is 48 px" in ended["message"], ended["message"]
 
 
 @pytest.fixture
-def private_gateway(gateway_config: dict, tmp_path: Path) -> Iterator[Any]:
+def private_gateway(gateway_config: dict, tmp_path: Path, admin_token: Any) -> Iterator[Any]:
     """A gateway with its own store, which a test may 'restart' (a new app on the same database)."""
     config = {**gateway_config, "STORE_DATABASE_URL": f"sqlite:///{tmp_path / 'private.sqlite'}"}
     servers: list[Any] = []
 
     def start() -> str:
         app = create_app(config)
+        allow_admin(app, admin_token)
         server = make_server("127.0.0.1", 0, app, threaded=True)
         threading.Thread(target=server.serve_forever, daemon=True).start()
         servers.append((server, app))
@@ -133,29 +134,29 @@ def private_gateway(gateway_config: dict, tmp_path: Path) -> Iterator[Any]:
         stop()
 
 
-def test_gateway_restart_mid_run_resumes_tracking(private_gateway: Any, dataset_url: str, bucket: str) -> None:
+def test_gateway_restart_mid_run_resumes_tracking(http: requests.Session, private_gateway: Any, dataset_url: str, bucket: str) -> None:
     url = private_gateway()
-    job = post(url, long_2d(dataset_url, bucket, "restart", 4))
-    wait_for(lambda: requests.get(f"{url}{JOBS}/{job['job_id']}", timeout=10).json()["status"] in ("staging", "running"), 120, "running")
+    job = post(http, url, long_2d(dataset_url, bucket, "restart", 4))
+    wait_for(lambda: http.get(f"{url}{JOBS}/{job['job_id']}", timeout=10).json()["status"] in ("staging", "running"), 120, "running")
     private_gateway.stop()  # the gateway goes away while Slurm runs the job
     time.sleep(2)
     url = private_gateway()  # a new process on the same store
-    ended = wait_for_end(url, job["job_id"])
+    ended = wait_for_end(http, url, job["job_id"])
     assert ended["status"] == "succeeded", ended
 
 
-def test_slurmctld_restart_mid_run_is_tracked_to_the_end(gateway_url: str, dataset_url: str, bucket: str, stack: dict) -> None:
+def test_slurmctld_restart_mid_run_is_tracked_to_the_end(http: requests.Session, gateway_url: str, dataset_url: str, bucket: str, stack: dict) -> None:
     from gateway.stack import stack_status, stack_up
 
-    job = post(gateway_url, long_2d(dataset_url, bucket, "ctldrestart", 4))
-    wait_for(lambda: requests.get(f"{gateway_url}{JOBS}/{job['job_id']}", timeout=10).json()["status"] in ("staging", "running"), 120, "running")
+    job = post(http, gateway_url, long_2d(dataset_url, bucket, "ctldrestart", 4))
+    wait_for(lambda: http.get(f"{gateway_url}{JOBS}/{job['job_id']}", timeout=10).json()["status"] in ("staging", "running"), 120, "running")
     pid = stack_status()["daemons"]["slurmctld"]["pid"]
     os.kill(pid, signal.SIGTERM)  # a clean stop: Slurm keeps running jobs (shared notes)
     wait_for(lambda: stack_status()["daemons"]["slurmctld"]["state"] != "up", 30, "slurmctld to stop")
     time.sleep(3)  # the poller meets a dead controller meanwhile and must change nothing
-    assert requests.get(f"{gateway_url}{JOBS}/{job['job_id']}", timeout=10).json()["status"] in ("staging", "running", "archiving")
+    assert http.get(f"{gateway_url}{JOBS}/{job['job_id']}", timeout=10).json()["status"] in ("staging", "running", "archiving")
     assert stack_up()["all_up"]
-    ended = wait_for_end(gateway_url, job["job_id"])
+    ended = wait_for_end(http, gateway_url, job["job_id"])
     assert ended["status"] == "succeeded", ended
 
 
@@ -190,8 +191,8 @@ def test_a_reused_slurm_id_ends_lost(gateway_url: str, gateway_config: dict) -> 
         run_command(["scancel", stranger], timeout=30)
 
 
-def test_time_limit_ends_as_timeout(timeout_job: str, gateway_url: str) -> None:
-    ended = wait_for_end(gateway_url, timeout_job, timeout=240)
+def test_time_limit_ends_as_timeout(http: requests.Session, timeout_job: str, gateway_url: str) -> None:
+    ended = wait_for_end(http, gateway_url, timeout_job, timeout=240)
     assert ended["status"] == "timeout", ended
     assert ended["metadata"]["slurm"]["state"] == "TIMEOUT"
     assert ended["metadata"]["output"] is not None  # partial output archived

@@ -1,0 +1,355 @@
+"""Authentication (bearer tokens, a trusted proxy header) and authorization (owners, admins).
+
+A token reads ``rg_<id>_<secret>``: the id (12 hex digits, public, shown by ``token list``) finds
+its row in the store in one lookup; only a salted scrypt hash of the secret is stored, and the
+token is printed once, when it is created. Every request needs a principal unless its view is
+marked ``@public`` (health, API docs) or authenticates itself (the HMAC-signed job events); so a
+new endpoint is closed until someone opens it.
+
+``[auth] mode = "none"`` switches all of this off (every caller is an anonymous admin): for
+development only, and logged as a WARNING each time an app is built.
+"""
+from __future__ import annotations
+
+import functools
+import hashlib
+import hmac
+import ipaddress
+import json
+import logging
+import re
+import secrets
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import click
+from flask import Flask, current_app, g, request
+
+from gateway.audit import Auditor
+from gateway.store import JobStore, TokenRecord
+
+log = logging.getLogger(__name__)
+
+AUTH_KEY = "relion_gateway_auth"
+MODES = ("token", "none")
+REALM = "relion-gateway"
+_TOKEN = re.compile(r"rg_(?P<id>[0-9a-f]{12})_(?P<secret>[A-Za-z0-9_-]{43})")
+_USER = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+SCRYPT_R, SCRYPT_P = 8, 1
+# last_used_at is written at most this often per token, not on every request.
+TOUCH_INTERVAL_S = 60.0
+# Views anyone may call: health and the API's own documentation (spec, Swagger UI and its assets).
+PUBLIC_BLUEPRINTS = frozenset({"api-docs", "docs_assets"})
+PUBLIC_ENDPOINTS = frozenset({"healthz", "static"})
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+@dataclass(frozen=True)
+class Principal:
+    """Who is calling: a user, whether an admin, and how that was established."""
+
+    user: str
+    admin: bool = False
+    via: str = "token"  # token, proxy or none
+    token_id: str | None = None
+
+
+class Unauthenticated(Exception):
+    """No acceptable credentials: a 401 with WWW-Authenticate: Bearer."""
+
+    def __init__(self, message: str, *, invalid_token: bool = False) -> None:
+        super().__init__(message)
+        self.message = message
+        self.invalid_token = invalid_token
+
+    @property
+    def challenge(self) -> str:
+        if self.invalid_token:
+            return f'Bearer realm="{REALM}", error="invalid_token", error_description="{self.message}"'
+        return f'Bearer realm="{REALM}"'
+
+
+class Forbidden(Exception):
+    """Authenticated, but not allowed: a 403 whose message names the rule."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(message)
+        self.field = field
+        self.message = message
+
+
+# -- token hashing --------------------------------------------------------------------------------
+
+
+def hash_secret(secret: str, salt: bytes, n: int) -> str:
+    """scrypt of the secret; the parameters travel with the hash so the cost can change later."""
+    digest = hashlib.scrypt(secret.encode(), salt=salt, n=n, r=SCRYPT_R, p=SCRYPT_P, dklen=32, maxmem=256 * 1024 * 1024)
+    return f"scrypt${n}${SCRYPT_R}${SCRYPT_P}${digest.hex()}"
+
+
+def check_secret(secret: str, salt_hex: str, stored: str) -> bool:
+    try:
+        scheme, n, r, p, expected = stored.split("$")
+        if scheme != "scrypt":
+            return False
+        digest = hashlib.scrypt(
+            secret.encode(), salt=bytes.fromhex(salt_hex), n=int(n), r=int(r), p=int(p), dklen=32, maxmem=256 * 1024 * 1024
+        )
+    except ValueError:
+        return False
+    return hmac.compare_digest(digest.hex(), expected)
+
+
+def check_user_name(user: str) -> str:
+    if not _USER.fullmatch(user) or user in (".", ".."):
+        raise ValueError(f"user {user!r} must be 1-64 characters of letters, digits, '.', '_' or '-', starting with a letter or digit")
+    return user
+
+
+def create_token(
+    store: JobStore, user: str, *, admin: bool = False, n: int = 2**14, auditor: Auditor | None = None
+) -> tuple[TokenRecord, str]:
+    """Store a new token for ``user`` and return it with its plain text (shown once, never stored)."""
+    check_user_name(user)
+    token_id = secrets.token_hex(6)
+    secret = secrets.token_urlsafe(32)
+    salt = secrets.token_bytes(16)
+    record = TokenRecord(
+        id=token_id, user=user, admin=admin, salt=salt.hex(), hash=hash_secret(secret, salt, n), created_at=time.time()
+    )
+    store.insert_token(record)
+    if auditor is not None:
+        auditor.record("token.create", "ok", token_id=token_id, user=user, token_admin=admin)
+    return record, f"rg_{token_id}_{secret}"
+
+
+def revoke_token(store: JobStore, token_id: str, *, auditor: Auditor | None = None) -> bool:
+    """Revoke a token; false if there is no such live token."""
+    done = store.revoke_token(token_id, time.time())
+    if auditor is not None:
+        auditor.record("token.revoke", "ok" if done else "not_found", token_id=token_id)
+    return done
+
+
+def token_summary(record: TokenRecord) -> dict[str, Any]:
+    """What `token list` and GET /admin/tokens show: never the salt, hash or secret."""
+    return {
+        "id": record.id,
+        "user": record.user,
+        "admin": bool(record.admin),
+        "created_at": record.created_at,
+        "last_used_at": record.last_used_at,
+        "revoked_at": record.revoked_at,
+    }
+
+
+# -- the authenticator ----------------------------------------------------------------------------
+
+
+class Authenticator:
+    """Turn a request's credentials into a Principal, or raise Unauthenticated."""
+
+    def __init__(self, config: Mapping[str, Any], store: JobStore, auditor: Auditor) -> None:
+        self.mode = str(config["AUTH_MODE"])
+        if self.mode not in MODES:
+            raise ValueError(f"[auth] mode must be one of {', '.join(MODES)}, not {self.mode!r}")
+        self.store = store
+        self.auditor = auditor
+        self.proxy_header = str(config["AUTH_PROXY_HEADER"] or "")
+        self.trusted_proxies = [ipaddress.ip_network(str(a), strict=False) for a in config["AUTH_TRUSTED_PROXIES"]]
+        self.proxy_admins = frozenset(str(u) for u in config["AUTH_PROXY_ADMINS"])
+        if self.proxy_header and not self.trusted_proxies:
+            raise ValueError("[auth] proxy_header is set but trusted_proxies is empty: no proxy could be trusted")
+        # token id -> sha256 of (presented token, stored hash) already checked with scrypt, so one
+        # process pays scrypt's cost once per token, not per request. Revocation is read each time.
+        self._verified: dict[str, str] = {}
+
+    def authenticate(self, headers: Mapping[str, str], remote_addr: str | None) -> Principal:
+        if self.mode == "none":
+            return Principal("anonymous", admin=True, via="none")
+        authorization = headers.get("Authorization")
+        if authorization is not None:
+            scheme, _, credentials = authorization.partition(" ")
+            if scheme.lower() != "bearer" or not credentials.strip():
+                raise Unauthenticated("the Authorization header must be 'Bearer <token>'", invalid_token=True)
+            return self.verify_token(credentials.strip())
+        if self.proxy_header and self.proxy_header in headers:
+            if self._trusted(remote_addr):
+                return self._proxy_principal(headers[self.proxy_header])
+            log.warning("ignoring %s from %s: not one of [auth] trusted_proxies", self.proxy_header, remote_addr)
+        raise Unauthenticated("authentication required: send 'Authorization: Bearer <token>'")
+
+    def verify_token(self, presented: str) -> Principal:
+        refused = Unauthenticated("invalid or revoked token", invalid_token=True)
+        match = _TOKEN.fullmatch(presented)
+        record = self.store.get_token(match.group("id")) if match else None
+        if match is None or record is None or record.revoked_at is not None:
+            raise refused
+        fingerprint = hashlib.sha256(f"{presented}\0{record.hash}".encode()).hexdigest()
+        if not hmac.compare_digest(self._verified.get(record.id, ""), fingerprint):
+            if not check_secret(match.group("secret"), record.salt, record.hash):
+                raise refused
+            if len(self._verified) > 4096:
+                self._verified.clear()
+            self._verified[record.id] = fingerprint
+        now = time.time()
+        if record.last_used_at is None or now - record.last_used_at > TOUCH_INTERVAL_S:
+            self.store.touch_token(record.id, now)
+        return Principal(record.user, admin=bool(record.admin), via="token", token_id=record.id)
+
+    def _trusted(self, remote_addr: str | None) -> bool:
+        try:
+            address = ipaddress.ip_address(remote_addr or "")
+        except ValueError:
+            return False
+        return any(address in network for network in self.trusted_proxies)
+
+    def _proxy_principal(self, value: str) -> Principal:
+        try:
+            user = check_user_name(value.strip())
+        except ValueError as exc:
+            raise Unauthenticated(f"{self.proxy_header}: {exc}") from exc
+        return Principal(user, admin=user in self.proxy_admins, via="proxy")
+
+
+def init_app(app: Flask, store: JobStore, auditor: Auditor) -> Authenticator:
+    """Authenticate every request whose view is not public; keep the principal in ``g``."""
+    authenticator = Authenticator(app.config, store, auditor)
+    app.extensions[AUTH_KEY] = authenticator
+    if authenticator.mode == "none":
+        log.warning(
+            "AUTHENTICATION IS OFF ([auth] mode = \"none\"): anyone who reaches this gateway acts as an admin. "
+            "Use it for development only."
+        )
+
+    @app.before_request
+    def _authenticate() -> None:
+        if _is_public(app):
+            return
+        try:
+            g.principal = authenticator.authenticate(request.headers, request.remote_addr)
+        except Unauthenticated as exc:
+            auditor.record(
+                "authenticate", "denied", actor=_Anonymous(), reason=exc.message,
+                method=request.method, path=request.path, remote_addr=request.remote_addr,
+            )
+            raise
+
+    return authenticator
+
+
+@dataclass(frozen=True)
+class _Anonymous:
+    user: str = "-"
+    admin: bool = False
+    via: str = "unauthenticated"
+    token_id: str | None = None
+
+
+def _is_public(app: Flask) -> bool:
+    endpoint = request.endpoint
+    if endpoint is None:
+        return False  # unknown URL: no hint about what exists without credentials
+    if endpoint in PUBLIC_ENDPOINTS or endpoint.split(".", 1)[0] in PUBLIC_BLUEPRINTS:
+        return True
+    view = app.view_functions.get(endpoint)
+    view_class = getattr(view, "view_class", None)
+    return bool(getattr(view, "auth_public", False) or getattr(view_class, "auth_public", False))
+
+
+def public(view: F) -> F:
+    """Mark a view function or MethodView class as callable without credentials."""
+    view.auth_public = True  # type: ignore[attr-defined]
+    return view
+
+
+def current_principal() -> Principal:
+    principal = g.get("principal")
+    if principal is None:  # a public view asked: treat its caller as nobody in particular
+        raise Unauthenticated("authentication required: send 'Authorization: Bearer <token>'")
+    return principal  # type: ignore[no-any-return]
+
+
+def admin_required(func: F) -> F:
+    """Let only admins call a view (403 otherwise)."""
+
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        if not current_principal().admin:
+            raise Forbidden("admin", "this endpoint is for admins")
+        return func(*args, **kwargs)
+
+    return wrapper  # type: ignore[return-value]
+
+
+def authorize_user(principal: Principal, user_id: str) -> None:
+    """A request may name only its caller's own user_id, unless the caller is an admin."""
+    if not principal.admin and user_id != principal.user:
+        raise Forbidden(
+            "user_id", f"user_id {user_id!r} is not the authenticated user {principal.user!r}; only admins act for other users"
+        )
+
+
+# -- `relion-gateway token ...` ---------------------------------------------------------------------
+
+
+def _store_and_auditor() -> tuple[JobStore, Auditor, dict[str, Any]]:
+    from gateway.config import build_config
+    from gateway.store import make_engine
+
+    config = build_config()
+    return JobStore(make_engine(config["STORE_DATABASE_URL"])), Auditor(config["AUDIT_FILE"]), config
+
+
+@click.group("token")
+def token_group() -> None:
+    """Create, list and revoke API bearer tokens (in the gateway's store)."""
+
+
+@token_group.command("create")
+@click.option("--user", required=True, help="the user the token acts as")
+@click.option("--admin", is_flag=True, help="an admin token: acts for any user, sees every job")
+def token_create_command(user: str, admin: bool) -> None:
+    """Create a token and print it, once: only its hash is kept."""
+    store, auditor, config = _store_and_auditor()
+    try:
+        record, token = create_token(store, user, admin=admin, n=int(config["AUTH_SCRYPT_N"]), auditor=auditor)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--user") from exc
+    click.echo(token)
+    click.echo(f"token {record.id} for {user}{' (admin)' if admin else ''}: store it now, it is not shown again", err=True)
+
+
+@token_group.command("list")
+@click.option("--json", "as_json", is_flag=True, help="one JSON document")
+@click.option("--user", default=None, help="only this user's tokens")
+def token_list_command(as_json: bool, user: str | None) -> None:
+    """List tokens (ids, users, dates; never secrets)."""
+    store, _, _ = _store_and_auditor()
+    rows = [token_summary(t) for t in store.list_tokens(user=user)]
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+        return
+
+    def when(value: float | None) -> str:
+        return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(value)) if value else "-"
+
+    click.echo(f"{'ID':<13} {'USER':<20} {'ADMIN':<6} {'CREATED':<20} {'LAST USED':<20} REVOKED")
+    for row in rows:
+        click.echo(
+            f"{row['id']:<13} {row['user']:<20} {'yes' if row['admin'] else 'no':<6} {when(row['created_at']):<20} "
+            f"{when(row['last_used_at']):<20} {when(row['revoked_at'])}"
+        )
+
+
+@token_group.command("revoke")
+@click.argument("token_id")
+def token_revoke_command(token_id: str) -> None:
+    """Revoke a token by id (the part after 'rg_'); it stops working at once."""
+    store, auditor, _ = _store_and_auditor()
+    if not revoke_token(store, token_id, auditor=auditor):
+        raise click.ClickException(f"no live token {token_id!r}")
+    click.echo(f"revoked {token_id}")
