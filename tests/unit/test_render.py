@@ -34,6 +34,7 @@ def golden_app(tmp_path: Path, **overrides: object) -> Flask:
             "S3_ENDPOINT_URL": "http://127.0.0.1:9010",
             "SLURM_PARTITION": "debug",
             "RELION_ENVIRONMENT": {"OMPI_ALLOW_RUN_AS_ROOT": "1"},
+            "SERVER_CALLBACK_SECRET": "golden-secret",
             **overrides,
         },
         scheduler=FakeScheduler(),
@@ -55,6 +56,39 @@ def test_rendered_scripts_match_golden_files(tmp_path: Path, fixed_job_id: None,
         if os.environ.get("UPDATE_GOLDEN"):
             path.write_text(text)
         assert text == path.read_text(), f"{path} differs; rerun with UPDATE_GOLDEN=1 if the change is intended"
+
+
+def test_site_profile_changes_the_rendered_scripts(tmp_path: Path, fixed_job_id: None, monkeypatch: pytest.MonkeyPatch) -> None:
+    """config/site-example.toml: partition, account, qos, modules, srun --mpi=pmix, shared scratch."""
+    monkeypatch.setenv("GATEWAY_CONFIG", str(Path(__file__).resolve().parents[2] / "config" / "site-example.toml"))
+    app = create_app(
+        {
+            "STORE_DATABASE_URL": f"sqlite:///{tmp_path}/site.sqlite",
+            "PATHS_TEMPLATE_DIR": "",
+            "PATHS_STATE_DIR": str(tmp_path / "state"),
+            "SERVER_CALLBACK_SECRET": "golden-secret",
+            "SERVER_PUBLIC_URL": "https://relion-gateway.example.org",
+        },
+        scheduler=FakeScheduler(),
+    )
+    service = app.extensions["relion_gateway"]
+    request = valid_request(
+        num_mpi=8,
+        dataset_s3_url="s3://cryoem-datasets/lab1/particles.tar.gz",
+        output_s3_prefix="s3://cryoem-results/lab1",
+        flags={**MODES["2d"]["flags"], "j": 4},
+    )
+    prepared = service.prepare(request)
+    rendered = {"main": prepared.main_script, "archive": service.render_archive(prepared, DRY_RUN_MAIN_ID)}
+    for kind, text in rendered.items():
+        path = GOLDEN / f"site-example.2d.{kind}.sbatch"
+        if os.environ.get("UPDATE_GOLDEN"):
+            path.write_text(text)
+        assert text == path.read_text(), f"{path} differs; rerun with UPDATE_GOLDEN=1 if the change is intended"
+    main = rendered["main"]
+    assert "srun --mpi=pmix relion_refine_mpi" in main and "module load relion/4.0.1-cpu" in main
+    assert "#SBATCH --account=cryoem-lab" in main and "#SBATCH --partition=cryoem" in main and "#SBATCH --constraint=avx2" in main
+    assert "/scratch/relion-gateway/workspaces/alice/job_2d_ws1_0123abcd" in main
 
 
 def test_optional_directives_disappear_when_unset(tmp_path: Path, fixed_job_id: None) -> None:

@@ -1,0 +1,95 @@
+"""The client on the real stack: submit (seed spellings) -> wait -> metadata -> download; and /readyz
+following Slurm and S3 going away and coming back."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import tarfile
+import time
+from pathlib import Path
+from typing import Any
+
+import requests
+from click.testing import CliRunner
+
+from gateway.cli import cli
+from gateway.store import JobStore, make_engine
+
+
+def client(url: str, token: str, *args: str) -> tuple[int, str]:
+    result = CliRunner().invoke(cli, list(args), env={"RELION_GATEWAY_URL": url, "RELION_GATEWAY_TOKEN": token}, catch_exceptions=False)
+    return result.exit_code, result.stdout
+
+
+def test_client_submit_wait_metadata_download(gateway_url: str, gateway_config: dict, dataset_url: str, bucket: str, tmp_path: Path) -> None:
+    from gateway.auth import create_token
+
+    store = JobStore(make_engine(gateway_config["STORE_DATABASE_URL"]))
+    token = create_token(store, "iclient", n=int(gateway_config["AUTH_SCRYPT_N"]))[1]  # a plain user, not an admin
+    saved = tmp_path / "metadata.json"
+    code, out = client(
+        gateway_url, token,
+        "submit", "--user-id", "iclient", "--workspace-id", "cli", "--dataset-s3-url", dataset_url,
+        "--output-s3-prefix", f"s3://{bucket}/itest-client", "--mode", "2d", "--num-mpi", "2",
+        # as the seed's users type them
+        "--i", "particles.star", "--o", "Class2D/run", "--K", "3", "--iter", "2", "--tau2-fudge", "2",
+        "--particle-diameter", "100", "--ctf", "--ctf", "--zero_mask", "--flatten-solvent", "--psi-step", "10",
+        "--offset-range", "4", "--offset-step", "2", "--norm", "--scale", "--j", "1", "--pool", "10",
+        "--dont-combine-weights-via-disc", "--preread-images", "--random-seed", "1",
+        "--wait", "--timeout", "300", "--save-metadata", str(saved),
+    )
+    assert code == 0, out
+    job_id = out.split()[0]
+    metadata = json.loads(saved.read_text())
+    assert metadata["request"]["flags"]["tau2_fudge"] == 2 and metadata["relion"]["results"]["iterations_run"] == 2
+
+    code, out = client(gateway_url, token, "metadata", job_id)
+    assert code == 0 and json.loads(out) == metadata
+    target = tmp_path / "out.tar.gz"
+    code, out = client(gateway_url, token, "download", job_id, "-o", str(target))
+    assert code == 0, out
+    with tarfile.open(target) as archive:
+        assert "Class2D/run_it002_model.star" in archive.getnames()
+    code, out = client(gateway_url, token, "logs", job_id, "--tail", "5")
+    assert code == 0 and out.strip()
+    code, out = client(gateway_url, token, "list", "--json")
+    assert code == 0 and [j["job_id"] for j in json.loads(out)] == [job_id]  # a user sees only their jobs
+
+
+def readyz(url: str) -> dict[str, Any]:
+    response = requests.get(f"{url}/readyz", timeout=30)
+    body = dict(response.json())
+    body["status_code"] = response.status_code
+    return body
+
+
+def wait_until(predicate: Any, timeout: float = 60) -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        assert time.monotonic() < deadline, "condition not reached"
+        time.sleep(0.5)
+
+
+def test_readyz_follows_slurm_and_s3(gateway_url: str) -> None:
+    from gateway.stack import stack_status, stack_up
+
+    assert readyz(gateway_url)["status_code"] == 200
+    os.kill(stack_status()["daemons"]["nanio"]["pid"], signal.SIGKILL)
+    try:
+        body = wait_until(lambda: (b := readyz(gateway_url))["status_code"] == 503 and b)
+        assert not body["checks"]["s3"]["ok"] and body["checks"]["slurm"]["ok"]
+    finally:
+        stack_up()
+    wait_until(lambda: readyz(gateway_url)["status_code"] == 200)
+
+    os.kill(stack_status()["daemons"]["slurmctld"]["pid"], signal.SIGTERM)
+    try:
+        body = wait_until(lambda: (b := readyz(gateway_url))["status_code"] == 503 and b)
+        assert not body["checks"]["slurm"]["ok"] and body["checks"]["s3"]["ok"]
+    finally:
+        stack_up()
+    wait_until(lambda: readyz(gateway_url)["status_code"] == 200)
