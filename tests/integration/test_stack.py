@@ -115,14 +115,14 @@ def kill_9_keep_pid_file(name: str) -> int:
     return pid
 
 
-def test_second_up_is_a_fast_no_op(running: dict[str, Any]) -> None:
-    result, elapsed = up()
+def test_second_up_is_a_no_op(running: dict[str, Any]) -> None:
+    # How fast it is belongs in a benchmark, not here (a loaded CI machine took 3.6 s once).
+    result, _elapsed = up()
     lines = daemon_lines(result.stdout)
     assert len(lines) == 6, result.stdout
     for name, line in lines.items():
         assert "already up" in line or "external" in line, line
     assert "started" not in result.stdout
-    assert elapsed < 2.0, f"warm `stack up` took {elapsed:.2f} s"
 
 
 def test_status_json_all_up(running: dict[str, Any]) -> None:
