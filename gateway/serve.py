@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +42,13 @@ def _child_exit(server: Any, worker: Any) -> None:
     multiprocess.mark_process_dead(worker.pid)
 
 
+def _json_logs(config: dict[str, Any]) -> None:
+    if config["SERVER_JSON_LOGS"]:
+        from gateway.observability import configure_json_logging
+
+        configure_json_logging()
+
+
 @click.command("serve")
 @click.option("--host", default=None, help="bind address (default: [server] host)")
 @click.option("--port", type=int, default=None, help="port (default: [server] port, 9012)")
@@ -51,11 +59,8 @@ def serve_command(host: str | None, port: int | None, workers: int | None, dev: 
     config = build_config()
     host = host or config["SERVER_HOST"]
     port = port or int(config["SERVER_PORT"])
-    if config["SERVER_JSON_LOGS"]:
-        from gateway.observability import configure_json_logging
-
-        configure_json_logging()
     if dev:
+        _json_logs(config)
         from gateway import create_app
 
         create_app().run(host=host, port=port, threaded=True)
@@ -64,7 +69,11 @@ def serve_command(host: str | None, port: int | None, workers: int | None, dev: 
     metrics_dir = Path(config["PATHS_STATE_DIR"]) / f"metrics-{port}"
     shutil.rmtree(metrics_dir, ignore_errors=True)
     metrics_dir.mkdir(parents=True)
+    # Must be set before gateway.observability is imported anywhere (it fixes the value store then).
+    if "gateway.observability" in sys.modules:
+        raise click.ClickException("internal: metrics were created before multiprocess mode was chosen")
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(metrics_dir)
+    _json_logs(config)
     _gunicorn_app(
         {
             "bind": f"{host}:{port}",

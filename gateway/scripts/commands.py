@@ -6,7 +6,6 @@ import tempfile
 
 import click
 
-from gateway.app import create_app
 from gateway.relion.flags import FlagError, parse_command_line
 from gateway.errors import RequestError
 from gateway.service import DRY_RUN_MAIN_ID, MODES
@@ -47,6 +46,10 @@ def render_command(
         "num_mpi": num_mpi,
         "flags": flags,
     }
+    # Imported here: importing the app creates the Prometheus metrics, which `serve` must only do
+    # after it has chosen multiprocess mode.
+    from gateway.app import create_app
+
     # A throwaway store: a dry run records nothing.
     with tempfile.TemporaryDirectory() as tmp:
         app = create_app({"STORE_DATABASE_URL": f"sqlite:///{tmp}/dry.sqlite"})
