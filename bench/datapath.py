@@ -36,7 +36,7 @@ import uuid
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, TypeVar
 
 import botocore.exceptions
 from boto3.s3.transfer import TransferConfig
@@ -45,6 +45,8 @@ from bench.common import ROOT, Context, machine_cpu_seconds, row
 from gateway.jobside.extract import extract_stream
 from gateway.jobside.stage_in import stage_in
 from gateway.storage.s3 import HashingReader, S3Location, S3Storage, make_s3_client, transfer_config_for
+
+T = TypeVar("T")
 
 NAME = "datapath"
 TITLE = "S3 data path: stage-in and archive speed, disk and memory"
@@ -289,6 +291,8 @@ class Bench:
         self.rows: list[dict[str, Any]] = []
         self.notes: list[str] = []
         self.leftovers: list[Path] = []
+        self.retries: list[dict[str, str]] = []
+        self.details["retries"] = self.retries
 
     def location(self, name: str) -> S3Location:
         return S3Location(self.bucket, f"{self.prefix}/{name}")
@@ -338,6 +342,8 @@ class Bench:
         wall = time.perf_counter() - started
         busy1, _ = machine_cpu_seconds()
         own, nanio = _own_cpu() - own0, _proc_cpu(self.nanio_pid) - nanio0
+        if nanio < 0:  # the S3 server was restarted meanwhile (other test runs do): its CPU is unknown
+            nanio = 0.0
         # A child that timed its own work (the archive driver) is charged that, not its start-up.
         seconds = result["seconds"] if isinstance(result, dict) and "seconds" in result else wall
         return {
@@ -349,6 +355,30 @@ class Bench:
             "result": result,
         }
 
+    def wait_for_s3(self, timeout: float = 180.0) -> None:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                self.client.head_bucket(Bucket=self.bucket)
+                return
+            except Exception:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(3)
+
+    def retrying(self, what: str, fn: Callable[[], T]) -> T:
+        """Run ``fn``; if it fails (other test runs stop and restart the shared S3 server on
+        purpose), wait for S3 and run it once more. A second failure is a real one."""
+        try:
+            return fn()
+        except Exception as exc:
+            self.ctx.log(f"    {what} failed ({type(exc).__name__}: {str(exc)[:120]}); waiting for S3 and running it again")
+            self.retries.append({"what": what, "error": f"{type(exc).__name__}: {exc}"[:500]})
+            while self.leftovers:
+                shutil.rmtree(self.leftovers.pop(), ignore_errors=True)
+            self.wait_for_s3()
+            return fn()
+
     def alternate(self, methods: dict[str, Callable[[int], Any]], repeats: int) -> dict[str, list[dict[str, Any]]]:
         """Run every method ``repeats`` times, rotating the order and reversing it every repeat."""
         names = list(methods)
@@ -358,7 +388,7 @@ class Bench:
             if i % 2:
                 order.reverse()
             for name in order:
-                measured = self.timed(lambda: methods[name](i))
+                measured = self.retrying(name, lambda: self.timed(lambda: methods[name](i)))
                 runs[name].append(measured)
                 while self.leftovers:
                     shutil.rmtree(self.leftovers.pop())
@@ -425,7 +455,10 @@ class Bench:
         summary = self.summarize(runs, self.big_bytes)
         # tar -czf (single-threaded gzip, CPU-bound: its MB/s does not depend on the size) is only a
         # reference; on the small set it takes ~4 s instead of ~40 s.
-        gzip_ref = self.summarize({"ref": [self.timed(lambda: self.plain_pack(None, "gzip-small.tar.gz", None, self.small_root))]}, self.small_bytes)["ref"]
+        gzip_ref = self.summarize(
+            {"ref": [self.retrying("tar -czf", lambda: self.timed(lambda: self.plain_pack(None, "gzip-small.tar.gz", None, self.small_root)))]},
+            self.small_bytes,
+        )["ref"]
         self.ctx.log(f"    tar -czf (small set): {gzip_ref['median_s']:.2f} s")
         self.details["archive"] = {**summary, f"tar -czf - → upload_fileobj (default), {self.small_bytes / MB:.0f} MB set": gzip_ref}
         gateway = summary["gateway pack_and_upload"]["mb_per_s"]
@@ -441,7 +474,7 @@ class Bench:
                 unit="MB/s", goal=(">=", round(GOAL_RATIO * best, 1)), baseline=best, baseline_label=best_name,
                 note=f"median of {self.repeats} alternated runs, {summary['gateway pack_and_upload']['median_s']:.1f} s "
                 f"(best runs: {gateway_best:.1f} vs {plain[best_name]['best_mb_per_s']:.1f} MB/s) "
-                "(timed inside the child process that also gives the memory row); plain: {others}; "
+                f"(timed inside the child process that also gives the memory row); plain: {others}; "
                 f"compressed/original {self.stage_object_bytes / self.big_bytes:.3f}; client CPU {summary['gateway pack_and_upload']['client_cpu_s']:.1f} s "
                 f"(tar + pigz + boto3), nanio {summary['gateway pack_and_upload']['server_cpu_s']:.1f} s, other processes {summary['gateway pack_and_upload']['other_cpu_s']:.1f} s")
         )
@@ -553,7 +586,7 @@ class Bench:
         }
         self.ctx.log(f"  stage-in ({self.stage_object_bytes / MB:,.0f} MB object):")
         runs = self.alternate(methods, self.repeats)
-        runs["get_object read to null (ceiling)"] = [self.timed(lambda: self.get_to_null(0))]
+        runs["get_object read to null (ceiling)"] = [self.retrying("GET to null", lambda: self.timed(lambda: self.get_to_null(0)))]
         summary = self.summarize(runs, self.big_bytes)
         self.details["stage_in"] = summary
         gw = summary["gateway stage_in"]
@@ -642,7 +675,7 @@ class Bench:
         for label, (root, size) in sets.items():
             if label == "small":
                 key = f"{self.prefix}/rss-small.tar.gz"
-                packed = self.archive_child(root, "rss-small.tar.gz")
+                packed = self.retrying("archive child", lambda: self.archive_child(root, "rss-small.tar.gz"))
                 archive_mb = packed["rss_mb"]
             else:  # the archive runs of part 2 were these children already
                 key = self.stage_object.key
@@ -650,10 +683,10 @@ class Bench:
                 archive_mb = max(self.archive_rss_big)
             dest = self.tmp / f"rss-{label}" / "dataset"
             record = self.tmp / f"rss-{label}.json"
-            stage_mb, _ = self.child(
+            stage_mb, _ = self.retrying("stage-in child", lambda: self.child(
                 STAGE_IN_CHILD, "job", "stage-in", "--url", f"s3://{self.bucket}/{key}", "--dest", str(dest),
                 "--record", str(record), "--endpoint-url", self.endpoint, "--quota-bytes", str(QUOTA), "--max-members", str(MAX_MEMBERS),
-            )
+            ))
             staged = json.loads(record.read_text())
             if staged["extracted_bytes"] != size:
                 raise RuntimeError(f"stage-in child extracted {staged['extracted_bytes']} bytes, expected {size}")
@@ -702,6 +735,9 @@ class Bench:
             f"Methods alternate (order rotated, reversed every other repeat); medians of {self.repeats}. The `other_cpu_s` fields in datapath.json "
             "give the CPU other processes took during each run (this is a shared 2-core machine).",
         ]
+        if self.retries:
+            self.notes.append(f"{len(self.retries)} run(s) failed once and were run again after S3 answered (see `retries` in datapath.json): "
+                              + "; ".join(f"{r['what']}: {r['error'][:100]}" for r in self.retries))
         return {"rows": self.rows, "details": self.details, "notes": self.notes}
 
 

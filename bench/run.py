@@ -31,6 +31,7 @@ from bench.common import RESULTS_DIR, Context, fmt, goal_met, ratio_text  # noqa
 BENCHMARKS: dict[str, str] = {
     "tracking": "bench.tracking",  # Tracking that never floods slurmctld
     "datapath": "bench.datapath",  # S3 data path: stage-in and archive speed, disk and memory
+    "overhead": "bench.overhead",  # Gateway overhead: submit latency, submissions/s, end-to-end tiny 2D
 }
 
 
