@@ -1,6 +1,6 @@
 """Make a tiny synthetic RELION dataset: two Gaussian-blob maps projected with CTF, plus noise.
 
-Recipe (docs: /work/shared/notes/relion.md, section 1): map A has 6 Gaussian blobs and no symmetry,
+Recipe (docs: shared/notes/relion.md, section 1): map A has 6 Gaussian blobs and no symmetry,
 map B is A without one blob; the first half of the particles come from A and the rest from B, at
 uniform random orientations with +-2 px shifts, defocus 1.0-2.5 um with some astigmatism and 4 fake
 micrographs (so ``--scale`` has 4 groups). ``relion_project --ctf`` makes the clean images, numpy adds

@@ -1,6 +1,6 @@
 """Summarise what a relion_refine run wrote: iterations, resolution, class distribution, files.
 
-Facts this relies on (RELION 3.1.3, measured; see /work/shared/notes/relion.md sections 2-4):
+Facts this relies on (RELION 3.1.3, measured; see shared/notes/relion.md sections 2-4):
 
 * Each finished iteration N writes ``<prefix>_itNNN_*``. Classification (2D/3D) writes
   ``_itNNN_model.star``; auto-refine writes ``_itNNN_half1_model.star`` and ``_itNNN_half2_model.star``.

@@ -20,7 +20,7 @@ from gateway.relion.catalogue import (
 )
 from gateway.relion.flags import FlagError, FlagValue, normalise_flags, parse_command_line
 
-# The command lines measured in /work/shared/notes/relion.md (section 2b and 2c), minus mpirun.
+# The command lines measured in shared/notes/relion.md (section 2b and 2c), minus mpirun.
 CLASS3D_COMMAND = (
     "--i particles.star --o c3d/run --ref ref.mrc --firstiter_cc --ini_high 30 "
     "--K 2 --iter 3 --tau2_fudge 4 --particle_diameter 100 --ctf --zero_mask --flatten_solvent --sym C1 "
