@@ -164,7 +164,9 @@ def gateway_state(
         if main == SlurmState.UNKNOWN:
             return JobState.UNKNOWN
         live = LIVE_STATE_OF_MAIN.get(main, JobState.UNKNOWN)
-        if live == JobState.RUNNING and main_phase == "staging":
+        # The script's first step is stage-in: until it has stamped a later phase, a RUNNING main
+        # job is staging (without this a job could show running -> staging -> running).
+        if live == JobState.RUNNING and main_phase in (None, "staging"):
             return JobState.STAGING
         return live
     # The main job has ended: the hook decides whether the output is safe.

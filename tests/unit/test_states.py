@@ -43,6 +43,7 @@ def test_unknown_slurm_state_is_unknown_and_not_terminal(caplog: pytest.LogCaptu
         (SlurmState.PENDING, SlurmState.PENDING, None, None, JobState.QUEUED),
         (SlurmState.RUNNING, SlurmState.PENDING, None, "staging", JobState.STAGING),
         (SlurmState.RUNNING, SlurmState.PENDING, None, "running", JobState.RUNNING),
+        (SlurmState.RUNNING, SlurmState.PENDING, None, None, JobState.STAGING),
         (SlurmState.COMPLETED, SlurmState.RUNNING, None, "finished", JobState.ARCHIVING),
         (SlurmState.COMPLETED, SlurmState.COMPLETED, 0, "finished", JobState.SUCCEEDED),
         (SlurmState.FAILED, SlurmState.COMPLETED, 0, "running", JobState.FAILED),
