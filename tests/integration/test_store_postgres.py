@@ -164,7 +164,7 @@ def test_one_of_two_pollers_polls_each_cycle(replicas: tuple[JobStore, JobStore]
         assert len(scheduler.status_calls) == n  # one batched status query per cycle, not two
         assert sorted(p.stats.cycles for p in pollers) == [0, n]  # always the same replica
     leader, other = sorted(pollers, key=lambda p: -p.stats.cycles)
-    assert services[1].get(job.job_id).state == "running"  # the leader's poll reached both replicas
+    assert services[1].get(job.job_id).state == "staging"  # the leader's poll reached both replicas (RUNNING, no phase stamped yet)
 
     leader.stop()  # a replica shutting down hands the lease over (and cycles no more)
     other.cycle()
