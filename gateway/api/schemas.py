@@ -105,17 +105,8 @@ class JobSchema(Schema):
     workspace_id = fields.String()
     mode = fields.String()
     num_mpi = fields.Integer()
-    partition = fields.String(
-        validate=FullMatch(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$", error="must be a Slurm partition name"),
-        metadata={"description": "Slurm partition (default: [slurm] partition); checked against its limits"},
-    )
-    time_limit = fields.String(
-        validate=validate.And(
-            validate.Length(max=32),
-            FullMatch(r"^(\d+-)?\d+(:\d+){0,2}$", error="must be a Slurm time such as 90, 01:30:00 or 2-00:00:00"),
-        ),
-        metadata={"description": "Slurm --time for the main job (default: [slurm] time_limit)", "example": "00:30:00"},
-    )
+    partition = fields.String(allow_none=True, metadata={"description": "as requested; null: the configured default"})
+    time_limit = fields.String(allow_none=True, metadata={"description": "as requested; null: the configured default"})
     flags = fields.Dict()
     slurm = fields.Nested(SlurmInfoSchema)
     output_url = fields.String(metadata={"description": "s3:// prefix holding output.tar.gz and metadata.json"})
@@ -168,6 +159,8 @@ def job_to_dict(record: Any, next_poll_s: float | None = None) -> dict[str, Any]
         "workspace_id": record.workspace_id,
         "mode": record.mode,
         "num_mpi": request.get("num_mpi"),
+        "partition": request.get("partition"),
+        "time_limit": request.get("time_limit"),
         "flags": request.get("flags", {}),
         "slurm": {
             "main_job_id": record.main_slurm_id,

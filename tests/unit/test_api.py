@@ -323,3 +323,8 @@ def test_metadata_is_fetched_from_s3_when_no_callback_came(client: FlaskClient, 
     scheduler.set_state("1002", "COMPLETED", exit_code=0)
     poll(app)
     assert client.get(f"{JOBS}/{job['job_id']}").json["metadata"] == {"schema_version": 1, "from": "s3"}
+
+
+def test_response_shows_the_requested_partition_and_time_limit(client: FlaskClient) -> None:
+    job = submit(client, time_limit="00:20:00")
+    assert (job["partition"], job["time_limit"]) == (None, "00:20:00")
