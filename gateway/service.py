@@ -29,6 +29,7 @@ from gateway.relion.flags import FlagError, NormalisedFlags, normalise_flags
 from gateway.relion.logs import error_line
 from gateway.scripts.render import ARCHIVE_TEMPLATE, MAIN_TEMPLATE, ScriptRenderer
 from gateway.slurm.backend import SchedulerBackend, SchedulerError, SlurmJobInfo
+from gateway.slurm.memory import memory_kill_line
 from gateway.slurm.states import TERMINAL_STATES, JobState, SlurmState, gateway_state
 from gateway.callbacks import MAX_EVENT_AGE_S, TOKEN_ENV, job_token, verify
 from gateway.storage.s3 import S3Storage, StorageError, parse_s3_url
@@ -37,8 +38,11 @@ from gateway.store import DuplicateIdempotencyKey, JobNotFound, JobRecord, JobSt
 log = logging.getLogger(__name__)
 
 MODES = ("2d", "3d", "autorefine")
-# How long one request or process may hold the right to submit a job before another may take over.
-SUBMIT_CLAIM_SECONDS = 120.0
+# Margin on top of one sbatch attempt (a find-by-name query and an sbatch, each bounded by
+# [slurm] command_timeout) before another process may take over a submission. The holder renews
+# its claim before every attempt, so a long retry loop never loses it, while a crashed gateway's
+# claims lapse within one attempt's worth of time and the poller finishes those submissions.
+SUBMIT_CLAIM_MARGIN_SECONDS = 10.0
 # Placeholder shown in a dry-run archive script, where the main job has no Slurm id yet.
 DRY_RUN_MAIN_ID = "MAIN_JOB_ID"
 # Every number a request passes to RELION, whatever the option's own bounds.
@@ -354,7 +358,7 @@ class JobService:
             accepted_at=job["accepted_at"],
             updated_at=now,
             main_script=prepared.main_script,
-            submit_claim_until=now + SUBMIT_CLAIM_SECONDS,
+            submit_claim_until=now + self.submit_claim_seconds,
         )
         # The record exists before Slurm hears of the job, so an accepted job is never lost.
         try:
@@ -364,6 +368,11 @@ class JobService:
             assert existing is not None
             return self._replay(existing, digest)
         return self._submit_record(record)
+
+    @property
+    def submit_claim_seconds(self) -> float:
+        """How long one sbatch attempt may take: a find-by-name query and an sbatch, plus a margin."""
+        return 2 * float(self.config["SLURM_COMMAND_TIMEOUT"]) + SUBMIT_CLAIM_MARGIN_SECONDS
 
     def _replay(self, existing: JobRecord, digest: str) -> JobRecord:
         if existing.request_sha256 and existing.request_sha256 != digest:
@@ -376,7 +385,7 @@ class JobService:
         """Finish a submission that was cut short (gateway killed between store and sbatch)."""
         if record.state != JobState.QUEUED.value or (record.main_slurm_id and record.archive_slurm_id):
             return record
-        if not self.store.claim_submission(record.job_id, SUBMIT_CLAIM_SECONDS):
+        if not self.store.claim_submission(record.job_id, self.submit_claim_seconds):
             return record  # another request or process is submitting it right now
         return self._submit_record(self.store.get(record.job_id), resuming=True)
 
@@ -385,6 +394,8 @@ class JobService:
         attempts = int(self.config["SLURM_SUBMIT_ATTEMPTS"])
         delay = float(self.config["SLURM_SUBMIT_RETRY_DELAY"])
         for attempt in range(1, attempts + 1):
+            # Renew the claim: no other process may take this submission over while we try.
+            self.store.extend_claim(job_id, self.submit_claim_seconds)
             # The name carries the gateway id: if an earlier sbatch got through but its reply was
             # lost (timeout, crash), adopt that job instead of queueing a twin.
             found = self.scheduler.find_by_name(job_name, since=since) if resuming or attempt > 1 else []
@@ -463,9 +474,10 @@ class JobService:
         Returns the number of live jobs looked at.
         """
         live = self.store.live({s.value for s in TERMINAL_STATES})
-        stale_before = time.time() - SUBMIT_CLAIM_SECONDS
+        now = time.time()
         for record in live:
-            if not record.archive_slurm_id and record.accepted_at < stale_before:
+            # A submission whose claim has lapsed was cut short (its gateway died): finish it.
+            if not record.archive_slurm_id and (record.submit_claim_until or 0) < now:
                 self.resume(record)
         self.refresh([r for r in live if r.main_slurm_id and r.archive_slurm_id])
         return len(live)
@@ -508,6 +520,12 @@ class JobService:
             archive.exit_code if archive else None,
             phase,
         )
+        memory_kill = ""
+        if main is not None and state in (JobState.FAILED, JobState.CANCELLED):
+            # Without cgroups Slurm ends a memory-killed job FAILED; only its stderr tells.
+            memory_kill = memory_kill_line(log_dir / f"main-{main.job_id}.err")
+            if memory_kill:
+                state = JobState.OUT_OF_MEMORY
         now = time.time()
         changes: dict[str, Any] = {"state": state.value, "checked_at": now}
         if main is not None:
@@ -526,7 +544,7 @@ class JobService:
                 metadata = self._find_metadata(record, log_dir)
                 if metadata is not None:
                     changes["metadata_json"] = metadata
-            changes["message"] = _final_message(state, log_dir, main, archive)
+            changes["message"] = _final_message(state, log_dir, main, archive, memory_kill)
             if strangers:
                 changes["message"] = "Slurm lost this job (" + "; ".join(strangers) + ")"
         elif state == JobState.UNKNOWN:
@@ -717,7 +735,9 @@ def _last_phase(log_dir: Path) -> str | None:
     return lines[-2] if len(lines) >= 2 else None
 
 
-def _final_message(state: JobState, log_dir: Path, main: SlurmJobInfo | None, archive: SlurmJobInfo | None) -> str:
+def _final_message(
+    state: JobState, log_dir: Path, main: SlurmJobInfo | None, archive: SlurmJobInfo | None, memory_kill: str = ""
+) -> str:
     if state == JobState.SUCCEEDED:
         return "RELION finished; output archived"
     if state == JobState.ARCHIVE_FAILED:
@@ -725,7 +745,7 @@ def _final_message(state: JobState, log_dir: Path, main: SlurmJobInfo | None, ar
         return f"archive job failed, workspace kept: {detail}".strip()
     if state == JobState.LOST:
         return "Slurm no longer knows this job and it left no result"
-    detail = error_line(log_dir / f"main-{main.job_id}.err") if main else ""
+    detail = memory_kill or (error_line(log_dir / f"main-{main.job_id}.err") if main else "")
     slurm = main.describe() if main else ""
     return f"{state.value}: Slurm {slurm}" + (f", exit code {main.exit_code}" if main and main.exit_code is not None else "") + (
         f": {detail}" if detail else ""

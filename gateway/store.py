@@ -318,6 +318,11 @@ class JobStore:
             )
         return bool(result.rowcount)
 
+    def extend_claim(self, job_id: str, seconds: float) -> None:
+        """Renew a submission claim this process holds."""
+        with self.engine.begin() as conn:
+            conn.execute(jobs_table.update().where(jobs_table.c.job_id == job_id).values(submit_claim_until=time.time() + seconds))
+
     # -- leases -------------------------------------------------------------------------------
 
     def acquire_lease(self, name: str, holder: str, seconds: float) -> bool:

@@ -127,7 +127,11 @@ AccountingStoragePort={SLURMDBD_PORT}
 # Needed for `sacct -o Comment` (the gateway tags its jobs with --comment).
 AccountingStoreFlags=job_comment
 JobAcctGatherType=jobacct_gather/linux
-JobAcctGatherFrequency=10
+# No cgroups here, so memory is enforced by polling: a step whose processes together use more
+# than its --mem is killed and the job ends OUT_OF_MEMORY. Sampling every 2 s catches a RELION
+# job that overruns within seconds (a real site would use task/cgroup with ConstrainRAMSpace).
+JobAcctGatherParams=OverMemoryKill
+JobAcctGatherFrequency=task=2
 NodeName={host} NodeAddr=127.0.0.1 CPUs={NODE_CPUS} RealMemory={NODE_MEMORY_MB} State=UNKNOWN
 PartitionName=debug Nodes=ALL Default=YES MaxTime=04:00:00 State=UP
 PartitionName=long Nodes=ALL MaxTime=2-00:00:00 State=UP

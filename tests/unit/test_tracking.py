@@ -191,3 +191,63 @@ def test_expired_lease_is_taken_over(app) -> None:
     assert not store.acquire_lease("poller", "b", 10)
     time.sleep(0.1)
     assert store.acquire_lease("poller", "b", 10)
+
+
+def test_a_crashed_submission_is_finished_by_the_poller_once_its_claim_lapses(app, scheduler: FakeScheduler, monkeypatch: pytest.MonkeyPatch) -> None:
+    jobs = service(app)
+    jobs.config["SLURM_COMMAND_TIMEOUT"] = 1.0
+    assert jobs.submit_claim_seconds == 2 * 1.0 + 10.0  # one find-by-name and one sbatch, plus a margin
+    # The gateway "dies" after storing the record, before sbatch: the record keeps the dead claim.
+    monkeypatch.setattr(jobs, "_submit_record", lambda record, resuming=False: record)
+    job_id = jobs.submit(valid_request(), idempotency_key="died").job_id
+    monkeypatch.undo()
+    jobs.poll()
+    assert scheduler.submitted == []  # the claim is still held: nobody may take it over yet
+    record = jobs.submit(valid_request(), idempotency_key="died")  # a client retry meanwhile
+    assert record.job_id == job_id and record.state == "queued" and record.main_slurm_id is None
+    jobs.store.update(job_id, submit_claim_until=time.time() - 1)  # the claim lapses
+    jobs.poll()
+    record = jobs.store.get(job_id)
+    assert (record.main_slurm_id, record.archive_slurm_id) == ("1001", "1002")
+    assert record.submit_claim_until is None
+
+
+def test_the_claim_is_renewed_before_every_sbatch_attempt(app, scheduler: FakeScheduler) -> None:
+    jobs = service(app)
+    jobs.config.update(SLURM_SUBMIT_RETRY_DELAY=0.01, SLURM_COMMAND_TIMEOUT=0.01)
+    renewed: list[str] = []
+    real_extend = jobs.store.extend_claim
+    jobs.store.extend_claim = lambda job_id, seconds: (renewed.append(job_id), real_extend(job_id, seconds))  # type: ignore[method-assign]
+    scheduler.transient_failures = 2
+    record = jobs.submit(valid_request())
+    assert record.main_slurm_id == "1001"
+    assert len(renewed) == 4  # three attempts for the main job, one for the archive job
+
+
+@pytest.mark.parametrize(
+    ("slurm_state", "stderr", "expected"),
+    [
+        # jobacct_gather OverMemoryKill (no cgroups), as the local stack's Slurm 22.05 writes it.
+        ("FAILED", "slurmstepd-vm: error: StepId=5798.batch exceeded memory limit (205733888 > 104857600), being killed\n"
+         "slurmstepd-vm: error: *** JOB 5798 ON vm CANCELLED AT 2026-11-24T04:23:13 ***\n", "out_of_memory"),
+        # task/cgroup with ConstrainRAMSpace.
+        ("FAILED", "slurmstepd: error: Detected 1 oom-kill event(s) in StepId=17.batch. Some of your processes may have been killed by the cgroup out-of-memory handler.\n", "out_of_memory"),
+        ("OUT_OF_MEMORY", "", "out_of_memory"),
+        ("CANCELLED by 0", "slurmstepd: error: *** JOB 5 ON vm CANCELLED AT 2026-11-24T04:23:13 ***\n", "cancelled"),
+        ("FAILED", "ERROR: \nsomething else went wrong\n", "failed"),
+    ],
+)
+def test_a_memory_kill_is_out_of_memory_whatever_state_slurm_ends_it_in(
+    client: FlaskClient, app, scheduler: FakeScheduler, tmp_path, slurm_state: str, stderr: str, expected: str
+) -> None:
+    service(app).config["PATHS_LOG_ROOT"] = str(tmp_path / "logs")
+    job = client.post(JOBS, json=valid_request()).json
+    log_dir = tmp_path / "logs" / "alice" / job["job_id"]
+    (log_dir / "main-1001.err").write_text(stderr)
+    scheduler.set_state("1001", slurm_state, exit_code=0)
+    scheduler.set_state("1002", "COMPLETED", exit_code=0)
+    service(app).poll()
+    body = client.get(f"{JOBS}/{job['job_id']}").json
+    assert body["status"] == expected
+    if expected == "out_of_memory" and stderr:
+        assert "oom-kill event" in body["message"] or "exceeded memory limit" in body["message"]
