@@ -136,8 +136,16 @@ def process_start_time(pid: int, proc_root: Path = PROC) -> float | None:
 
 
 def argv_matches(argv: Sequence[str], names: Sequence[str]) -> bool:
-    """True when argv[0] is one of names, or argv[1] is (``python3 /venv/bin/nanio serve``)."""
-    return any(os.path.basename(arg) in names for arg in argv[:2])
+    """True when argv[0] is one of names, or a Python interpreter runs one (``python3 /venv/bin/nanio serve``).
+
+    argv[1] alone is not enough: ``grep slurmd`` or ``tail slurmd`` in an admin's shell would pass
+    for the daemon, and ``stack up`` would adopt it instead of starting slurmd.
+    """
+    if not argv:
+        return False
+    if os.path.basename(argv[0]) in names:
+        return True
+    return len(argv) > 1 and os.path.basename(argv[0]).startswith("python") and os.path.basename(argv[1]) in names
 
 
 def is_alive(

@@ -326,6 +326,22 @@ def test_daemon_started_elsewhere_is_external(sleeper: Daemon) -> None:
         other.wait()
 
 
+def test_a_command_that_merely_names_the_daemon_is_not_the_daemon(sleeper: Daemon) -> None:
+    # `grep slurmd` in an admin's shell once passed for slurmd, and `stack up` adopted it.
+    name = sleeper.names[0]
+    grep = subprocess.Popen(["sleep", "300", name], start_new_session=True)  # argv[1:] names it
+    wait_for_exec(grep.pid)
+    try:
+        assert argv_matches(["/usr/bin/python3", f"/venv/bin/{name}", "serve"], sleeper.names)
+        assert not argv_matches(["grep", name], sleeper.names)
+        action, pid = sleeper.ensure()
+        assert action == "started" and pid != grep.pid
+    finally:
+        grep.kill()
+        grep.wait()
+        sleeper.stop()
+
+
 def test_daemon_that_dies_at_start_reports_its_log(tmp_path: Path) -> None:
     daemon = Daemon(
         name="broken",
