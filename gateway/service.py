@@ -513,6 +513,11 @@ class JobService:
             strangers.append(f"{role} job {info.job_id} now belongs to {info.name!r}")
             infos[role] = None
         main, archive = infos["main"], infos["archive"]
+        if archive is None and main is not None:
+            # Slurm lost (or gave away) the hook but still runs our main job: without a new hook
+            # the output would never be archived and a finished RELION run would read as lost.
+            self._replace_lost_archive(record, main, " ".join(strangers))
+            return
         phase = _last_phase(log_dir)
         state = gateway_state(
             main.state if main else None,
@@ -552,6 +557,28 @@ class JobService:
         if state.value != record.state:
             log.info("job %s: %s -> %s (%s)", record.job_id, record.state, state.value, changes.get("slurm_state", ""))
         self.store.update(record.job_id, **changes)
+
+    def _replace_lost_archive(self, record: JobRecord, main: SlurmJobInfo, why: str) -> None:
+        name = f"{record.job_id}.archive"
+        try:
+            found = [i for i in self.scheduler.find_by_name(name, since=record.accepted_at) if i != record.archive_slurm_id]
+            if found:
+                archive_id, how = found[-1], "found under its name"
+                script = record.archive_script
+            else:
+                # Depend on the main job only while it runs: once it has ended there is nothing to
+                # wait for (and kill_invalid_depend would cancel a hook that depends on a purged id).
+                script = self.renderer.render(
+                    ARCHIVE_TEMPLATE,
+                    {**record.job["archive_context"], "main_slurm_id": record.main_slurm_id, "after_main": not main.state.is_terminal},
+                )
+                archive_id, how = self.scheduler.submit(script, environment=self.job_environment(record.job_id)), "resubmitted"
+        except SchedulerError as exc:
+            log.warning("job %s: Slurm lost archive job %s and it could not be replaced yet: %s", record.job_id, record.archive_slurm_id, exc.message)
+            return
+        message = f"Slurm lost archive job {record.archive_slurm_id}" + (f" ({why})" if why else "") + f"; {how} as job {archive_id}"
+        log.warning("job %s: %s", record.job_id, message)
+        self.store.update(record.job_id, archive_slurm_id=archive_id, archive_script=script, message=message, checked_at=time.time())
 
     def _find_metadata(self, record: JobRecord, log_dir: Path) -> str | None:
         path = log_dir / "metadata.json"

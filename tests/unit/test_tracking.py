@@ -251,3 +251,38 @@ def test_a_memory_kill_is_out_of_memory_whatever_state_slurm_ends_it_in(
     assert body["status"] == expected
     if expected == "out_of_memory" and stderr:
         assert "oom-kill event" in body["message"] or "exceeded memory limit" in body["message"]
+
+
+def test_a_lost_archive_hook_is_replaced_while_the_main_job_runs(client: FlaskClient, app, scheduler: FakeScheduler) -> None:
+    job = client.post(JOBS, json=valid_request()).json
+    scheduler.set_state("1001", "RUNNING")
+    scheduler.forget("1002")  # slurmctld lost the hook (killed right after the submission)
+    scheduler.names.pop("1002")
+    service(app).poll()
+    body = client.get(f"{JOBS}/{job['job_id']}").json
+    assert "Slurm lost archive job 1002; resubmitted as job 1003" in body["message"]
+    assert "--dependency=afterany:1001" in scheduler.submitted[-1]
+    scheduler.set_state("1001", "COMPLETED", exit_code=0)
+    scheduler.set_state("1003", "COMPLETED", exit_code=0)
+    service(app).poll()
+    assert client.get(f"{JOBS}/{job['job_id']}").json["status"] == "succeeded"
+
+
+def test_a_hook_whose_id_was_reused_is_found_by_name_or_resubmitted_without_dependency(client: FlaskClient, app, scheduler: FakeScheduler) -> None:
+    job = client.post(JOBS, json=valid_request()).json
+    scheduler.set_state("1001", "COMPLETED", exit_code=0)
+    scheduler.set_state("1002", "PENDING", name="someone-elses-job")
+    service(app).poll()
+    body = client.get(f"{JOBS}/{job['job_id']}").json
+    assert body["status"] != "lost"
+    assert "now belongs to 'someone-elses-job'" in body["message"] and "resubmitted as job 1003" in body["message"]
+    assert "--dependency" not in scheduler.submitted[-1]  # the main job has ended: nothing to wait for
+    submitted = len(scheduler.submitted)
+    scheduler.forget("1003")  # lost again, but this time Slurm lists a hook under our name
+    scheduler.names["1004"] = f"{job['job_id']}.archive"
+    scheduler.set_state("1004", "COMPLETED", exit_code=0)
+    service(app).poll()
+    assert len(scheduler.submitted) == submitted  # adopted, not submitted again
+    assert "found under its name as job 1004" in client.get(f"{JOBS}/{job['job_id']}").json["message"]
+    service(app).poll()
+    assert client.get(f"{JOBS}/{job['job_id']}").json["status"] == "succeeded"
