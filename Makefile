@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 GATEWAY := $(VENV)/bin/relion-gateway
 
-.PHONY: install stack browser demo test unit integration bench stack-down clean
+.PHONY: install stack browser demo test unit integration reliability bench stack-down clean
 
 $(VENV)/.installed: setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -35,6 +35,10 @@ unit: install
 
 integration: stack
 	$(PY) -m pytest tests/integration
+
+# Fault injection on the real stack (kills the gateway, slurmctld, slurmd, the S3 server).
+reliability: stack
+	$(PY) -m pytest tests/reliability
 
 bench: stack
 	$(PY) bench/run.py

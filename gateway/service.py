@@ -769,6 +769,8 @@ def _final_message(
         return "RELION finished; output archived"
     if state == JobState.ARCHIVE_FAILED:
         detail = error_line(log_dir / f"archive-{archive.job_id}.err") if archive else ""
+        prefix = "archive failed, workspace kept: "  # what the hook itself prints first
+        detail = detail[len(prefix):] if detail.startswith(prefix) else detail
         return f"archive job failed, workspace kept: {detail}".strip()
     if state == JobState.LOST:
         return "Slurm no longer knows this job and it left no result"

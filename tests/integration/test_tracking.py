@@ -1,21 +1,17 @@
-"""Tracking on the real stack: cancel, time limit, RELION errors, restarts, reused Slurm ids.
+"""Tracking on the real stack: gateway and slurmctld restarts, reused Slurm ids.
 
-The slow cases (a one-minute time limit) are submitted first and checked last, so their waiting
-overlaps the rest of the module.
+Cancel, time limit, RELION errors and out-of-memory are in tests/reliability/test_job_endings.py.
 """
 from __future__ import annotations
 
 import os
 import signal
-import tarfile
 import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import mrcfile
-import numpy as np
 import pytest
 import requests
 from werkzeug.serving import make_server
@@ -23,7 +19,6 @@ from werkzeug.serving import make_server
 from gateway import create_app
 from gateway.process import run_command
 from gateway.relion.presets import TINY_FLAGS
-from gateway.storage.s3 import S3Location, S3Storage
 from gateway.store import JobRecord
 from tests.integration.conftest import allow_admin, wait_for_end
 
@@ -54,59 +49,6 @@ def wait_for(predicate: Any, timeout: float, what: str) -> None:
     while not predicate():
         assert time.monotonic() < deadline, f"timed out waiting for {what}"
         time.sleep(0.5)
-
-
-@pytest.fixture(scope="module")
-def timeout_job(http: requests.Session, gateway_url: str, dataset_url: str, bucket: str) -> str:
-    """A job that cannot finish within its one-minute limit; Slurm kills it after 60-75 s."""
-    return post(http, gateway_url, long_2d(dataset_url, bucket, "timeout", 500, time_limit="1"))["job_id"]
-
-
-def test_cancel_while_running_archives_partial_output(http: requests.Session, timeout_job: str, gateway_url: str, dataset_url: str, bucket: str, gateway_config: dict) -> None:
-    job = post(http, gateway_url, long_2d(dataset_url, bucket, "cancel", 200))
-    output = Path(gateway_config["PATHS_WORKSPACE_ROOT"]) / "itrack" / job["job_id"] / "dataset" / "Class2D"
-    wait_for(lambda: (output / "run_it001_model.star").exists(), 120, "the first iteration")
-    response = http.delete(f"{gateway_url}{JOBS}/{job['job_id']}", timeout=30)
-    assert response.status_code == 202
-    ended = wait_for_end(http, gateway_url, job["job_id"])
-    assert ended["status"] == "cancelled", ended
-    assert ended["metadata"]["slurm"]["state"].startswith("CANCELLED")
-    archived = {f["path"] for f in ended["metadata"]["output"]["files"]}
-    assert "run_it001_model.star" in archived  # what RELION had written is safe in S3
-    assert http.delete(f"{gateway_url}{JOBS}/{job['job_id']}", timeout=30).status_code == 409
-
-
-@pytest.fixture(scope="module")
-def wrong_box_dataset(tmp_path_factory: pytest.TempPathFactory, storage: S3Storage, bucket: str) -> str:
-    from gateway.relion.dataset import make_dataset
-
-    tarball = make_dataset(tmp_path_factory.mktemp("wrongbox") / "tiny")
-    folder = tarball.parent / "tiny"
-    with mrcfile.new(folder / "ref48.mrc") as mrc:
-        mrc.set_data(np.zeros((48, 48, 48), dtype=np.float32))
-        mrc.voxel_size = 4.0
-    wrong = tarball.parent / "wrongbox.tar.gz"
-    with tarfile.open(wrong, "w:gz") as archive:
-        for name in ("particles.star", "particles.mrcs", "ref48.mrc"):
-            archive.add(folder / name, arcname=name)
-    location = S3Location(bucket, "datasets/itest-wrongbox.tar.gz")
-    storage.upload_file(str(wrong), location)
-    return location.url
-
-
-def test_relion_error_reaches_the_message(http: requests.Session, gateway_url: str, wrong_box_dataset: str, bucket: str) -> None:
-    request = {
-        "user_id": "itrack",
-        "workspace_id": "wrongbox",
-        "dataset_s3_url": wrong_box_dataset,
-        "output_s3_prefix": f"s3://{bucket}/itest-tracking",
-        "mode": "3d",
-        "num_mpi": 2,
-        "flags": {**TINY_FLAGS["3d"], "ref": "ref48.mrc"},
-    }
-    ended = wait_for_end(http, gateway_url, post(http, gateway_url, request)["job_id"])
-    assert ended["status"] == "failed"
-    assert "The reference box size is 48 px" in ended["message"], ended["message"]
 
 
 @pytest.fixture
@@ -189,10 +131,3 @@ def test_a_reused_slurm_id_ends_lost(gateway_url: str, gateway_config: dict) -> 
         assert "not-a-gateway-job" in record.message
     finally:
         run_command(["scancel", stranger], timeout=30)
-
-
-def test_time_limit_ends_as_timeout(http: requests.Session, timeout_job: str, gateway_url: str) -> None:
-    ended = wait_for_end(http, gateway_url, timeout_job, timeout=240)
-    assert ended["status"] == "timeout", ended
-    assert ended["metadata"]["slurm"]["state"] == "TIMEOUT"
-    assert ended["metadata"]["output"] is not None  # partial output archived

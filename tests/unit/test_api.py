@@ -199,8 +199,13 @@ def test_failed_archive_job_is_archive_failed(client: FlaskClient, app, schedule
     job = submit(client)
     scheduler.set_state("1001", "COMPLETED", exit_code=0)
     scheduler.set_state("1002", "FAILED", exit_code=3)
+    log_dir = Path(app.extensions["relion_gateway"].store.get(job["job_id"]).job["log_dir"])
+    log_dir.mkdir(parents=True, exist_ok=True)
+    (log_dir / "archive-1002.err").write_text("archive failed, workspace kept: S3 PUT s3://b/k failed: Could not connect\n")
     poll(app)
-    assert client.get(f"{JOBS}/{job['job_id']}").json["status"] == "archive_failed"
+    body = client.get(f"{JOBS}/{job['job_id']}").json
+    assert body["status"] == "archive_failed"
+    assert body["message"] == "archive job failed, workspace kept: S3 PUT s3://b/k failed: Could not connect"
 
 
 def test_vanished_job_is_lost_not_succeeded(client: FlaskClient, app, scheduler: FakeScheduler) -> None:
