@@ -19,6 +19,7 @@ from werkzeug.serving import make_server
 
 from gateway import create_app
 from gateway.process import run_command
+from gateway.relion.presets import TINY_FLAGS
 from tests.integration.conftest import (  # noqa: F401  (fixtures)
     TERMINAL,
     admin_token,
@@ -82,6 +83,22 @@ def wait_until(predicate: Callable[[], Any], timeout: float, what: str, interval
             return value
         assert time.monotonic() < deadline, f"timed out after {timeout:g} s waiting for {what}"
         time.sleep(interval)
+
+
+def job_request(
+    user_id: str, dataset_url: str, bucket: str, workspace: str, *, mode: str = "2d", num_mpi: int = 2, flags: dict[str, Any] | None = None, **fields: Any
+) -> dict[str, Any]:
+    """A submission of the tiny preset (with ``flags`` changed), output under ``itest-<user_id>``."""
+    return {
+        "user_id": user_id,
+        "workspace_id": workspace,
+        "dataset_s3_url": dataset_url,
+        "output_s3_prefix": f"s3://{bucket}/itest-{user_id}",
+        "mode": mode,
+        "num_mpi": num_mpi,
+        "flags": {**TINY_FLAGS[mode], **(flags or {})},
+        **fields,
+    }
 
 
 def post(http: requests.Session, url: str, request: dict[str, Any], **headers: str) -> dict[str, Any]:

@@ -21,10 +21,9 @@ import requests
 
 from gateway.auth import create_token
 from gateway.process import run_command
-from gateway.relion.presets import TINY_FLAGS
 from gateway.store import JobStore, make_engine
 from tests.integration.conftest import ROOT, free_port
-from tests.reliability.conftest import JOBS, Tally, slurm_jobs_named, wait_until
+from tests.reliability.conftest import JOBS, Tally, job_request, slurm_jobs_named, wait_until
 
 SUBMISSIONS = 200
 CLIENTS = 16
@@ -94,15 +93,7 @@ def test_sigkill_under_200_idempotent_submissions_loses_and_duplicates_nothing(
     deadline = time.monotonic() + 240
 
     def request_for(key: str) -> dict[str, Any]:
-        return {
-            "user_id": "crash",
-            "workspace_id": workspace,
-            "dataset_s3_url": dataset_url,
-            "output_s3_prefix": f"s3://{bucket}/itest-crash",
-            "mode": "2d",
-            "num_mpi": 2,
-            "flags": {**TINY_FLAGS["2d"], "random_seed": int(key.rsplit("-", 1)[1])},
-        }
+        return job_request("crash", dataset_url, bucket, workspace, flags={"random_seed": int(key.rsplit("-", 1)[1])})
 
     def client(my_keys: list[str]) -> None:
         session = requests.Session()

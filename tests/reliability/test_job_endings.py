@@ -21,9 +21,8 @@ import pytest
 import requests
 
 from gateway.relion.dataset import make_dataset
-from gateway.relion.presets import TINY_FLAGS
 from gateway.storage.s3 import S3Location, S3Storage
-from tests.reliability.conftest import Tally, get, post, slurm_jobs_named, wait_for_all, wait_until
+from tests.reliability.conftest import Tally, get, job_request, post, slurm_jobs_named, wait_for_all, wait_until
 
 
 def upload(storage: S3Storage, bucket: str, tarball: Path, name: str) -> str:
@@ -70,17 +69,7 @@ def test_cancel_timeout_relion_error_and_oom_each_end_distinctly_with_the_hook_r
     workspace = f"end{secrets.token_hex(3)}"
 
     def request(mode: str, dataset: str, **changes: Any) -> dict[str, Any]:
-        flags = {**TINY_FLAGS[mode], **changes.pop("flags", {})}
-        return {
-            "user_id": "endings",
-            "workspace_id": workspace,
-            "dataset_s3_url": dataset,
-            "output_s3_prefix": f"s3://{bucket}/itest-endings",
-            "mode": mode,
-            "num_mpi": 2,
-            "flags": flags,
-            **changes,
-        }
+        return job_request("endings", dataset, bucket, workspace, mode=mode, **changes)
 
     jobs = {
         # Cannot finish within its one-minute limit: Slurm kills it 60-75 s after it starts.

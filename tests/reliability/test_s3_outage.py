@@ -14,8 +14,7 @@ from pathlib import Path
 
 import requests
 
-from gateway.relion.presets import TINY_FLAGS
-from tests.reliability.conftest import JOBS, Tally, post, slurm_jobs_named, wait_for_all, wait_until
+from tests.reliability.conftest import JOBS, Tally, job_request, post, slurm_jobs_named, wait_for_all, wait_until
 
 
 def test_s3_stopped_during_archiving_loses_nothing_and_the_retry_succeeds(
@@ -24,16 +23,7 @@ def test_s3_stopped_during_archiving_loses_nothing_and_the_retry_succeeds(
     from gateway.stack import stack_status, stack_up
 
     url = own_gateway()
-    workspace = f"s3out{secrets.token_hex(3)}"
-    request = {
-        "user_id": "s3outage",
-        "workspace_id": workspace,
-        "dataset_s3_url": dataset_url,
-        "output_s3_prefix": f"s3://{bucket}/itest-s3outage",
-        "mode": "2d",
-        "num_mpi": 2,
-        "flags": {**TINY_FLAGS["2d"], "iter": 3},
-    }
+    request = job_request("s3outage", dataset_url, bucket, f"s3out{secrets.token_hex(3)}", flags={"iter": 3})
     job_id = post(http, url, request)["job_id"]
     phases = tmp_path / "logs" / "s3outage" / job_id / "phases"
     # The main job stamps "finished" as its last act; the hook starts right after it (afterany).

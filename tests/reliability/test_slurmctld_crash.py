@@ -18,8 +18,7 @@ from collections.abc import Callable
 import requests
 
 from gateway.process import run_command
-from gateway.relion.presets import TINY_FLAGS
-from tests.reliability.conftest import SEP, Tally, get, post, slurm_jobs_named, wait_for_all, wait_until
+from tests.reliability.conftest import SEP, Tally, get, job_request, post, slurm_jobs_named, wait_for_all, wait_until
 
 PER_BATCH = 3
 
@@ -33,15 +32,7 @@ def test_slurmctld_sigkill_while_jobs_queue_and_run(
     workspace = f"ctld{secrets.token_hex(3)}"
 
     def submit(n: int) -> list[str]:
-        request = {
-            "user_id": "ctldcrash",
-            "workspace_id": workspace,
-            "dataset_s3_url": dataset_url,
-            "output_s3_prefix": f"s3://{bucket}/itest-ctldcrash",
-            "mode": "2d",
-            "num_mpi": 1,
-            "flags": TINY_FLAGS["2d"],
-        }
+        request = job_request("ctldcrash", dataset_url, bucket, workspace, num_mpi=1)
         return [post(http, url, request)["job_id"] for _ in range(n)]
 
     first_submitted = time.monotonic()

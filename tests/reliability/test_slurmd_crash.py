@@ -15,8 +15,7 @@ from pathlib import Path
 
 import requests
 
-from gateway.relion.presets import TINY_FLAGS
-from tests.reliability.conftest import Tally, get, post, slurm_jobs_named, wait_for_all, wait_until
+from tests.reliability.conftest import Tally, get, job_request, post, slurm_jobs_named, wait_for_all, wait_until
 
 
 def test_slurmd_killed_mid_run_and_brought_back_reports_the_outcome(
@@ -25,15 +24,7 @@ def test_slurmd_killed_mid_run_and_brought_back_reports_the_outcome(
     from gateway.stack import stack_status, stack_up
 
     url = own_gateway()
-    request = {
-        "user_id": "slurmdcrash",
-        "workspace_id": f"slurmd{secrets.token_hex(3)}",
-        "dataset_s3_url": dataset_url,
-        "output_s3_prefix": f"s3://{bucket}/itest-slurmdcrash",
-        "mode": "2d",
-        "num_mpi": 2,
-        "flags": {**TINY_FLAGS["2d"], "iter": 4},
-    }
+    request = job_request("slurmdcrash", dataset_url, bucket, f"slurmd{secrets.token_hex(3)}", flags={"iter": 4})
     job_id = post(http, url, request)["job_id"]
     phases = tmp_path / "logs" / "slurmdcrash" / job_id / "phases"
     wait_until(lambda: phases.exists() and "running" in phases.read_text(), 180, "RELION to start", interval=0.1)
