@@ -542,6 +542,11 @@ class JobService:
         progress = _read_json(log_dir / "progress.json")
         if progress is not None and record.progress_json is None or (progress and progress != record.progress):
             changes["progress_json"] = json.dumps(progress, sort_keys=True)
+        if state == JobState.QUEUED and record.state in (JobState.STAGING.value, JobState.RUNNING.value):
+            # Slurm requeued a job that had started (node failure, preemption, scontrol requeue):
+            # RELION will start again from the beginning. Say so rather than silently go back.
+            changes["message"] = f"Slurm requeued the main job after it had started ({main.describe() if main else 'PENDING'}); RELION will run again from the start"
+            log.warning("job %s: %s", record.job_id, changes["message"])
         if state.is_terminal:
             changes["ended_at"] = now
             if record.metadata_json is None:

@@ -286,3 +286,15 @@ def test_a_hook_whose_id_was_reused_is_found_by_name_or_resubmitted_without_depe
     assert "found under its name as job 1004" in client.get(f"{JOBS}/{job['job_id']}").json["message"]
     service(app).poll()
     assert client.get(f"{JOBS}/{job['job_id']}").json["status"] == "succeeded"
+
+
+def test_a_requeued_job_says_so(client: FlaskClient, app, scheduler: FakeScheduler) -> None:
+    job = client.post(JOBS, json=valid_request()).json
+    scheduler.set_state("1001", "RUNNING")
+    service(app).poll()
+    assert client.get(f"{JOBS}/{job['job_id']}").json["status"] == "staging"
+    scheduler.set_state("1001", "PENDING", reason="BeginTime")  # a node failure requeued it
+    service(app).poll()
+    body = client.get(f"{JOBS}/{job['job_id']}").json
+    assert body["status"] == "queued"
+    assert body["message"].startswith("Slurm requeued the main job after it had started (PENDING (BeginTime))")
