@@ -1,4 +1,4 @@
-"""Allow `python -m gateway ...`; the Slurm job scripts use this form so they need no PATH."""
+"""Allow `python -m gateway ...` (the job scripts use `python -m gateway.jobside`, which imports less)."""
 from gateway.cli import main
 
 main()

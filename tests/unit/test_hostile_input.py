@@ -157,7 +157,7 @@ def test_every_string_and_path_option_with_hostile_values_in_real_bash(tmp_path:
         assert relion == prepared.job["relion_command"][1:]
         for option, given in accepted.items():
             assert relion[relion.index(f"--{option}") + 1] == given, (label, option)
-        stage_in = next(c for c in made if c[:4] == ["-m", "gateway", "job", "stage-in"])
+        stage_in = next(c for c in made if c[:3] == ["-m", "gateway.jobside", "stage-in"])
         assert stage_in[stage_in.index("--star") + 1] == accepted.get("i", SAFE["i"])
         required = [stage_in[n + 1] for n, arg in enumerate(stage_in) if arg == "--require"]
         # Path options are checked to exist after stage-in: their values reach it intact too.

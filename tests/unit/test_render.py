@@ -5,6 +5,7 @@ import json
 import os
 import stat
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -169,7 +170,7 @@ def test_hostile_values_reach_relion_intact_and_execute_nothing(tmp_path: Path) 
     subprocess.run(["bash", str(script)], cwd=tmp_path, check=True, timeout=30, env={"PATH": os.environ["PATH"], "HOME": str(tmp_path)})
 
     calls_made = [json.loads(line) for line in calls.read_text().splitlines()]
-    stage_in = next(c for c in calls_made if c[:4] == ["-m", "gateway", "job", "stage-in"])
+    stage_in = next(c for c in calls_made if c[:3] == ["-m", "gateway.jobside", "stage-in"])
     relion = next(c for c in calls_made if c[:1] == ["--i"])
     for watcher in (c for c in calls_made if c[:4] == ["-m", "gateway", "job", "watch"]):
         # The background watcher may be killed by the EXIT trap before it starts; if it ran, its
@@ -182,3 +183,17 @@ def test_hostile_values_reach_relion_intact_and_execute_nothing(tmp_path: Path) 
     assert (Path(job["workspace_dir"]) / "dataset" / "Out $(touch PWNED_dir)").is_dir()
     assert not list(tmp_path.rglob("PWNED*")), "a hostile value was executed"
     assert Path(job["log_dir"], "phases").read_text().split()[::2] == ["staging", "running", "finished"]
+
+
+@pytest.mark.parametrize(
+    ("imports", "forbidden"),
+    [
+        # What `python -m gateway.jobside watch` loads: it lives as long as RELION, inside the job's --mem.
+        ("gateway.jobside.commands gateway.jobside.watch gateway.callbacks", ("flask", "sqlalchemy", "gunicorn", "prometheus_client", "boto3")),
+        ("gateway.jobside.commands gateway.jobside.stage_in gateway.relion.inputs gateway.storage.s3", ("flask", "sqlalchemy", "gunicorn", "prometheus_client")),
+    ],
+)
+def test_job_side_steps_import_no_server_code(imports: str, forbidden: tuple[str, ...]) -> None:
+    code = f"import sys\nfor m in {imports.split()!r}: __import__(m)\nprint(sorted(m for m in {forbidden!r} if m in sys.modules))"
+    loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True).stdout.strip()
+    assert loaded == "[]", f"job-side step imports {loaded}"
