@@ -57,6 +57,9 @@ def default_config() -> dict[str, Any]:
         "SLURM_QOS": "",
         "SLURM_TIME_LIMIT": "01:00:00",
         "SLURM_ARCHIVE_TIME_LIMIT": "01:00:00",
+        # --mem of the archive hook, whatever RELION was given: it holds up to four 64 MiB upload
+        # parts plus tar and pigz (324 MB peak measured on 1 GB of output, bench/ datapath).
+        "SLURM_ARCHIVE_MEMORY_MB": 1024,
         "SLURM_EXTRA_DIRECTIVES": [],  # admin-owned lines such as "--constraint=skylake"
         "SLURM_COMMAND_TIMEOUT": 30.0,
         # Per-partition limits checked at submit time, so a request Slurm would refuse (or leave

@@ -285,6 +285,8 @@ class JobService:
             "archive_job_name": f"{job_id}.archive",
             "after_main": True,
             "archive_cpus": 2,
+            # Not RELION's estimate: a job given little memory per CPU must still get its hook run.
+            "archive_memory_mb": int(self.config["SLURM_ARCHIVE_MEMORY_MB"]),
             "archive_time_limit": self.config["SLURM_ARCHIVE_TIME_LIMIT"],
             "compressor": self.config["JOB_ARCHIVE_COMPRESSOR"],
         }
@@ -296,7 +298,15 @@ class JobService:
         return {TOKEN_ENV: job_token(self.callback_secret, job_id)} if self.callback_secret else {}
 
     def render_archive(self, prepared: PreparedJob, main_slurm_id: str) -> str:
-        return self.renderer.render(ARCHIVE_TEMPLATE, {**prepared.archive_context, "main_slurm_id": main_slurm_id})
+        return self.archive_script(prepared.archive_context, main_slurm_id)
+
+    def archive_script(self, archive_context: dict[str, Any], main_slurm_id: str | None, *, after_main: bool = True) -> str:
+        """The hook's script. Records stored by an older gateway lack newer context keys: default them."""
+        defaults = {"archive_memory_mb": int(self.config["SLURM_ARCHIVE_MEMORY_MB"])}
+        context = {**defaults, **archive_context, "main_slurm_id": main_slurm_id}
+        if not after_main:
+            context["after_main"] = False
+        return self.renderer.render(ARCHIVE_TEMPLATE, context)
 
     # -- submission ---------------------------------------------------------------------------
 
@@ -427,7 +437,7 @@ class JobService:
             log.error("submit of %s failed: %s", record.job_id, message)
             return self.store.get(record.job_id)
         self.store.update(record.job_id, main_slurm_id=main_id)
-        archive_script = self.renderer.render(ARCHIVE_TEMPLATE, {**job["archive_context"], "main_slurm_id": main_id})
+        archive_script = self.archive_script(job["archive_context"], main_id)
         try:
             archive_id = self._sbatch(archive_script, f"{record.job_id}.archive", since, resuming, record.job_id)
         except SchedulerError as exc:
@@ -573,10 +583,7 @@ class JobService:
             else:
                 # Depend on the main job only while it runs: once it has ended there is nothing to
                 # wait for (and kill_invalid_depend would cancel a hook that depends on a purged id).
-                script = self.renderer.render(
-                    ARCHIVE_TEMPLATE,
-                    {**record.job["archive_context"], "main_slurm_id": record.main_slurm_id, "after_main": not main.state.is_terminal},
-                )
+                script = self.archive_script(record.job["archive_context"], record.main_slurm_id, after_main=not main.state.is_terminal)
                 archive_id, how = self.scheduler.submit(script, environment=self.job_environment(record.job_id)), "resubmitted"
         except SchedulerError as exc:
             log.warning("job %s: Slurm lost archive job %s and it could not be replaced yet: %s", record.job_id, record.archive_slurm_id, exc.message)
@@ -657,7 +664,7 @@ class JobService:
             raise RequestError("job_id", f"job {job_id} is {record.state}; only archive_failed jobs can be archived again", status=409)
         job = record.job
         # No dependency this time: the main job has long ended (and may have left Slurm's memory).
-        script = self.renderer.render(ARCHIVE_TEMPLATE, {**job["archive_context"], "main_slurm_id": record.main_slurm_id, "after_main": False})
+        script = self.archive_script(job["archive_context"], record.main_slurm_id, after_main=False)
         archive_id = self.scheduler.submit(script, environment=self.job_environment(job_id))
         self.store.update(
             job_id,

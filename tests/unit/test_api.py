@@ -333,3 +333,22 @@ def test_metadata_is_fetched_from_s3_when_no_callback_came(client: FlaskClient, 
 def test_response_shows_the_requested_partition_and_time_limit(client: FlaskClient) -> None:
     job = submit(client, time_limit="00:20:00")
     assert (job["partition"], job["time_limit"]) == (None, "00:20:00")
+
+
+def test_the_hook_gets_its_own_memory_whatever_relion_was_given(client: FlaskClient, app, scheduler: FakeScheduler) -> None:
+    jobs = app.extensions["relion_gateway"]
+    jobs.config["RELION_MEMORY_PER_RANK_MB"] = {"2d": 100}  # 100 MB per CPU: too little for the hook's upload buffers
+    job = submit(client)
+    main_script, archive_script = scheduler.submitted[-2:]
+    assert "#SBATCH --mem-per-cpu=100M" in main_script
+    assert "#SBATCH --mem=1024M" in archive_script and "--mem-per-cpu" not in archive_script
+    # A record stored before [slurm] archive_memory_mb existed is still archived again on retry.
+    record = jobs.store.get(job["job_id"])
+    old = record.job
+    del old["archive_context"]["archive_memory_mb"]
+    jobs.store.update(job["job_id"], job_json=json.dumps(old))
+    scheduler.set_state("1001", "COMPLETED", exit_code=0)
+    scheduler.set_state("1002", "FAILED", exit_code=3)
+    poll(app)
+    assert client.post(f"{JOBS}/{job['job_id']}/archive").status_code == 202
+    assert "#SBATCH --mem=1024M" in scheduler.submitted[-1]
