@@ -564,7 +564,7 @@ class JobService:
                 metadata = self._find_metadata(record, log_dir)
                 if metadata is not None:
                     changes["metadata_json"] = metadata
-            changes["message"] = _final_message(state, log_dir, main, archive, memory_kill)
+            changes["message"] = _final_message(state, log_dir, main, archive, memory_kill, record)
             if strangers:
                 changes["message"] = "Slurm lost this job (" + "; ".join(strangers) + ")"
         elif state == JobState.UNKNOWN:
@@ -775,7 +775,12 @@ def _last_phase(log_dir: Path) -> str | None:
 
 
 def _final_message(
-    state: JobState, log_dir: Path, main: SlurmJobInfo | None, archive: SlurmJobInfo | None, memory_kill: str = ""
+    state: JobState,
+    log_dir: Path,
+    main: SlurmJobInfo | None,
+    archive: SlurmJobInfo | None,
+    memory_kill: str = "",
+    record: JobRecord | None = None,
 ) -> str:
     if state == JobState.SUCCEEDED:
         return "RELION finished; output archived"
@@ -785,7 +790,10 @@ def _final_message(
         detail = detail[len(prefix):] if detail.startswith(prefix) else detail
         return f"archive job failed, workspace kept: {detail}".strip()
     if state == JobState.LOST:
-        return "Slurm no longer knows this job and it left no result"
+        ids = f" (main job {record.main_slurm_id}, archive job {record.archive_slurm_id})" if record else ""
+        # Neither squeue nor sacct knows the ids: slurmctld lost the submission (e.g. killed before
+        # saving its state), or accounting was purged.
+        return f"Slurm no longer knows this job{ids} and it left no result: slurmctld lost it or its records were purged"
     detail = memory_kill or (error_line(log_dir / f"main-{main.job_id}.err") if main else "")
     slurm = main.describe() if main else ""
     return f"{state.value}: Slurm {slurm}" + (f", exit code {main.exit_code}" if main and main.exit_code is not None else "") + (

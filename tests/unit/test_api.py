@@ -213,7 +213,9 @@ def test_vanished_job_is_lost_not_succeeded(client: FlaskClient, app, scheduler:
     scheduler.forget("1001")
     scheduler.forget("1002")
     poll(app)
-    assert client.get(f"{JOBS}/{job['job_id']}").json["status"] == "lost"
+    body = client.get(f"{JOBS}/{job['job_id']}").json
+    assert body["status"] == "lost"
+    assert body["message"].startswith("Slurm no longer knows this job (main job 1001, archive job 1002)")
 
 
 def test_cancel_cancels_the_main_job_only_and_repeating_is_harmless(client: FlaskClient, app, scheduler: FakeScheduler) -> None:
