@@ -77,6 +77,11 @@ tokens_table = sa.Table(
     sa.Column("last_used_at", sa.Float),
 )
 
+# Built once: the two reads behind every status request (the job, and the bearer token's row for
+# revocation) are the API's hot path, and building a select per call was a fifth of its CPU.
+_GET_JOB = sa.select(jobs_table).where(jobs_table.c.job_id == sa.bindparam("job_id"))
+_GET_TOKEN = sa.select(tokens_table).where(tokens_table.c.id == sa.bindparam("token_id"))
+
 
 @dataclass
 class TokenRecord:
@@ -250,7 +255,7 @@ class JobStore:
 
     def get(self, job_id: str) -> JobRecord:
         with self.engine.connect() as conn:
-            row = conn.execute(sa.select(jobs_table).where(jobs_table.c.job_id == job_id)).mappings().first()
+            row = conn.execute(_GET_JOB, {"job_id": job_id}).mappings().first()
         if row is None:
             raise JobNotFound(job_id)
         return JobRecord(**dict(row))
@@ -355,7 +360,7 @@ class JobStore:
 
     def get_token(self, token_id: str) -> TokenRecord | None:
         with self.engine.connect() as conn:
-            row = conn.execute(sa.select(tokens_table).where(tokens_table.c.id == token_id)).mappings().first()
+            row = conn.execute(_GET_TOKEN, {"token_id": token_id}).mappings().first()
         return TokenRecord(**dict(row)) if row else None
 
     def list_tokens(self, *, user: str | None = None) -> list[TokenRecord]:
