@@ -14,6 +14,7 @@ import secrets
 import unicodedata
 import socket
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,7 +31,7 @@ from gateway.relion.logs import error_line
 from gateway.scripts.render import ARCHIVE_TEMPLATE, MAIN_TEMPLATE, ScriptRenderer
 from gateway.slurm.backend import SchedulerBackend, SchedulerError, SlurmJobInfo
 from gateway.slurm.memory import memory_kill_line
-from gateway.slurm.states import TERMINAL_STATES, JobState, SlurmState, gateway_state
+from gateway.slurm.states import TERMINAL_STATES, JobState, gateway_state
 from gateway.callbacks import MAX_EVENT_AGE_S, TOKEN_ENV, job_token, verify
 from gateway.storage.s3 import S3Storage, StorageError, parse_s3_url
 from gateway.store import DuplicateIdempotencyKey, JobNotFound, JobRecord, JobStore
@@ -650,12 +651,16 @@ class JobService:
 
     def retry_archive(self, job_id: str, *, principal: Actor | None = None) -> JobRecord:
         """Submit the completion hook again for a job whose archive failed (its workspace was kept)."""
+        return self._audited("job.archive_retry", principal, job_id, lambda: self._retry_archive(job_id, principal), "archive_slurm_id")
+
+    def _audited(self, action: str, principal: Actor | None, job_id: str, act: Callable[[], JobRecord], slurm_field: str) -> JobRecord:
+        """Run an action on one job and audit its outcome (ok with the Slurm id it touched, refused, error)."""
         try:
-            record = self._retry_archive(job_id, principal)
+            record = act()
         except Exception as exc:
-            self.auditor.record("job.archive_retry", _outcome(exc), actor=principal, job_id=job_id, reason=_reason(exc))
+            self.auditor.record(action, _outcome(exc), actor=principal, job_id=job_id, reason=_reason(exc))
             raise
-        self.auditor.record("job.archive_retry", "ok", actor=principal, job_id=job_id, archive_slurm_id=record.archive_slurm_id)
+        self.auditor.record(action, "ok", actor=principal, job_id=job_id, **{slurm_field: getattr(record, slurm_field)})
         return record
 
     def _retry_archive(self, job_id: str, principal: Actor | None) -> JobRecord:
@@ -679,13 +684,7 @@ class JobService:
 
     def cancel(self, job_id: str, *, principal: Actor | None = None) -> JobRecord:
         """Cancel the main job; its afterany hook still runs and archives what was produced."""
-        try:
-            record = self._cancel(job_id, principal)
-        except Exception as exc:
-            self.auditor.record("job.cancel", _outcome(exc), actor=principal, job_id=job_id, reason=_reason(exc))
-            raise
-        self.auditor.record("job.cancel", "ok", actor=principal, job_id=job_id, main_slurm_id=record.main_slurm_id)
-        return record
+        return self._audited("job.cancel", principal, job_id, lambda: self._cancel(job_id, principal), "main_slurm_id")
 
     def _cancel(self, job_id: str, principal: Actor | None) -> JobRecord:
         record = self.get(job_id, principal=principal)
