@@ -838,7 +838,7 @@ class Bench:
         self.rows += [
             row(group, "wall, POST -> succeeded (poller 1 s)", g, unit="s", baseline=b, baseline_label="bare mpirun -np 2 relion_refine_mpi",
                 note="runs " + ", ".join(f"{r['kind']} {r['wall_s']:.1f} s (other processes {r['others_cpu_share']:.0%} of the CPU)" for r in runs) + "; "
-                f"metadata timings (median s): " + ", ".join(f"{k} {v:.2f}" for k, v in timings.items())),
+                "metadata timings (median s): " + ", ".join(f"{k} {v:.2f}" for k, v in timings.items())),
             row(group, "gateway / bare", g / b, unit="x"),
             row(group, "overhead, total", g - b, unit="s"),
         ]

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import click
-from flask import Flask, current_app, g, request
+from flask import Flask, g, request
 
 from gateway.audit import Auditor
 from gateway.store import JobStore, TokenRecord

@@ -14,7 +14,7 @@ import pytest
 import gateway.jobside
 from moto import mock_aws
 
-from gateway.jobside.archive import ArchiveError, run_archive
+from gateway.jobside.archive import run_archive
 from gateway.jobside.stage_in import stage_in
 from gateway.storage.s3 import S3Storage, StorageError
 from tests.fakes import FakeScheduler
