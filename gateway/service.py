@@ -54,6 +54,9 @@ MAX_NAME_BYTES = 255
 _BUCKET = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")
 _IP_LIKE = re.compile(r"\d{1,3}(\.\d{1,3}){3}")
 MAX_S3_KEY_BYTES = 1024
+# A main job Slurm still lists as running this long after its script stamped "finished" is
+# reported as suspect (see _apply).
+FINISHED_BUT_RUNNING_S = 120.0
 
 
 def check_s3_url(url: str) -> tuple[str, str]:
@@ -558,6 +561,15 @@ class JobService:
             # RELION will start again from the beginning. Say so rather than silently go back.
             changes["message"] = f"Slurm requeued the main job after it had started ({main.describe() if main else 'PENDING'}); RELION will run again from the start"
             log.warning("job %s: %s", record.job_id, changes["message"])
+        finished_at = _phase_time(log_dir, "finished")
+        if state == JobState.RUNNING and main is not None and finished_at and now - finished_at > FINISHED_BUT_RUNNING_S:
+            # Seen after slurmctld was killed just as the job ended: it recovered the job as RUNNING
+            # and only learns it is gone when the node next re-registers (minutes). Do not guess an
+            # outcome; tell the portal and the admin what is odd.
+            changes["message"] = (
+                f"the job script finished {now - finished_at:.0f} s ago but Slurm still lists main job {main.job_id} as "
+                f"{main.raw_state}: slurmctld may have lost its completion (it re-checks when the node re-registers)"
+            )
         if state.is_terminal:
             changes["ended_at"] = now
             if record.metadata_json is None:
@@ -773,6 +785,30 @@ def _last_phase(log_dir: Path) -> str | None:
     return lines[-2] if len(lines) >= 2 else None
 
 
+def _phase_count(log_dir: Path, name: str) -> int:
+    """How many times the main job's script stamped phase ``name`` (more than once: it was re-run)."""
+    try:
+        return sum(1 for line in (log_dir / "phases").read_text().splitlines() if line.partition(" ")[0] == name)
+    except OSError:
+        return 0
+
+
+def _phase_time(log_dir: Path, name: str) -> float | None:
+    """When the main job's script last stamped phase ``name``, if it did."""
+    try:
+        lines = (log_dir / "phases").read_text().splitlines()
+    except OSError:
+        return None
+    for line in reversed(lines):
+        phase, _, stamp = line.partition(" ")
+        if phase == name:
+            try:
+                return float(stamp)
+            except ValueError:
+                return None
+    return None
+
+
 def _final_message(
     state: JobState,
     log_dir: Path,
@@ -782,7 +818,9 @@ def _final_message(
     record: JobRecord | None = None,
 ) -> str:
     if state == JobState.SUCCEEDED:
-        return "RELION finished; output archived"
+        starts = _phase_count(log_dir, "staging")
+        # A requeued job's final success must not hide that it ran more than once.
+        return "RELION finished; output archived" + (f" (the main job started {starts} times: Slurm requeued it)" if starts > 1 else "")
     if state == JobState.ARCHIVE_FAILED:
         detail = error_line(log_dir / f"archive-{archive.job_id}.err") if archive else ""
         prefix = "archive failed, workspace kept: "  # what the hook itself prints first

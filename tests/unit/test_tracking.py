@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import threading
 import time
+from pathlib import Path
 
 import pytest
 from flask.testing import FlaskClient
@@ -298,3 +299,29 @@ def test_a_requeued_job_says_so(client: FlaskClient, app, scheduler: FakeSchedul
     body = client.get(f"{JOBS}/{job['job_id']}").json
     assert body["status"] == "queued"
     assert body["message"].startswith("Slurm requeued the main job after it had started (PENDING (BeginTime))")
+    # The second run completes; its phases file records both starts.
+    phases = Path(service(app).store.get(job["job_id"]).job["log_dir"]) / "phases"
+    phases.parent.mkdir(parents=True, exist_ok=True)
+    phases.write_text("staging 1.0\nrunning 2.0\nstaging 3.0\nrunning 4.0\nfinished 5.0\n")
+    scheduler.set_state("1001", "COMPLETED", exit_code=0)
+    scheduler.set_state("1002", "COMPLETED", exit_code=0)
+    service(app).poll()
+    body = client.get(f"{JOBS}/{job['job_id']}").json
+    assert (body["status"], body["message"]) == ("succeeded", "RELION finished; output archived (the main job started 2 times: Slurm requeued it)")
+
+
+def test_a_job_slurm_still_runs_long_after_its_script_finished_is_flagged(client: FlaskClient, app, scheduler: FakeScheduler, tmp_path) -> None:
+    service(app).config["PATHS_LOG_ROOT"] = str(tmp_path / "logs")
+    job = client.post(JOBS, json=valid_request()).json
+    phases = tmp_path / "logs" / "alice" / job["job_id"] / "phases"
+    now = time.time()
+    phases.write_text(f"staging {now - 400:.3f}\nrunning {now - 390:.3f}\nfinished {now - 60:.3f}\n")
+    scheduler.set_state("1001", "RUNNING")
+    service(app).poll()
+    body = client.get(f"{JOBS}/{job['job_id']}").json
+    assert body["status"] == "running" and "finished" not in (body["message"] or "")  # a minute: normal epilog lag
+    phases.write_text(f"staging {now - 400:.3f}\nrunning {now - 390:.3f}\nfinished {now - 300:.3f}\n")
+    service(app).poll()
+    body = client.get(f"{JOBS}/{job['job_id']}").json
+    assert body["status"] == "running"  # no outcome is guessed
+    assert body["message"].startswith("the job script finished 300 s ago but Slurm still lists main job 1001 as RUNNING")
