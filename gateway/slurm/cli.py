@@ -172,7 +172,17 @@ class SlurmCliBackend:
         need_sacct = [i for i in ids if i not in found or found[i].state.is_terminal]
         if need_sacct:
             accounted = self._sacct(need_sacct)
-            found.update({i: accounted[i] for i in need_sacct if i in accounted})
+            for i in need_sacct:
+                info = accounted.get(i)
+                if info is None:
+                    continue
+                if i not in found and not info.state.is_terminal:
+                    # slurmctld lists every live job, so a job only accounting calls live is one
+                    # slurmctld lost (SIGKILLed before saving it); slurmdbd keeps a stub for it,
+                    # often named "allocation". Report it unknown rather than as a live stranger.
+                    log.warning("Slurm job %s: sacct says %s (%r) but slurmctld does not know it", i, info.raw_state, info.name)
+                    continue
+                found[i] = info
         return found
 
     def _squeue(self, ids: list[str]) -> dict[str, SlurmJobInfo]:

@@ -86,3 +86,12 @@ def test_sbatch_failure_carries_slurms_message() -> None:
 def test_ping() -> None:
     assert SlurmCliBackend(RecordedRunner({"scontrol": "Slurmctld(primary) at vm is UP\n"})).ping()
     assert not SlurmCliBackend(RecordedRunner({})).ping()
+
+
+def test_a_job_only_accounting_calls_live_is_unknown() -> None:
+    # As after slurmctld was SIGKILLed right after a submission: slurmdbd keeps a PENDING stub
+    # (named "allocation") for a job slurmctld no longer has.
+    stub = FIELD_SEPARATOR.join(["9124", "PENDING", "0:0", "None", "allocation", "Unknown", "Unknown", "00:00:00", ""]) + "\n"
+    invalid = CommandError(["squeue"], 1, "", "slurm_load_jobs error: Invalid job id specified")
+    jobs = SlurmCliBackend(RecordedRunner({"squeue": invalid, "sacct": SACCT + stub})).status(["3", "9124"])
+    assert set(jobs) == {"3"}
