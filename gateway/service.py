@@ -532,12 +532,12 @@ class JobService:
             # the output would never be archived and a finished RELION run would read as lost.
             self._replace_lost_archive(record, main, " ".join(strangers))
             return
-        phase = _last_phase(log_dir)
+        phases = Phases.read(log_dir)  # once per job and cycle
         state = gateway_state(
             main.state if main else None,
             archive.state if archive else None,
             archive.exit_code if archive else None,
-            phase,
+            phases.last,
         )
         memory_kill = ""
         if main is not None and state in (JobState.FAILED, JobState.CANCELLED):
@@ -561,7 +561,8 @@ class JobService:
             # RELION will start again from the beginning. Say so rather than silently go back.
             changes["message"] = f"Slurm requeued the main job after it had started ({main.describe() if main else 'PENDING'}); RELION will run again from the start"
             log.warning("job %s: %s", record.job_id, changes["message"])
-        finished_at = _phase_time(log_dir, "finished")
+        # Only the latest run counts: a requeued job re-running after a "finished" is not suspect.
+        finished_at = phases.last_time("finished") if phases.last == "finished" else None
         if state == JobState.RUNNING and main is not None and finished_at and now - finished_at > FINISHED_BUT_RUNNING_S:
             # Seen after slurmctld was killed just as the job ended: it recovered the job as RUNNING
             # and only learns it is gone when the node next re-registers (minutes). Do not guess an
@@ -577,7 +578,7 @@ class JobService:
                 metadata = self._find_metadata(record, log_dir)
                 if metadata is not None:
                     changes["metadata_json"] = metadata
-            changes["message"] = _final_message(state, log_dir, main, archive, memory_kill, record)
+            changes["message"] = _final_message(state, log_dir, main, archive, memory_kill, record, phases.count("staging"))
             if strangers:
                 changes["message"] = "Slurm lost this job (" + "; ".join(strangers) + ")"
         elif state == JobState.UNKNOWN:
@@ -777,36 +778,37 @@ def _read_json(path: Path) -> dict[str, Any] | None:
         return None
 
 
-def _last_phase(log_dir: Path) -> str | None:
-    try:
-        lines = (log_dir / "phases").read_text().split()
-    except OSError:
-        return None
-    return lines[-2] if len(lines) >= 2 else None
+@dataclass(frozen=True)
+class Phases:
+    """What the main job's script stamped in its ``phases`` file ("<phase> <epoch>" per line)."""
 
+    stamps: tuple[tuple[str, float | None], ...] = ()
 
-def _phase_count(log_dir: Path, name: str) -> int:
-    """How many times the main job's script stamped phase ``name`` (more than once: it was re-run)."""
-    try:
-        return sum(1 for line in (log_dir / "phases").read_text().splitlines() if line.partition(" ")[0] == name)
-    except OSError:
-        return 0
-
-
-def _phase_time(log_dir: Path, name: str) -> float | None:
-    """When the main job's script last stamped phase ``name``, if it did."""
-    try:
-        lines = (log_dir / "phases").read_text().splitlines()
-    except OSError:
-        return None
-    for line in reversed(lines):
-        phase, _, stamp = line.partition(" ")
-        if phase == name:
+    @classmethod
+    def read(cls, log_dir: Path) -> "Phases":
+        try:
+            lines = (log_dir / "phases").read_text().splitlines()
+        except OSError:
+            return cls()
+        stamps = []
+        for line in lines:
+            name, _, stamp = line.partition(" ")
             try:
-                return float(stamp)
+                stamps.append((name, float(stamp)))
             except ValueError:
-                return None
-    return None
+                stamps.append((name, None))
+        return cls(tuple(stamps))
+
+    @property
+    def last(self) -> str | None:
+        return self.stamps[-1][0] if self.stamps else None
+
+    def count(self, name: str) -> int:
+        """More than one "staging": the script ran again (Slurm requeued the job)."""
+        return sum(1 for phase, _ in self.stamps if phase == name)
+
+    def last_time(self, name: str) -> float | None:
+        return next((t for phase, t in reversed(self.stamps) if phase == name), None)
 
 
 def _final_message(
@@ -816,9 +818,9 @@ def _final_message(
     archive: SlurmJobInfo | None,
     memory_kill: str = "",
     record: JobRecord | None = None,
+    starts: int = 1,
 ) -> str:
     if state == JobState.SUCCEEDED:
-        starts = _phase_count(log_dir, "staging")
         # A requeued job's final success must not hide that it ran more than once.
         return "RELION finished; output archived" + (f" (the main job started {starts} times: Slurm requeued it)" if starts > 1 else "")
     if state == JobState.ARCHIVE_FAILED:

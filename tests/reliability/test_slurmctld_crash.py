@@ -19,6 +19,7 @@ from pathlib import Path
 import requests
 
 from gateway.process import run_command
+from gateway.service import Phases
 from tests.reliability.conftest import SEP, Tally, get, job_request, post, slurm_jobs_named, wait_for_all, wait_until
 
 PER_BATCH = 3
@@ -71,7 +72,7 @@ def test_slurmctld_sigkill_while_jobs_queue_and_run(
         lost=len(lost),
         duplicated=sum(len(found) - 1 for found in in_slurm.values()),
         # jobs whose script started more than once (Slurm re-ran or requeued them after the restart)
-        reran=sum(1 for j in jobs if _starts(tmp_path / "logs" / "ctldcrash" / j / "phases") > 1),
+        reran=sum(1 for j in jobs if Phases.read(tmp_path / "logs" / "ctldcrash" / j).count("staging") > 1),
         hooks_replaced=sum(1 for job in ended.values() if "Slurm lost archive job" in (job.get("message") or "")),
     )
     tally.notes.extend(f"{j}: {ended[j]['status']}: {ended[j]['message']}" for j in jobs if ended[j]["status"] != "succeeded")
@@ -87,9 +88,3 @@ def test_slurmctld_sigkill_while_jobs_queue_and_run(
     assert not set(lost) & set(running_before), lost
     assert tally.counts["duplicated"] == 0
 
-
-def _starts(phases: Path) -> int:
-    try:
-        return sum(1 for line in phases.read_text().splitlines() if line.startswith("staging "))
-    except OSError:
-        return 0

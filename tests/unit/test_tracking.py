@@ -325,3 +325,7 @@ def test_a_job_slurm_still_runs_long_after_its_script_finished_is_flagged(client
     body = client.get(f"{JOBS}/{job['job_id']}").json
     assert body["status"] == "running"  # no outcome is guessed
     assert body["message"].startswith("the job script finished 300 s ago but Slurm still lists main job 1001 as RUNNING")
+    service(app).store.update(job["job_id"], message="")
+    phases.write_text(phases.read_text() + f"staging {now - 20:.3f}\nrunning {now - 10:.3f}\n")  # requeued, running again
+    service(app).poll()
+    assert not client.get(f"{JOBS}/{job['job_id']}").json["message"]
