@@ -170,9 +170,9 @@ def test_hostile_values_reach_relion_intact_and_execute_nothing(tmp_path: Path) 
     subprocess.run(["bash", str(script)], cwd=tmp_path, check=True, timeout=30, env={"PATH": os.environ["PATH"], "HOME": str(tmp_path)})
 
     calls_made = [json.loads(line) for line in calls.read_text().splitlines()]
-    stage_in = next(c for c in calls_made if c[:3] == ["-m", "gateway.jobside", "stage-in"])
+    stage_in = next(c for c in calls_made if c[:4] == ["-I", "-m", "gateway.jobside", "stage-in"])
     relion = next(c for c in calls_made if c[:1] == ["--i"])
-    for watcher in (c for c in calls_made if c[:4] == ["-m", "gateway", "job", "watch"]):
+    for watcher in (c for c in calls_made if c[:4] == ["-I", "-m", "gateway.jobside", "watch"]):
         # The background watcher may be killed by the EXIT trap before it starts; if it ran, its
         # arguments arrived intact too.
         assert watcher[watcher.index("--prefix") + 1] == "Out $(touch PWNED_dir)/run"
