@@ -2,8 +2,9 @@
 
 Both are counted in the job store (active records; ``accepted_at`` of the last minute), so every
 gateway worker and replica sharing the store enforces the same numbers with no shared memory.
-The check and the insert are not one transaction: a burst of simultaneous submissions from one
-user may overshoot a limit by the number of requests in flight, never more.
+``insert_within_limits`` counts and inserts in one transaction under a per-user lock (the store's
+``insert_within_limits``): simultaneous submissions from one user never overshoot a limit, and a
+replay of a stored Idempotency-Key is found under the same lock, so it never counts.
 """
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import time
 from typing import Any
 
 from gateway.slurm.states import TERMINAL_STATES
-from gateway.store import JobStore
+from gateway.store import JobRecord, JobStore
 
 WINDOW_S = 60.0
 # When a user at the active-jobs limit may try again: jobs end on the poller's schedule, so a
@@ -21,7 +22,7 @@ ACTIVE_RETRY_AFTER_S = 30
 
 
 class LimitExceeded(Exception):
-    """A per-user limit is reached: a 429 with Retry-After; ``limit`` names the config key."""
+    """A limit is reached: a 429 with Retry-After; ``limit`` names the config key."""
 
     def __init__(self, limit: str, message: str, retry_after: int) -> None:
         super().__init__(message)
@@ -30,27 +31,49 @@ class LimitExceeded(Exception):
         self.retry_after = max(1, int(retry_after))
 
 
-def check_submission_limits(store: JobStore, config: dict[str, Any], user_id: str, now: float | None = None) -> None:
-    """Raise LimitExceeded if ``user_id`` may not submit another job now."""
-    now = time.time() if now is None else now
+def _terminal() -> set[str]:
+    return {s.value for s in TERMINAL_STATES}
+
+
+def judge_submission(config: dict[str, Any], user_id: str, active: int, recent: list[float], now: float) -> None:
+    """The rule itself: raise LimitExceeded if a user with ``active`` jobs not ended, and jobs accepted
+    at the times ``recent`` (oldest first, the last WINDOW_S seconds), may not submit another."""
     max_active = int(config["LIMITS_MAX_ACTIVE_JOBS"])
-    if max_active > 0:
-        active = store.count_active(user_id, {s.value for s in TERMINAL_STATES})
-        if active >= max_active:
-            raise LimitExceeded(
-                "max_active_jobs",
-                f"user {user_id} has {active} jobs that have not ended; the limit ([limits] max_active_jobs) is {max_active}",
-                ACTIVE_RETRY_AFTER_S,
-            )
+    if max_active > 0 and active >= max_active:
+        raise LimitExceeded(
+            "max_active_jobs",
+            f"user {user_id} has {active} jobs that have not ended; the limit ([limits] max_active_jobs) is {max_active}",
+            ACTIVE_RETRY_AFTER_S,
+        )
     per_minute = int(config["LIMITS_SUBMISSIONS_PER_MINUTE"])
-    if per_minute > 0:
-        recent = store.accepted_since(user_id, now - WINDOW_S)
-        if len(recent) >= per_minute:
-            # The window frees a slot when the oldest submission that still counts turns a minute old.
-            frees_at = recent[len(recent) - per_minute] + WINDOW_S
-            raise LimitExceeded(
-                "submissions_per_minute",
-                f"user {user_id} submitted {len(recent)} jobs in the last minute; "
-                f"the limit ([limits] submissions_per_minute) is {per_minute}",
-                math.ceil(frees_at - now),
-            )
+    if per_minute > 0 and len(recent) >= per_minute:
+        # The window frees a slot when the oldest submission that still counts turns a minute old.
+        frees_at = recent[len(recent) - per_minute] + WINDOW_S
+        raise LimitExceeded(
+            "submissions_per_minute",
+            f"user {user_id} submitted {len(recent)} jobs in the last minute; "
+            f"the limit ([limits] submissions_per_minute) is {per_minute}",
+            math.ceil(frees_at - now),
+        )
+
+
+def _limited(config: dict[str, Any]) -> bool:
+    return int(config["LIMITS_MAX_ACTIVE_JOBS"]) > 0 or int(config["LIMITS_SUBMISSIONS_PER_MINUTE"]) > 0
+
+
+def insert_within_limits(store: JobStore, config: dict[str, Any], record: JobRecord) -> None:
+    """Store ``record`` if its user is within the limits, atomically (LimitExceeded otherwise).
+
+    A record whose Idempotency-Key is already stored raises DuplicateIdempotencyKey, uncounted.
+    """
+    if not _limited(config):
+        store.insert(record)
+        return
+
+    def check(active: int, recent: list[float]) -> None:
+        # The clock is read under the lock: a submission stored while this one waited for the lock
+        # was accepted before now, so Retry-After never exceeds the window.
+        now = time.time()
+        judge_submission(config, record.user_id, active, [t for t in recent if t >= now - WINDOW_S], now)
+
+    store.insert_within_limits(record, check, terminal=_terminal(), since=time.time() - WINDOW_S)

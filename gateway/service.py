@@ -23,7 +23,7 @@ from gateway import __version__
 from gateway.audit import Actor, Auditor
 from gateway.auth import Forbidden
 from gateway.errors import RequestError
-from gateway.ratelimit import LimitExceeded, check_submission_limits
+from gateway.ratelimit import LimitExceeded, insert_within_limits
 from gateway.resources import plan_resources
 from gateway.relion.catalogue import CATALOGUE, validate_options
 from gateway.relion.flags import FlagError, NormalisedFlags, normalise_flags
@@ -352,8 +352,6 @@ class JobService:
             existing = self.store.find_by_idempotency_key(request["user_id"], idempotency_key)
             if existing is not None:
                 return self._replay(existing, digest)
-        if enforce_limits:
-            check_submission_limits(self.store, self.config, request["user_id"])
         prepared = self.prepare(request)
         job = prepared.job
         job["archive_context"] = prepared.archive_context
@@ -376,7 +374,10 @@ class JobService:
         )
         # The record exists before Slurm hears of the job, so an accepted job is never lost.
         try:
-            self.store.insert(record)
+            if enforce_limits:  # count and insert as one step per user: a burst cannot overshoot
+                insert_within_limits(self.store, self.config, record)
+            else:
+                self.store.insert(record)
         except DuplicateIdempotencyKey:
             existing = self.store.find_by_idempotency_key(request["user_id"], idempotency_key or "")
             assert existing is not None

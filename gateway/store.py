@@ -5,9 +5,11 @@ several gateway workers or replicas sharing a database run one poller between th
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -156,6 +158,32 @@ class DuplicateIdempotencyKey(Exception):
     """Another request with the same user and Idempotency-Key got there first."""
 
 
+# What a per-user limit check sees inside insert_within_limits' transaction: the user's number of
+# jobs that have not ended, and the accepted_at of their jobs accepted since the given time.
+LimitCheck = Callable[[int, list[float]], None]
+
+
+def user_lock_key(user_id: str) -> int:
+    """A stable signed 64-bit key for pg_advisory_xact_lock: the same user, the same lock, in every
+    process and replica (Python's hash() is salted per process, so it cannot serve)."""
+    digest = hashlib.sha256(b"relion-gateway:user-limits\0" + user_id.encode()).digest()
+    return int.from_bytes(digest[:8], "big", signed=True)
+
+
+def _active_count_query(user_id: str, terminal: set[str]) -> sa.Select[Any]:
+    return sa.select(sa.func.count()).select_from(jobs_table).where(
+        jobs_table.c.user_id == user_id, jobs_table.c.state.not_in(sorted(terminal))
+    )
+
+
+def _accepted_since_query(user_id: str, since: float) -> sa.Select[Any]:
+    return (
+        sa.select(jobs_table.c.accepted_at)
+        .where(jobs_table.c.user_id == user_id, jobs_table.c.accepted_at >= since)
+        .order_by(jobs_table.c.accepted_at)
+    )
+
+
 def make_engine(url: str) -> Engine:
     """Create an engine; SQLite gets WAL and a busy timeout so the API and poller can share it."""
     if url.startswith("sqlite:///"):
@@ -290,23 +318,74 @@ class JobStore:
             total = int(conn.execute(count).scalar_one())
         return rows, total
 
+    def insert_within_limits(self, record: JobRecord, check: LimitCheck, *, terminal: set[str], since: float) -> None:
+        """Insert ``record`` unless ``check`` raises, counting and inserting as one step per user.
+
+        ``check`` gets ``record.user_id``'s count of jobs not in ``terminal`` and the accepted_at of
+        their jobs accepted at or after ``since``, read under a per-user lock that is held until the
+        insert commits; so N simultaneous submissions against a limit of L store exactly L, in every
+        worker and replica sharing the database. A record whose Idempotency-Key is already stored
+        raises DuplicateIdempotencyKey before ``check`` runs: a replay never counts.
+        """
+        dialect = self.engine.dialect.name
+        try:
+            if dialect == "sqlite":
+                self._insert_within_limits_sqlite(record, check, terminal, since)
+            else:
+                with self.engine.begin() as conn:
+                    if dialect == "postgresql":
+                        # Transaction-scoped: released by COMMIT or ROLLBACK, never leaked by a crash.
+                        conn.execute(sa.text("SELECT pg_advisory_xact_lock(:key)"), {"key": user_lock_key(record.user_id)})
+                    else:
+                        log.warning("store: %s has no per-user lock here; limits may overshoot under concurrency", dialect)
+                    self._count_check_insert(conn, record, check, terminal, since)
+        except IntegrityError as exc:
+            # A racing insert that took no lock (a submission without limits) can still collide.
+            if record.idempotency_key is not None and self.find_by_idempotency_key(record.user_id, record.idempotency_key):
+                raise DuplicateIdempotencyKey(record.idempotency_key) from exc
+            raise
+
+    def _insert_within_limits_sqlite(self, record: JobRecord, check: LimitCheck, terminal: set[str], since: float) -> None:
+        # pysqlite opens transactions itself, lazily and DEFERRED, right before the first write:
+        # two connections could both count, then both insert. In AUTOCOMMIT the driver stays out of
+        # the way and BEGIN IMMEDIATE takes SQLite's write lock before counting; others wait for it
+        # (busy_timeout), readers do not (WAL). The lock is database-wide, held for one insert.
+        with self.engine.connect() as conn:
+            conn.execution_options(isolation_level="AUTOCOMMIT")
+            conn.exec_driver_sql("BEGIN IMMEDIATE")
+            try:
+                self._count_check_insert(conn, record, check, terminal, since)
+            except BaseException:
+                # SQLite may already have rolled back (a full disk, an interrupt): then there is none.
+                if conn.connection.dbapi_connection is not None and conn.connection.dbapi_connection.in_transaction:
+                    conn.exec_driver_sql("ROLLBACK")
+                raise
+            conn.exec_driver_sql("COMMIT")
+
+    @staticmethod
+    def _count_check_insert(
+        conn: sa.Connection, record: JobRecord, check: LimitCheck, terminal: set[str], since: float
+    ) -> None:
+        if record.idempotency_key is not None:
+            same_key = sa.select(jobs_table.c.job_id).where(
+                jobs_table.c.user_id == record.user_id, jobs_table.c.idempotency_key == record.idempotency_key
+            )
+            if conn.execute(same_key).first() is not None:
+                raise DuplicateIdempotencyKey(record.idempotency_key)
+        active = int(conn.execute(_active_count_query(record.user_id, terminal)).scalar_one())
+        recent = [float(v) for v in conn.execute(_accepted_since_query(record.user_id, since)).scalars()]
+        check(active, recent)
+        conn.execute(jobs_table.insert().values(**{c: getattr(record, c) for c in _COLUMNS}))
+
     def count_active(self, user_id: str, terminal: set[str]) -> int:
         """How many of ``user_id``'s jobs have not ended."""
-        query = sa.select(sa.func.count()).select_from(jobs_table).where(
-            jobs_table.c.user_id == user_id, jobs_table.c.state.not_in(sorted(terminal))
-        )
         with self.engine.connect() as conn:
-            return int(conn.execute(query).scalar_one())
+            return int(conn.execute(_active_count_query(user_id, terminal)).scalar_one())
 
     def accepted_since(self, user_id: str, since: float) -> list[float]:
         """When ``user_id``'s jobs accepted at or after ``since`` were accepted, oldest first."""
-        query = (
-            sa.select(jobs_table.c.accepted_at)
-            .where(jobs_table.c.user_id == user_id, jobs_table.c.accepted_at >= since)
-            .order_by(jobs_table.c.accepted_at)
-        )
         with self.engine.connect() as conn:
-            return [float(v) for v in conn.execute(query).scalars()]
+            return [float(v) for v in conn.execute(_accepted_since_query(user_id, since)).scalars()]
 
     def live(self, terminal: set[str]) -> list[JobRecord]:
         query = sa.select(jobs_table).where(jobs_table.c.state.not_in(sorted(terminal)))

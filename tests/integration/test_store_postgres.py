@@ -28,6 +28,14 @@ from gateway.store import DuplicateIdempotencyKey, JobStore, leases_table, make_
 from tests.conftest import valid_request
 from tests.fakes import FakeScheduler
 from tests.store_contract import contract_params, make_record
+from tests.unit.test_limits_concurrency import (
+    check_counts_seen_under_the_lock,
+    check_locked_section_is_serialised,
+    limited_service,
+    parallel_replays_never_count,
+    parallel_submissions_keep_max_active,
+    parallel_submissions_keep_per_minute,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -37,9 +45,13 @@ STALE_SCHEMA_S = 3600  # a schema left by a run killed mid-test is swept after a
 
 @pytest.fixture(scope="session")
 def postgres_url() -> str:
-    from gateway.stack import stack_up
+    from gateway.stack import stack_status, stack_up
 
-    status = stack_up(with_postgres=True)
+    # A stack whose PostgreSQL is up is used as it is: `up` would also (re)start any other daemon
+    # that is down at this moment, perhaps on purpose (a fault-injection run beside this one).
+    status = stack_status()
+    if status["daemons"].get("postgres", {}).get("state") != "up":
+        status = stack_up(with_postgres=True)
     assert status["daemons"]["postgres"]["state"] == "up", status["daemons"]
     url = status["postgres"]["url"]
     assert url and url.startswith("postgresql+psycopg://gateway:")
@@ -123,6 +135,30 @@ def test_one_idempotency_key_from_two_replicas_makes_one_row(replicas: tuple[Job
         assert total == 1 and [r.job_id for r in rows] == stored
         found = store.find_by_idempotency_key("alice", "portal-race")
         assert found is not None and found.job_id == stored[0]
+
+
+def test_parallel_submissions_on_two_replicas_keep_max_active(replicas: tuple[JobStore, JobStore], tmp_path: Path) -> None:
+    # 16 at once, spread over two replicas (two engines): pg_advisory_xact_lock per user decides.
+    scheduler = FakeScheduler()
+    services = [limited_service(store, scheduler, tmp_path / f"r{n}", LIMITS_MAX_ACTIVE_JOBS=2) for n, store in enumerate(replicas)]
+    parallel_submissions_keep_max_active(services, scheduler)
+
+
+def test_parallel_submissions_keep_per_minute(replicas: tuple[JobStore, JobStore], tmp_path: Path) -> None:
+    service = limited_service(replicas[0], FakeScheduler(), tmp_path, LIMITS_MAX_ACTIVE_JOBS=0, LIMITS_SUBMISSIONS_PER_MINUTE=3)
+    parallel_submissions_keep_per_minute(service)
+
+
+def test_parallel_replays_never_count(replicas: tuple[JobStore, JobStore], tmp_path: Path) -> None:
+    parallel_replays_never_count(limited_service(replicas[0], FakeScheduler(), tmp_path, LIMITS_MAX_ACTIVE_JOBS=1))
+
+
+def test_locked_section_is_serialised_across_replicas(replicas: tuple[JobStore, JobStore]) -> None:
+    check_locked_section_is_serialised(*replicas)
+
+
+def test_counts_seen_under_the_lock(replicas: tuple[JobStore, JobStore]) -> None:
+    check_counts_seen_under_the_lock(replicas[0])
 
 
 def _service(store: JobStore, scheduler: FakeScheduler, tmp_path: Path) -> JobService:
