@@ -5,6 +5,7 @@ import atexit
 import logging
 from typing import Any, Mapping
 
+from apispec import BasePlugin
 from flask import Flask, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 from flask_smorest import Api
@@ -14,6 +15,7 @@ from gateway import auth
 from gateway.audit import Auditor
 from gateway.callbacks import load_or_create_secret
 from gateway.api.docs import register_docs
+from gateway.api.errors import MAX_BODY_BYTES, RequestLimits
 from gateway.config import build_config
 from gateway.observability import instrumented, readiness, render_metrics
 from gateway.storage.s3 import S3Storage, make_s3_client
@@ -38,6 +40,19 @@ def _default_scheduler(config: Mapping[str, Any]) -> SchedulerBackend:
     return make_scheduler(config)
 
 
+class _UnsupportedMediaTypeDoc(BasePlugin):  # type: ignore[misc]
+    """Document the 415 of gateway/api/parser.py on every operation whose body that parser reads.
+
+    Those bodies are schemas (a ``$ref``); bodies a view reads itself (signed job events) are not.
+    """
+
+    def operation_helper(self, path: str | None = None, operations: dict[str, Any] | None = None, **_: Any) -> None:
+        for operation in (operations or {}).values():
+            schema = operation.get("requestBody", {}).get("content", {}).get("application/json", {}).get("schema", {})
+            if "$ref" in schema:
+                operation.setdefault("responses", {}).setdefault(415, "UNSUPPORTED_MEDIA_TYPE")
+
+
 def create_app(
     overrides: Mapping[str, Any] | None = None,
     *,
@@ -56,7 +71,7 @@ def create_app(
         OPENAPI_VERSION="3.0.3",
         OPENAPI_URL_PREFIX=base,
         OPENAPI_JSON_PATH="openapi.json",
-        MAX_CONTENT_LENGTH=1024 * 1024,
+        MAX_CONTENT_LENGTH=MAX_BODY_BYTES,
         # Bearer tokens for every operation but the public ones (gateway/auth.py).
         API_SPEC_OPTIONS={
             "components": {"securitySchemes": {"bearerAuth": {"type": "http", "scheme": "bearer", "bearerFormat": "rg_<id>_<secret>"}}},
@@ -84,7 +99,7 @@ def create_app(
         atexit.register(poller.stop)
 
     register_docs(app, base)  # before Api(): flask-smorest reads the Swagger UI settings at init
-    api = Api(app)
+    api = Api(app, spec_kwargs={"extra_plugins": [_UnsupportedMediaTypeDoc()]})
     from gateway.api.admin import blp as admin_blueprint
     from gateway.api.jobs import blp as jobs_blueprint
     from gateway.api.errors import register_error_handlers
@@ -92,6 +107,8 @@ def create_app(
     api.register_blueprint(jobs_blueprint, url_prefix=base)
     api.register_blueprint(admin_blueprint, url_prefix=base)
     register_error_handlers(app)
+    # Outermost: limits hold before routing and authentication, as a server's own would.
+    app.wsgi_app = RequestLimits(app.wsgi_app, app.config["MAX_CONTENT_LENGTH"])  # type: ignore[method-assign]
 
     @app.get("/healthz")
     @auth.public

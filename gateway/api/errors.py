@@ -1,7 +1,15 @@
-"""Map domain exceptions to flask-smorest's one error shape: {code, status, message, errors}."""
+"""Map domain exceptions to flask-smorest's one error shape: {code, status, message, errors}.
+
+This module owns that shape (``error_body``), also for what ``RequestLimits`` (a WSGI middleware)
+refuses before Flask sees a request.
+"""
 from __future__ import annotations
 
+import io
+import json
 import logging
+from collections.abc import Callable, Iterable
+from http import HTTPStatus
 from typing import Any
 
 from flask import Flask, current_app, jsonify
@@ -13,16 +21,66 @@ from gateway.errors import RequestError
 from gateway.ratelimit import LimitExceeded
 from gateway.slurm.backend import SchedulerError
 from gateway.service import EventRefused
+from gateway.storage.s3 import StorageError
 from gateway.store import JobNotFound
 
 log = logging.getLogger(__name__)
 
+# Request limits (README, Security). A request body: 1 MiB, with or without Content-Length.
+MAX_BODY_BYTES = 1024 * 1024
 
-def error_response(code: int, status: str, message: str, errors: dict[str, Any] | None = None) -> tuple[Response, int]:
-    body: dict[str, Any] = {"code": code, "status": status, "message": message}
+
+def error_body(code: int, message: str, errors: dict[str, Any] | None = None, status: str | None = None) -> dict[str, Any]:
+    """The one error shape; ``status`` defaults to the code's reason phrase."""
+    body: dict[str, Any] = {"code": code, "status": status or _phrase(code), "message": message}
     if errors:
         body["errors"] = errors
-    return jsonify(body), code
+    return body
+
+
+def _phrase(code: int) -> str:
+    try:
+        return HTTPStatus(code).phrase
+    except ValueError:
+        return "Error"
+
+
+def error_response(code: int, status: str, message: str, errors: dict[str, Any] | None = None) -> tuple[Response, int]:
+    return jsonify(error_body(code, message, errors, status)), code
+
+
+def _plain_error(start_response: Callable[..., Any], code: int, message: str) -> Iterable[bytes]:
+    payload = json.dumps(error_body(code, message), separators=(",", ":")).encode()
+    start_response(f"{code} {_phrase(code)}", [("Content-Type", "application/json"), ("Content-Length", str(len(payload)))])
+    return [payload]
+
+
+class RequestLimits:
+    """WSGI middleware refusing, in the one error shape, what is over the request limits above.
+
+    A body without
+    Content-Length (chunked) is read here, up to one byte over the limit: werkzeug stops such a
+    stream at ``MAX_CONTENT_LENGTH`` and hands the view the first 1 MiB as if it were the whole
+    body, which reads as truncated JSON (a 400) instead of the 413 a Content-Length gets.
+    """
+
+    def __init__(self, app: Callable[..., Any], max_body_bytes: int = MAX_BODY_BYTES) -> None:
+        self.app = app
+        self.max_body_bytes = max_body_bytes
+
+    def __call__(self, environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
+        if environ.get("CONTENT_LENGTH") in (None, "") and environ.get("wsgi.input_terminated"):
+            stream, body = environ["wsgi.input"], bytearray()
+            while len(body) <= self.max_body_bytes:
+                # A dechunking stream may return one chunk per read, fewer bytes than asked.
+                part = stream.read(min(64 * 1024, self.max_body_bytes + 1 - len(body)))
+                if not part:
+                    break
+                body.extend(part)
+            if len(body) > self.max_body_bytes:
+                return _plain_error(start_response, 413, f"the request body is larger than the limit of {self.max_body_bytes} bytes")
+            environ["wsgi.input"] = io.BytesIO(bytes(body))
+        return self.app(environ, start_response)  # type: ignore[no-any-return]
 
 
 def register_error_handlers(app: Flask) -> None:
@@ -60,6 +118,13 @@ def register_error_handlers(app: Flask) -> None:
     @app.errorhandler(EventRefused)
     def _event_refused(exc: EventRefused) -> tuple[Response, int]:
         return error_response(401, "Unauthorized", f"event refused: {exc}")
+
+    @app.errorhandler(StorageError)
+    def _storage_error(exc: StorageError) -> tuple[Response, int]:
+        log.error("S3 error: %s", exc)
+        response, status = error_response(503, "Service Unavailable", f"S3 is not answering: {exc}")
+        response.headers["Retry-After"] = "10"
+        return response, status
 
     @app.errorhandler(SchedulerError)
     def _scheduler_error(exc: SchedulerError) -> tuple[Response, int]:

@@ -157,7 +157,7 @@ def test_every_string_and_path_option_with_hostile_values_in_real_bash(tmp_path:
         assert relion == prepared.job["relion_command"][1:]
         for option, given in accepted.items():
             assert relion[relion.index(f"--{option}") + 1] == given, (label, option)
-        stage_in = next(c for c in made if c[:3] == ["-m", "gateway.jobside", "stage-in"])
+        stage_in = next(c for c in made if c[:4] == ["-I", "-m", "gateway.jobside", "stage-in"])
         assert stage_in[stage_in.index("--star") + 1] == accepted.get("i", SAFE["i"])
         required = [stage_in[n + 1] for n, arg in enumerate(stage_in) if arg == "--require"]
         # Path options are checked to exist after stage-in: their values reach it intact too.
@@ -333,13 +333,64 @@ def assert_error_shape(response: Any, code: int) -> None:
         ('"a string"', "application/json", 422, "Invalid input type"),
         ("null", "application/json", 422, ""),
         ("", "application/json", 422, "Missing data"),
-        ("user_id=alice", "application/x-www-form-urlencoded", 422, "Missing data"),
+        # A body in another media type is a 415 (it was read as no body at all: a 422 "Missing data").
+        ("user_id=alice", "application/x-www-form-urlencoded", 415, "must be application/json"),
+        ('{"user_id": "alice"}', "text/plain", 415, "must be application/json"),
     ],
 )
 def test_malformed_bodies_get_the_one_error_shape(client: FlaskClient, data: Any, content_type: str, code: int, fragment: str) -> None:
     response = client.post(JOBS, data=data, content_type=content_type)
     assert_error_shape(response, code)
     assert fragment in response.json["message"]
+
+
+def _body_with(field_json: str, old: str) -> str:
+    """A valid request's JSON with one fragment replaced verbatim (for what json.dumps cannot write)."""
+    body = json.dumps(valid_request())
+    assert old in body
+    return body.replace(old, field_json, 1)
+
+
+@pytest.mark.parametrize(
+    ("body", "code", "field", "fragment"),
+    [
+        # Python's int() refuses more than 4300 digits with a ValueError; 1e400 parses as inf.
+        (_body_with('"num_mpi": ' + "9" * 5000, '"num_mpi": 3'), 422, "num_mpi", "beyond the range"),
+        (_body_with('"K": -' + "9" * 5000, '"K": 3'), 422, "flags.K", "5001 characters"),
+        (_body_with('"K": 1e400', '"K": 3'), 422, "flags.K", "the number 1e400 is beyond the range"),
+        (_body_with('"num_mpi": -1e400', '"num_mpi": 3'), 422, "num_mpi", "-1e400"),
+        (_body_with('"tau2_fudge": 1' + "0" * 400, '"j": 1'), 422, "flags.tau2_fudge", "beyond the range"),
+        # Duplicate keys: the last would win silently, so two readers could disagree.
+        (_body_with('"mode": "2d", "mode": "3d"', '"mode": "2d"'), 400, "mode", "appears more than once"),
+        (_body_with('"K": 3, "K": 4', '"K": 3'), 400, "flags.K", "appears more than once"),
+        (_body_with('"extra": [{"a": 1, "a": 1}]', '"mode": "2d"'), 400, "extra.0.a", "appears more than once"),
+        # Nesting: within the walk's limit, and far past the interpreter's recursion limit.
+        (_body_with('"flags": ' + "[" * 40 + "]" * 40, '"flags": {"i": "particles.star", "o": "Class2D/run", "K": 3, "iter": 2, "ctf": true, "j": 1}'),
+         400, "flags.0.0", "more than 32 levels deep"),
+        ('{"user_id": ' + "[" * 100_000 + "]" * 100_000 + "}", 400, None, "more than 32 levels deep"),
+        ('{"a": ' * 50_000 + "1" + "}" * 50_000, 400, None, "more than 32 levels deep"),
+    ],
+    ids=["int-5000-digits", "flag-int-5000-digits", "1e400", "-1e400", "int-401-digits", "duplicate-top", "duplicate-flag",
+         "duplicate-nested", "nested-40", "nested-100000-arrays", "nested-50000-objects"],
+)
+def test_hostile_json_is_a_4xx_naming_the_field_never_a_500(
+    client: FlaskClient, scheduler: FakeScheduler, body: str, code: int, field: str | None, fragment: str
+) -> None:
+    for url in (JOBS, "/v1/relion/render"):
+        response = client.post(url, data=body, content_type="application/json")
+        assert_error_shape(response, code)
+        assert fragment in response.json["message"], response.json["message"]
+        if field is not None:
+            assert response.json["message"].startswith(field), response.json["message"]
+            assert any(key.startswith(field) for key in response.json["errors"]["json"]), response.json
+    assert scheduler.submitted == []
+
+
+def test_big_but_representable_numbers_still_reach_the_options_own_bounds(client: FlaskClient) -> None:
+    # 10**300 fits a double: the parser lets it through and the flag's own rule names it.
+    response = client.post(JOBS, data=_body_with('"K": 1' + "0" * 300, '"K": 3'), content_type="application/json")
+    assert_error_shape(response, 422)
+    assert response.json["message"].startswith("flags.K: --K must be between")
 
 
 def test_wrong_types_and_extra_fields_get_the_one_error_shape(client: FlaskClient) -> None:
@@ -442,3 +493,12 @@ def test_secrets_never_reach_scripts_logs_metadata_or_errors(
             assert secret not in text, f"the {what} appears in {where}"
     # The job token reaches the job only through its environment at sbatch time.
     assert scheduler.environments[0] == {TOKEN_ENV: job_token}
+
+
+def test_the_415_is_in_the_spec_where_the_parser_reads_the_body(client: FlaskClient) -> None:
+    spec = client.get("/v1/relion/openapi.json").json
+    for path in ("/v1/relion/jobs", "/v1/relion/render"):
+        assert "415" in spec["paths"][path]["post"]["responses"], path
+    assert "415" not in spec["paths"]["/v1/relion/jobs/{job_id}/events"]["post"]["responses"]  # read by its view, signed
+    response = client.post("/v1/relion/render", data=json.dumps(valid_request()), content_type="text/plain")
+    assert_error_shape(response, 415)

@@ -1,0 +1,151 @@
+"""What the HTTP layer refuses, through real servers: werkzeug's dev server and gunicorn.
+
+Each server is `relion-gateway serve` on a free loopback port with a temporary state directory,
+authentication on (``[auth] mode`` default) and no poller; requests are written on raw sockets,
+so that what is on the wire (chunked bodies, oversized request lines) is exactly what is tested.
+"""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from gateway.api.errors import MAX_BODY_BYTES
+from gateway.auth import create_token
+from gateway.store import JobStore, make_engine
+
+ROOT = Path(__file__).resolve().parents[2]
+JOBS = "/v1/relion/jobs"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@dataclass
+class Server:
+    kind: str
+    port: int
+    token: str
+    log: Path
+
+    def send(self, raw: bytes, timeout: float = 20) -> tuple[int, dict[str, str], bytes]:
+        """Write ``raw`` on a fresh connection; return the status, headers and body of the reply."""
+        with socket.create_connection(("127.0.0.1", self.port), timeout=timeout) as sock:
+            try:
+                sock.sendall(raw)
+            except (BrokenPipeError, ConnectionResetError):
+                pass  # the server may answer and close before reading everything
+            reply = b""
+            while True:
+                try:
+                    data = sock.recv(65536)
+                except ConnectionResetError:
+                    break
+                if not data:
+                    break
+                reply += data
+                head, sep, body = reply.partition(b"\r\n\r\n")
+                if sep:
+                    lengths = [line.split(b":", 1)[1] for line in head.split(b"\r\n") if line.lower().startswith(b"content-length:")]
+                    if lengths and len(body) >= int(lengths[0]):
+                        break
+        head, _, body = reply.partition(b"\r\n\r\n")
+        lines = head.decode("latin-1").split("\r\n")
+        assert lines and lines[0].startswith("HTTP/1."), (self.kind, reply[:300], self.log.read_text()[-2000:])
+        headers = {}
+        for line in lines[1:]:
+            name, _, value = line.partition(":")
+            headers[name.strip().lower()] = value.strip()
+        return int(lines[0].split()[1]), headers, body
+
+    def request(self, method: str, target: str, headers: dict[str, str] | None = None, body: bytes = b"") -> bytes:
+        lines = [f"{method} {target} HTTP/1.1", "Host: 127.0.0.1", "Connection: close"]
+        lines += [f"{name}: {value}" for name, value in (headers or {}).items()]
+        return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body
+
+
+def start_server(tmp_path: Path, kind: str) -> Iterator[Server]:
+    state = tmp_path / kind
+    state.mkdir()
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_")}
+    env.update({"GATEWAY_PATHS_STATE_DIR": str(state), "GATEWAY_POLLER_ENABLED": "false", "GATEWAY_SERVER_JSON_LOGS": "false"})
+    token = create_token(JobStore(make_engine(f"sqlite:///{state / 'gateway.sqlite'}")), "alice", n=16)[1]
+    argv = [sys.executable, "-m", "gateway", "serve", "--port", str(port)]
+    argv += ["--dev"] if kind == "werkzeug" else ["--workers", "1"]
+    log_path = state / "serve.log"
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                with socket.create_connection(("127.0.0.1", port), timeout=1) as sock:
+                    sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+                    if sock.recv(64).startswith(b"HTTP/1.1 200"):
+                        break
+            except OSError:
+                pass
+            assert proc.poll() is None and time.monotonic() < deadline, log_path.read_text()
+            time.sleep(0.2)
+        yield Server(kind, port, token, log_path)
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=10)
+
+
+@pytest.fixture(scope="module", params=["werkzeug", "gunicorn"])
+def server(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    yield from start_server(tmp_path_factory.mktemp("serve"), request.param)
+
+
+def assert_error_shape(status: int, headers: dict[str, str], body: bytes, code: int) -> dict[str, Any]:
+    assert status == code, body[:500]
+    assert headers.get("content-type", "").startswith("application/json"), headers
+    shaped = json.loads(body)
+    assert set(shaped) <= {"code", "status", "message", "errors"} and {"code", "status", "message"} <= set(shaped)
+    assert shaped["code"] == code and isinstance(shaped["message"], str) and shaped["message"]
+    return shaped
+
+
+def chunked(body: bytes, size: int = 64 * 1024) -> bytes:
+    parts = [body[n:n + size] for n in range(0, len(body), size)]
+    return b"".join(b"%x\r\n%s\r\n" % (len(p), p) for p in parts) + b"0\r\n\r\n"
+
+
+def test_a_chunked_body_over_the_limit_is_a_413_like_one_with_content_length(server: Server) -> None:
+    big = json.dumps({"user_id": "x" * (MAX_BODY_BYTES + 10)}).encode()
+    auth = {"Authorization": f"Bearer {server.token}", "Content-Type": "application/json"}
+    for framing in ("chunked", "content-length"):
+        if framing == "chunked":
+            raw = server.request("POST", JOBS, {**auth, "Transfer-Encoding": "chunked"}, chunked(big))
+        else:
+            raw = server.request("POST", JOBS, {**auth, "Content-Length": str(len(big))}, big)
+        body = assert_error_shape(*server.send(raw), 413)
+        assert f"larger than the limit of {MAX_BODY_BYTES} bytes" in body["message"], (framing, body)
+
+
+def test_a_chunked_body_within_the_limit_is_read_whole(server: Server) -> None:
+    # Just under the limit, in chunks: the schema sees all of it (one unknown field, nothing truncated).
+    padding = "p" * (MAX_BODY_BYTES - 200)
+    small = json.dumps({"user_id": "alice", "padding": padding}).encode()
+    assert len(small) < MAX_BODY_BYTES
+    headers = {"Authorization": f"Bearer {server.token}", "Content-Type": "application/json", "Transfer-Encoding": "chunked"}
+    body = assert_error_shape(*server.send(server.request("POST", JOBS, headers, chunked(small, 1000))), 422)
+    assert "padding" in body["errors"]["json"] and "workspace_id" in body["errors"]["json"], body["message"][:300]
