@@ -190,4 +190,47 @@ def build_config(
     if overrides:
         config.update(overrides)
     derive_paths(config)
+    validate(config)
     return config
+
+
+def _time_limit(where: str, value: Any) -> str:
+    """A Slurm time limit from config, as text; ValueError naming the key otherwise."""
+    from gateway.resources import parse_slurm_time  # resources reads config: import it late
+
+    # TOML, or an environment variable parsed as TOML, turns a bare 90 (minutes) into an integer.
+    text = str(value) if isinstance(value, int) and not isinstance(value, bool) else value
+    if not isinstance(text, str):
+        raise ValueError(f"{where}: must be a Slurm time limit such as \"01:00:00\", not {value!r}")
+    try:
+        parse_slurm_time(text)
+    except ValueError as exc:
+        raise ValueError(f"{where}: {exc}") from exc
+    return text
+
+
+def validate(config: dict[str, Any]) -> None:
+    """Refuse at load what would otherwise fail every request: a config error names its key."""
+    from gateway.resources import parse_slurm_time
+
+    config["SLURM_TIME_LIMIT"] = _time_limit("[slurm] time_limit", config["SLURM_TIME_LIMIT"])
+    config["SLURM_ARCHIVE_TIME_LIMIT"] = _time_limit("[slurm] archive_time_limit", config["SLURM_ARCHIVE_TIME_LIMIT"])
+    partitions = config["SLURM_PARTITIONS"]
+    if not isinstance(partitions, Mapping):
+        raise ValueError(f"[slurm.partitions]: must be a table of partitions, not {partitions!r}")
+    checked: dict[str, dict[str, Any]] = {}
+    for name, limits in partitions.items():
+        if not isinstance(limits, Mapping):
+            raise ValueError(f"[slurm.partitions.{name}]: must be a table of limits, not {limits!r}")
+        checked[name] = dict(limits)
+        if "max_time" in limits:
+            # Leave max_time out for no gateway-side limit: an "UNLIMITED" here would let a request
+            # ask Slurm for none.
+            checked[name]["max_time"] = _time_limit(f"[slurm.partitions.{name}] max_time", limits["max_time"])
+    config["SLURM_PARTITIONS"] = checked
+    default = checked.get(config["SLURM_PARTITION"] or "", {})
+    if "max_time" in default and parse_slurm_time(config["SLURM_TIME_LIMIT"]) > parse_slurm_time(default["max_time"]):
+        raise ValueError(
+            f"[slurm] time_limit {config['SLURM_TIME_LIMIT']} exceeds the default partition "
+            f"{config['SLURM_PARTITION']}'s max_time = {default['max_time']}: every request without a time_limit would be refused"
+        )

@@ -31,6 +31,7 @@ from gateway.callbacks import SIGNATURE_HEADER
 from gateway.errors import RequestError
 from gateway.poller import Poller
 from gateway.service import DRY_RUN_MAIN_ID, JobService, next_poll_seconds
+from gateway.slurm.backend import SchedulerRefused
 from gateway.store import JobNotFound, JobRecord
 
 blp = Blueprint("jobs", __name__, description="Submit and follow RELION jobs")
@@ -239,7 +240,12 @@ class Render(MethodView):
         authorize_user(current_principal(), job_request["user_id"])
         jobs = service()
         prepared = jobs.prepare(job_request)
-        verdict = jobs.scheduler.test_only(prepared.main_script) if args["slurm_test"] else None
+        try:
+            verdict = jobs.scheduler.test_only(prepared.main_script) if args["slurm_test"] else None
+        except SchedulerRefused as exc:
+            # Slurm answered no: the request is at fault (a 422 with Slurm's reason). Slurm not
+            # answering stays a SchedulerError, the 503 "Slurm is not answering".
+            raise RequestError("slurm_test", f"Slurm refused the script (sbatch --test-only): {exc.reason}") from exc
         return {
             "job_id": prepared.job_id,
             "main_script": prepared.main_script,

@@ -5,6 +5,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Protocol
 
+from gateway.process import CommandError
 from gateway.slurm.states import SlurmState
 
 
@@ -19,6 +20,27 @@ class SchedulerError(Exception):
         # True when trying again later may succeed (controller unreachable, a timeout); a
         # refusal of the job itself (bad partition, too many CPUs) is not transient.
         self.transient = transient
+
+
+class SchedulerRefused(SchedulerError):
+    """Slurm answered, and its answer is no (a partition limit, an invalid option): retrying the
+    same script cannot help, so this is the caller's error (a 4xx), not Slurm being away (a 503).
+    ``reason`` is Slurm's own text, e.g. "allocation failure: More processors requested than permitted".
+    """
+
+    def __init__(self, message: str, *, reason: str, argv: list[str] | None = None, stderr: str = "") -> None:
+        super().__init__(message, argv=argv, stderr=stderr, transient=False)
+        self.reason = reason
+
+
+def test_only_error(exc: CommandError, *, transient: bool) -> SchedulerError:
+    """What a failed ``sbatch --test-only`` means: Slurm did not answer (a timeout, no sbatch, the
+    controller out of reach) or it answered no (any other non-zero exit, with its reason on stderr)."""
+    text = " ".join(line.strip() for line in (exc.stderr.strip() or exc.stdout.strip()).splitlines() if line.strip())
+    if exc.returncode is None or transient:
+        return SchedulerError(f"sbatch --test-only failed ({exc.reason}): {text}", argv=exc.argv, stderr=exc.stderr, transient=transient)
+    # Slurm 22.05 prints e.g. "allocation failure: Requested time limit is invalid ..." and exits 1.
+    return SchedulerRefused(f"sbatch --test-only refused the script: {text}", reason=text, argv=exc.argv, stderr=exc.stderr)
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,7 @@ import time
 from collections.abc import Iterable, Mapping, Sequence
 
 from gateway.process import CommandError, Runner, run_command
-from gateway.slurm.backend import SchedulerError, SlurmJobInfo
+from gateway.slurm.backend import SchedulerError, SlurmJobInfo, test_only_error
 from gateway.slurm.states import SlurmState
 
 log = logging.getLogger(__name__)
@@ -153,13 +153,12 @@ class SlurmCliBackend:
         return parse_sbatch_parsable(self._call(["sbatch", "--parsable"], input=script, env=env))
 
     def test_only(self, script: str) -> str:
-        # sbatch --test-only prints its verdict on stderr and exits 0 when the job would be accepted.
+        # sbatch --test-only prints its verdict on stderr and exits 0 when the job would be accepted;
+        # a refusal exits 1 with Slurm's reason, which is not the same as Slurm not answering.
         try:
             out = self._run(["sbatch", "--test-only"], timeout=self._timeout, input=script, merge_stderr=True)
         except CommandError as exc:
-            raise SchedulerError(
-                f"sbatch --test-only refused the script: {exc.stderr.strip()}", argv=exc.argv, stderr=exc.stderr
-            ) from exc
+            raise test_only_error(exc, transient=is_transient(exc)) from exc
         return out.strip()
 
     def status(self, job_ids: Iterable[str]) -> dict[str, SlurmJobInfo]:

@@ -51,7 +51,8 @@ from typing import Any
 import requests
 
 from gateway.process import CommandError, Runner, run_command
-from gateway.slurm.backend import SchedulerError, SlurmJobInfo
+from gateway.slurm.backend import SchedulerError, SlurmJobInfo, test_only_error
+from gateway.slurm.cli import is_transient
 from gateway.slurm.states import SlurmState
 
 log = logging.getLogger(__name__)
@@ -759,9 +760,7 @@ class SlurmRestBackend:
                 raise SchedulerError(
                     "sbatch --test-only is not available: the REST backend needs the Slurm client for it"
                 ) from exc
-            raise SchedulerError(
-                f"sbatch --test-only refused the script: {exc.stderr.strip()}", argv=exc.argv, stderr=exc.stderr
-            ) from exc
+            raise test_only_error(exc, transient=is_transient(exc)) from exc
         return out.strip()
 
     def ping(self) -> bool:
