@@ -3,10 +3,11 @@ from __future__ import annotations
 
 import atexit
 import logging
+from pathlib import Path
 from typing import Any, Mapping
 
 from apispec import BasePlugin
-from flask import Flask, Response
+from flask import Flask, Response, request
 from prometheus_client import CONTENT_TYPE_LATEST
 from flask_smorest import Api
 
@@ -14,8 +15,9 @@ from gateway import __version__
 from gateway import auth
 from gateway.audit import Auditor
 from gateway.callbacks import load_or_create_secret
+from gateway.jobdirs import secure_state
 from gateway.api.docs import register_docs
-from gateway.api.errors import MAX_BODY_BYTES, RequestLimits
+from gateway.api.errors import MAX_BODY_BYTES, RequestLimits, error_response
 from gateway.config import build_config
 from gateway.observability import instrumented, readiness, render_metrics
 from gateway.storage.s3 import S3Storage, make_s3_client
@@ -25,6 +27,7 @@ from gateway.service import JobService
 from gateway.slurm.backend import SchedulerBackend
 from gateway.slurm.factory import make_scheduler
 from gateway.store import JobStore, make_engine
+from gateway.textrules import text_problem
 
 log = logging.getLogger(__name__)
 
@@ -90,6 +93,11 @@ def create_app(
         auditor=auditor,
     )
     app.extensions[EXTENSION_KEY] = service
+    # The store, the key and the audit file are the gateway's alone: a job must not read them.
+    state = Path(config["PATHS_STATE_DIR"])
+    database = config["STORE_DATABASE_URL"].removeprefix("sqlite:///") if config["STORE_DATABASE_URL"].startswith("sqlite:///") else ""
+    secure_state(state, [p for p in (state / "callback.key", Path(database) if database else None,
+                                     Path(config["AUDIT_FILE"]) if config["AUDIT_FILE"] else None) if p is not None])
     auth.init_app(app, service.store, auditor)
     poller = Poller(service, config)
     app.extensions[POLLER_KEY] = poller
@@ -107,6 +115,17 @@ def create_app(
     api.register_blueprint(jobs_blueprint, url_prefix=base)
     api.register_blueprint(admin_blueprint, url_prefix=base)
     register_error_handlers(app)
+
+    @app.before_request
+    def _plain_path_ids() -> tuple[Response, int] | None:
+        # After authentication (registered later): an id in a path holding an invisible or
+        # line-breaking character names no job; the 404 says which character, since it cannot be seen.
+        for name, value in (request.view_args or {}).items():
+            if isinstance(value, str) and (problem := text_problem(value)) is not None:
+                message = f"{name} must not contain {problem}"
+                return error_response(404, "Not Found", f"no job {value!r}: {message}", {"path": {name: [message]}})
+        return None
+
     # Outermost: limits hold before routing and authentication, as a server's own would.
     app.wsgi_app = RequestLimits(app.wsgi_app, app.config["MAX_CONTENT_LENGTH"])  # type: ignore[method-assign]
 

@@ -11,7 +11,6 @@ import logging
 import math
 import re
 import secrets
-import unicodedata
 import socket
 import time
 from collections.abc import Callable
@@ -34,6 +33,7 @@ from gateway.slurm.memory import memory_kill_line
 from gateway.slurm.states import TERMINAL_STATES, JobState, gateway_state
 from gateway.callbacks import MAX_EVENT_AGE_S, TOKEN_ENV, job_token, verify
 from gateway.storage.s3 import S3Storage, StorageError, parse_s3_url
+from gateway.textrules import text_problem
 from gateway.store import DuplicateIdempotencyKey, JobNotFound, JobRecord, JobStore
 
 log = logging.getLogger(__name__)
@@ -62,9 +62,10 @@ FINISHED_BUT_RUNNING_S = 120.0
 def check_s3_url(url: str) -> tuple[str, str]:
     """Split ``s3://bucket/key``, refusing what S3, a proxy or a path normaliser could read otherwise.
 
-    Keys may hold spaces, quotes and shell characters (scripts quote every value), but not control
-    characters, '%' (percent-encoding), '\\', or empty, '.' or '..' segments: an HTTP layer that
-    normalises ``/bucket/../other/x`` would reach another bucket.
+    Keys may hold spaces, quotes and shell characters (scripts quote every value), but not what
+    gateway/textrules.py refuses (control and Unicode format characters, line separators: a key is
+    shown to admins and in scripts), '%' (percent-encoding), '\\', or empty, '.' or '..' segments:
+    an HTTP layer that normalises ``/bucket/../other/x`` would reach another bucket.
     """
     if not url.startswith("s3://"):
         raise ValueError("must be an s3://bucket/key URL (no other scheme)")
@@ -75,8 +76,9 @@ def check_s3_url(url: str) -> tuple[str, str]:
         raise ValueError(f"bucket {bucket!r} is not a valid S3 bucket name (no '..', no IP address)")
     if bucket.startswith(("xn--", "sthree-")) or bucket.endswith(("-s3alias", "--ol-s3")):
         raise ValueError(f"bucket {bucket!r} uses a prefix or suffix S3 reserves")
-    if any(unicodedata.category(c) in ("Cc", "Cs") for c in key):
-        raise ValueError("the key must not contain control characters")
+    problem = text_problem(key)
+    if problem is not None:
+        raise ValueError(f"the key must not contain {problem}")
     if "%" in key or "\\" in key:
         raise ValueError("the key must not contain '%' (percent-encoding) or '\\'; S3 keys are given as they are")
     if len(key.encode()) > MAX_S3_KEY_BYTES:
@@ -763,8 +765,9 @@ def _check_values(flags: NormalisedFlags) -> None:
             if abs(value) > MAX_NUMBER:
                 raise RequestError(f"flags.{key}", f"--{key} must be between -{MAX_NUMBER:g} and {MAX_NUMBER:g}, got {value!r}")
         elif isinstance(value, str):
-            if any(unicodedata.category(c) in ("Cc", "Cs") for c in value):
-                raise RequestError(f"flags.{key}", f"--{key} must not contain control characters")
+            problem = text_problem(value)
+            if problem is not None:
+                raise RequestError(f"flags.{key}", f"--{key} must not contain {problem}")
             if value.startswith("-"):
                 raise RequestError(f"flags.{key}", f"--{key} must not start with '-' (it would read as an option): {value!r}")
             spec = CATALOGUE.get(key)

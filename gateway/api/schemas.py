@@ -9,13 +9,20 @@ from marshmallow import RAISE, Schema, ValidationError, fields, validate, valida
 
 from gateway.service import MODES
 from gateway.slurm.states import JobState
+from gateway.textrules import text_problem
 
 # Letters, digits and ._- ; used in paths and Slurm job names, so no '/', no spaces, not '.' or '..'.
 
 class FullMatch(validate.Regexp):
-    """validate.Regexp matching the whole value: its ``re.match`` lets ``$`` pass "alice\n"."""
+    """validate.Regexp matching the whole value: its ``re.match`` lets ``$`` pass "alice\n".
+
+    A value holding a character gateway/textrules.py refuses is told which one, by name: the
+    pattern alone would only say "must be letters, digits..." of a value that looks like letters.
+    """
 
     def __call__(self, value: Any) -> Any:
+        if isinstance(value, str) and (problem := text_problem(value)) is not None:
+            raise ValidationError(f"must not contain {problem}")
         if not isinstance(value, str) or self.regex.fullmatch(value) is None:
             raise ValidationError(self._format_error(value))
         return value

@@ -11,10 +11,11 @@ from dataclasses import dataclass, field
 from pathlib import PurePosixPath
 from typing import Any, Mapping
 
+from gateway.textrules import text_problem
+
 FlagValue = bool | int | float | str
 
 _KEY_PATTERN = re.compile(r"[A-Za-z][A-Za-z0-9_]*")
-_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 MAX_STRING_LENGTH = 1024
 
 
@@ -70,6 +71,9 @@ def _format_value(value: FlagValue) -> str:
 def normalise_key(raw: str) -> str:
     """`--particle-diameter` / `particle_diameter` / `-K` -> `particle_diameter` / `K`."""
     key = raw.lstrip("-").replace("-", "_")
+    problem = text_problem(raw)
+    if problem is not None:
+        raise FlagError(raw, f"flag name {raw!r} must not contain {problem}")
     if not _KEY_PATTERN.fullmatch(key):
         raise FlagError(raw, f"flag name {raw!r} is not a relion_refine option name (letters, digits, '_' or '-')")
     return key
@@ -98,8 +102,9 @@ def normalise_flags(raw_flags: Mapping[str, Any]) -> NormalisedFlags:
         elif isinstance(value, (int, float)):
             checked = value
         elif isinstance(value, str):
-            if _CONTROL.search(value):
-                raise FlagError(raw_key, f"--{key} must not contain control characters")
+            problem = text_problem(value)
+            if problem is not None:
+                raise FlagError(raw_key, f"--{key} must not contain {problem}")
             if len(value) > MAX_STRING_LENGTH:
                 raise FlagError(raw_key, f"--{key} is longer than {MAX_STRING_LENGTH} characters")
             checked = value

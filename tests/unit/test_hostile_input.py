@@ -47,6 +47,12 @@ HOSTILE = {
     "leading_dash": "-rf",
     "leading_double_dash": "--o /etc",
     "unicode": "naïve/ünïcödé ☃ \u202e\u2028",
+    "unicode_letters": "naïve/ünïcödé ☃ ∂",  # letters and symbols in any script are fine
+    "bidi_override": "run\u202e\u2066rats.star",
+    "zero_width": "a\u200bb",
+    "bom": "\ufeffparticles.star",
+    "line_separator": "a\u2028b",
+    "paragraph_separator": "a\u2029b",
     "long_ok": "l" * 1000,  # a string option; a path component this long is refused (NAME_MAX)
     "long_path": "/".join(["p" * 250] * 4),
     "too_long": "l" * 1025,
@@ -64,6 +70,11 @@ ALWAYS_REFUSED = {
     "newline": "control characters",
     "nul": "control characters",
     "c1_control": "control characters",
+    "bidi_override": "Unicode format characters (U+202E RIGHT-TO-LEFT OVERRIDE)",
+    "zero_width": "Unicode format characters (U+200B ZERO WIDTH SPACE)",
+    "bom": "Unicode format characters (U+FEFF ZERO WIDTH NO-BREAK SPACE)",
+    "line_separator": "line or paragraph separators (U+2028 LINE SEPARATOR)",
+    "paragraph_separator": "line or paragraph separators (U+2029 PARAGRAPH SEPARATOR)",
 }
 SAFE = {"i": "particles.star", "o": "Out/run", "ref": "ref.mrc"}
 
@@ -207,6 +218,48 @@ def test_identifiers_are_strict(app: Flask, field: str, value: str) -> None:
     assert field in response.json["errors"]["json"] and field in response.json["message"]
 
 
+INVISIBLE = ["\u202a", "\u202e", "\u2066", "\u2069", "\u200b", "\u200c", "\u200d", "\ufeff", "\u2028", "\u2029", "\x85"]
+
+
+@pytest.mark.parametrize("char", INVISIBLE, ids=[f"U+{ord(c):04X}" for c in INVISIBLE])
+@pytest.mark.parametrize("field", ["user_id", "workspace_id", "partition", "time_limit"])
+def test_ids_refuse_format_and_separator_characters_by_name(app: Flask, field: str, char: str) -> None:
+    from gateway.textrules import character_name
+
+    client = app.test_client(token=app.config["TEST_TOKENS"]["admin"])
+    value = {"user_id": "alice", "workspace_id": "ws1", "partition": "debug", "time_limit": "01:00:00"}[field]
+    response = client.post(JOBS, json=valid_request(**{field: value[:2] + char + value[2:]}))
+    assert_error_shape(response, 422)
+    name = character_name(char)
+    assert response.json["message"] == response.json["message"].strip() and f"{field}: must not contain" in response.json["message"]
+    assert name in response.json["message"] and name in response.json["errors"]["json"][field][0]
+
+
+@pytest.mark.parametrize("char", INVISIBLE, ids=[f"U+{ord(c):04X}" for c in INVISIBLE])
+def test_flag_values_and_names_refuse_format_and_separator_characters_by_name(client: FlaskClient, char: str) -> None:
+    from gateway.textrules import character_name
+
+    for flags, field in (({"tau": "a" + char}, "flags.tau"), ({"o": f"Class2D{char}/run"}, "flags.o"), ({"K" + char: 3}, "flags.K" + char)):
+        response = client.post(JOBS, json=valid_request(flags={**valid_request()["flags"], **flags}))
+        assert_error_shape(response, 422)
+        assert field in response.json["errors"]["json"], response.json
+        assert character_name(char) in response.json["message"], response.json["message"]
+
+
+def test_idempotency_keys_and_job_ids_in_paths_name_the_character(client: FlaskClient) -> None:
+    response = client.post(JOBS, json=valid_request(), headers={"Idempotency-Key": "key\x85"})
+    assert_error_shape(response, 422)
+    assert "Idempotency-Key" in response.json["errors"]["json"] and "U+0085 NEXT LINE" in response.json["message"]
+    job_id = client.post(JOBS, json=valid_request()).json["job_id"]
+    for path in ("", "/script", "/metadata", "/logs", "/output"):
+        # A job id cannot hold such a character: a 404 that says which one (it cannot be seen).
+        response = client.get(f"{JOBS}/{job_id}\u202e{path}")
+        assert_error_shape(response, 404)
+        assert "job_id must not contain Unicode format characters (U+202E RIGHT-TO-LEFT OVERRIDE)" in response.json["message"]
+    assert_error_shape(client.delete(f"{JOBS}/{job_id}%E2%80%8B"), 404)
+    assert client.get(f"{JOBS}/{job_id}").status_code == 200
+
+
 def test_job_directories_are_checked_to_stay_inside_their_roots(tmp_path: Path) -> None:
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
@@ -249,6 +302,12 @@ S3_REFUSED = [
     ("file:///etc/passwd", "s3:// URL"),
     ("s3:/relion-local/x.tar.gz", "s3:// URL"),
     ("s3://relion-local/" + "k" * 1100 + ".tar.gz", "onger than"),
+    ("s3://relion-local/a\x85b.tar.gz", "control characters (U+0085 NEXT LINE)"),
+    ("s3://relion-local/zg.rat\u202e.tar.gz", "U+202E RIGHT-TO-LEFT OVERRIDE"),
+    ("s3://relion-local/a\u2067b.tar.gz", "U+2067 RIGHT-TO-LEFT ISOLATE"),
+    ("s3://relion-local/a\u200db.tar.gz", "U+200D ZERO WIDTH JOINER"),
+    ("s3://relion-local/\ufeffx.tar.gz", "U+FEFF ZERO WIDTH NO-BREAK SPACE"),
+    ("s3://relion-local/a\u2028b.tar.gz", "U+2028 LINE SEPARATOR"),
 ]
 
 
