@@ -1,7 +1,10 @@
 """Map domain exceptions to flask-smorest's one error shape: {code, status, message, errors}.
 
-This module owns that shape (``error_body``), also for what ``RequestLimits`` (a WSGI middleware)
-refuses before Flask sees a request.
+This module owns that shape (``error_body``), also for what the HTTP layer refuses before Flask
+sees a request: the request limits below are enforced by ``RequestLimits`` (a WSGI middleware)
+and are stricter than the servers' own, so a client gets the same JSON from werkzeug's dev server
+and from gunicorn, whose own error pages gateway/serve.py writes in this shape too (a backstop for
+what is past even their limits, or not HTTP at all).
 """
 from __future__ import annotations
 
@@ -28,6 +31,13 @@ log = logging.getLogger(__name__)
 
 # Request limits (README, Security). A request body: 1 MiB, with or without Content-Length.
 MAX_BODY_BYTES = 1024 * 1024
+# The request target (path and query): 414 beyond. Below gunicorn's ceiling for a whole request
+# line (8190 bytes, method and version included), so gunicorn never refuses a URI the gateway takes.
+MAX_URI_BYTES = 8000
+# All header lines together ("Name: value\r\n"), and how many: 431 beyond. Below werkzeug's dev
+# server (100 lines) and gunicorn's limits, which gateway/serve.py sets above these.
+MAX_HEADER_BYTES = 16 * 1024
+MAX_HEADER_FIELDS = 64
 
 
 def error_body(code: int, message: str, errors: dict[str, Any] | None = None, status: str | None = None) -> dict[str, Any]:
@@ -49,8 +59,13 @@ def error_response(code: int, status: str, message: str, errors: dict[str, Any] 
     return jsonify(error_body(code, message, errors, status)), code
 
 
+def error_json(code: int, message: str, status: str | None = None) -> bytes:
+    """The one shape as bytes, for what answers outside Flask (the middleware, the servers)."""
+    return json.dumps(error_body(code, message, status=status), separators=(",", ":")).encode()
+
+
 def _plain_error(start_response: Callable[..., Any], code: int, message: str) -> Iterable[bytes]:
-    payload = json.dumps(error_body(code, message), separators=(",", ":")).encode()
+    payload = error_json(code, message)
     start_response(f"{code} {_phrase(code)}", [("Content-Type", "application/json"), ("Content-Length", str(len(payload)))])
     return [payload]
 
@@ -58,7 +73,7 @@ def _plain_error(start_response: Callable[..., Any], code: int, message: str) ->
 class RequestLimits:
     """WSGI middleware refusing, in the one error shape, what is over the request limits above.
 
-    A body without
+    It runs before routing and authentication, as the server's own limits would. A body without
     Content-Length (chunked) is read here, up to one byte over the limit: werkzeug stops such a
     stream at ``MAX_CONTENT_LENGTH`` and hands the view the first 1 MiB as if it were the whole
     body, which reads as truncated JSON (a 400) instead of the 413 a Content-Length gets.
@@ -69,6 +84,19 @@ class RequestLimits:
         self.max_body_bytes = max_body_bytes
 
     def __call__(self, environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
+        uri = environ.get("RAW_URI") or environ.get("REQUEST_URI")
+        if uri is None:
+            query = environ.get("QUERY_STRING", "")
+            uri = environ.get("SCRIPT_NAME", "") + environ.get("PATH_INFO", "") + (f"?{query}" if query else "")
+        if len(uri.encode("latin-1", "replace")) > MAX_URI_BYTES:
+            return _plain_error(start_response, 414, f"the request URI is longer than the limit of {MAX_URI_BYTES} bytes")
+        headers = [(k, v) for k, v in environ.items() if k.startswith("HTTP_") or k in ("CONTENT_TYPE", "CONTENT_LENGTH")]
+        if len(headers) > MAX_HEADER_FIELDS:
+            return _plain_error(start_response, 431, f"the request has more than {MAX_HEADER_FIELDS} header fields")
+        # "Name: value\r\n" per field, as on the wire (HTTP_ is the WSGI prefix, not the name).
+        size = sum(len(k) - (5 if k.startswith("HTTP_") else 0) + len(str(v)) + 4 for k, v in headers)
+        if size > MAX_HEADER_BYTES:
+            return _plain_error(start_response, 431, f"the request headers are larger than the limit of {MAX_HEADER_BYTES} bytes")
         if environ.get("CONTENT_LENGTH") in (None, "") and environ.get("wsgi.input_terminated"):
             stream, body = environ["wsgi.input"], bytearray()
             while len(body) <= self.max_body_bytes:
@@ -139,7 +167,12 @@ def register_error_handlers(app: Flask) -> None:
         message = exc.description or exc.name
         if errors:
             message = "; ".join(_flatten_messages(errors)) or message
-        return error_response(exc.code or 500, exc.name, message, errors)
+        response, code = error_response(exc.code or 500, exc.name, message, errors)
+        # Keep what the exception says besides its HTML: Allow on a 405, WWW-Authenticate, ...
+        for name, value in exc.get_headers():
+            if name.lower() not in ("content-type", "content-length"):
+                response.headers[name] = value
+        return response, code
 
     @app.errorhandler(Exception)
     def _unexpected(exc: Exception) -> tuple[Response, int]:

@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 
-from gateway.api.errors import MAX_BODY_BYTES
+from gateway.api.errors import MAX_BODY_BYTES, MAX_HEADER_BYTES, MAX_HEADER_FIELDS, MAX_URI_BYTES
 from gateway.auth import create_token
 from gateway.store import JobStore, make_engine
 
@@ -149,3 +149,68 @@ def test_a_chunked_body_within_the_limit_is_read_whole(server: Server) -> None:
     headers = {"Authorization": f"Bearer {server.token}", "Content-Type": "application/json", "Transfer-Encoding": "chunked"}
     body = assert_error_shape(*server.send(server.request("POST", JOBS, headers, chunked(small, 1000))), 422)
     assert "padding" in body["errors"]["json"] and "workspace_id" in body["errors"]["json"], body["message"][:300]
+
+
+# -- errors the HTTP layer produces: the one shape, under both servers and in-process -------------
+
+
+def test_the_gateway_limits_sit_inside_gunicorns() -> None:
+    from gateway.serve import GUNICORN_FIELD_SIZE, GUNICORN_FIELDS, GUNICORN_REQUEST_LINE
+
+    assert MAX_URI_BYTES + len("OPTIONS  HTTP/1.1") <= GUNICORN_REQUEST_LINE  # gunicorn clamps the line to 8190
+    assert GUNICORN_FIELD_SIZE > MAX_HEADER_BYTES and GUNICORN_FIELDS > MAX_HEADER_FIELDS
+    assert MAX_HEADER_FIELDS < 100  # http.client's fixed limit under werkzeug's dev server
+
+
+def _uri(length: int) -> str:
+    target = f"{JOBS}?page=1&pad="
+    return target + "x" * (length - len(target))
+
+
+def test_server_errors_have_the_one_shape(server: Server) -> None:
+    auth = {"Authorization": f"Bearer {server.token}"}
+    # 404 and 405 (with its Allow header) from routing.
+    assert_error_shape(*server.send(server.request("GET", "/v1/relion/nowhere", auth)), 404)
+    status, headers, body = server.send(server.request("PUT", JOBS, {**auth, "Content-Length": "0"}))
+    assert_error_shape(status, headers, body, 405)
+    assert {"GET", "POST"} <= {m.strip() for m in headers["allow"].split(",")}, headers
+    # A URI at the limit reaches the app; one byte more is the gateway's 414, far more the server's.
+    assert server.send(server.request("GET", _uri(MAX_URI_BYTES), auth))[0] == 200
+    for length in (MAX_URI_BYTES + 1, 8150, 70_000):
+        body = assert_error_shape(*server.send(server.request("GET", _uri(length), auth)), 414)
+        if length < 8150:
+            assert f"longer than the limit of {MAX_URI_BYTES} bytes" in body["message"]
+    # Headers: too large in all (the gateway's 431), one line past the server's own, too many.
+    big = {**auth, "X-Pad": "p" * MAX_HEADER_BYTES}
+    body = assert_error_shape(*server.send(server.request("GET", JOBS, big)), 431)
+    assert f"larger than the limit of {MAX_HEADER_BYTES} bytes" in body["message"]
+    assert_error_shape(*server.send(server.request("GET", JOBS, {**auth, "X-Pad": "p" * 70_000})), 431)
+    many = {**auth, **{f"X-H{n}": "v" for n in range(MAX_HEADER_FIELDS + 5)}}
+    body = assert_error_shape(*server.send(server.request("GET", JOBS, many)), 431)
+    assert f"more than {MAX_HEADER_FIELDS} header fields" in body["message"]
+    assert_error_shape(*server.send(server.request("GET", JOBS, {**auth, **{f"X-H{n}": "v" for n in range(150)}})), 431)
+    # Not HTTP/1.x at all: the server's own 400, in the same shape (http.server answers a one-word
+    # request line as HTTP/0.9 would: the body alone, without a status line or headers).
+    if server.kind == "gunicorn":
+        assert_error_shape(*server.send(b"GARBAGE\r\n\r\n"), 400)
+    else:
+        with socket.create_connection(("127.0.0.1", server.port), timeout=20) as sock:
+            sock.sendall(b"GARBAGE\r\n\r\n")
+            reply = b"".join(iter(lambda: sock.recv(65536), b""))
+        assert json.loads(reply)["code"] == 400, reply
+    # The limits come before authentication, as the server's own would.
+    assert_error_shape(*server.send(server.request("GET", _uri(MAX_URI_BYTES + 1))), 414)
+
+
+def test_in_process_the_limits_and_routing_errors_have_the_one_shape(client: Any, anonymous_client: Any) -> None:
+    from tests.unit.test_hostile_input import assert_error_shape as shaped
+
+    shaped(client.get("/nowhere"), 404)
+    response = client.put(JOBS)
+    shaped(response, 405)
+    assert {"GET", "POST"} <= set(response.allow)
+    shaped(client.get(_uri(MAX_URI_BYTES + 1)), 414)
+    assert client.get(_uri(MAX_URI_BYTES)).status_code == 200
+    shaped(anonymous_client.get(JOBS, headers={"X-Pad": "p" * MAX_HEADER_BYTES}), 431)
+    shaped(client.get(JOBS, headers={f"X-H{n}": "v" for n in range(MAX_HEADER_FIELDS)}), 431)
+    assert client.get(JOBS, headers={f"X-H{n}": "v" for n in range(MAX_HEADER_FIELDS - 8)}).status_code == 200
