@@ -17,9 +17,12 @@ import hmac
 import ipaddress
 import json
 import logging
+import math
 import re
 import secrets
+import threading
 import time
+from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -28,6 +31,7 @@ import click
 from flask import Flask, g, request
 
 from gateway.audit import Auditor
+from gateway.ratelimit import LimitExceeded
 from gateway.store import JobStore, TokenRecord
 
 log = logging.getLogger(__name__)
@@ -146,6 +150,71 @@ def token_summary(record: TokenRecord) -> dict[str, Any]:
     }
 
 
+# -- throttling failed checks -----------------------------------------------------------------------
+
+
+class AuthThrottled(LimitExceeded):
+    """Too many failed token checks from one client: a 429 with Retry-After, and no check at all."""
+
+
+class FailureThrottle:
+    """Failed bearer-token checks per client address in a sliding window, in this process.
+
+    Per process, like the token cache: N gunicorn workers allow up to N x ``limit`` guesses per
+    window from one address, still about a million times too few to find a 256-bit secret. A
+    success never resets the count (a guesser holding one valid token could otherwise clear it).
+    """
+
+    # Addresses remembered at most: a spray from many addresses evicts the stalest first.
+    MAX_CLIENTS = 10_000
+
+    def __init__(self, limit: int, window: float, clock: Callable[[], float] = time.monotonic) -> None:
+        self.limit = limit
+        self.window = window
+        self.clock = clock
+        self._failures: dict[str, deque[float]] = {}
+        self._lock = threading.Lock()
+
+    def _recent(self, client: str, now: float) -> deque[float] | None:
+        times = self._failures.get(client)
+        while times and times[0] <= now - self.window:
+            times.popleft()
+        if times is not None and not times:
+            del self._failures[client]
+            return None
+        return times
+
+    def check(self, client: str) -> None:
+        """Raise AuthThrottled if ``client`` has used up its failures for now; O(1) otherwise."""
+        if self.limit <= 0:
+            return
+        with self._lock:
+            now = self.clock()
+            times = self._recent(client, now)
+            if times is None or len(times) < self.limit:
+                return
+            # The window frees a failure when the oldest that still counts turns window seconds old.
+            frees_in = times[len(times) - self.limit] + self.window - now
+        raise AuthThrottled(
+            "failure_limit",
+            f"too many failed authentications from {client}: the limit ([auth] failure_limit) is {self.limit} "
+            f"per {self.window:g} s ([auth] failure_window); try again in {math.ceil(frees_in)} s",
+            math.ceil(frees_in),
+        )
+
+    def record_failure(self, client: str) -> None:
+        if self.limit <= 0:
+            return
+        with self._lock:
+            now = self.clock()
+            times = self._recent(client, now)
+            if times is None:
+                if len(self._failures) >= self.MAX_CLIENTS:
+                    self._failures.pop(next(iter(self._failures)))  # insertion order: the stalest
+                times = self._failures[client] = deque(maxlen=self.limit)
+            times.append(now)
+
+
 # -- the authenticator ----------------------------------------------------------------------------
 
 
@@ -166,16 +235,46 @@ class Authenticator:
         # token id -> sha256 of (presented token, stored hash) already checked with scrypt, so one
         # process pays scrypt's cost once per token, not per request. Revocation is read each time.
         self._verified: dict[str, str] = {}
+        # Checked against when the id is unknown, so that costs the same scrypt as a wrong secret
+        # (no timing oracle for which ids exist). It matches nothing: no digest is all zeros.
+        self._dummy_salt = secrets.token_hex(16)
+        self._dummy_hash = f"scrypt${int(config['AUTH_SCRYPT_N'])}${SCRYPT_R}${SCRYPT_P}${'0' * 64}"
+        limit, window = int(config["AUTH_FAILURE_LIMIT"]), float(config["AUTH_FAILURE_WINDOW"])
+        if limit < 0 or not window > 0:
+            raise ValueError(f"[auth] failure_limit must be >= 0 and failure_window > 0, not {limit} and {window:g}")
+        self.throttle = FailureThrottle(limit, window)
+
+    def client_address(self, headers: Mapping[str, str], remote_addr: str | None) -> str:
+        """Whom failures are counted against: the peer, unless the peer is one of [auth]
+        trusted_proxies; then the nearest X-Forwarded-For hop that is not (entries further left are
+        whatever the client wrote)."""
+        address = remote_addr or "-"
+        if not self._trusted(remote_addr):
+            return address
+        for hop in reversed(headers.get("X-Forwarded-For", "").split(",")):
+            hop = hop.strip()
+            if not hop:
+                break
+            address = hop
+            if not self._trusted(hop):
+                break
+        return address
 
     def authenticate(self, headers: Mapping[str, str], remote_addr: str | None) -> Principal:
         if self.mode == "none":
             return Principal("anonymous", admin=True, via="none")
         authorization = headers.get("Authorization")
         if authorization is not None:
-            scheme, _, credentials = authorization.partition(" ")
-            if scheme.lower() != "bearer" or not credentials.strip():
-                raise Unauthenticated("the Authorization header must be 'Bearer <token>'", invalid_token=True)
-            return self.verify_token(credentials.strip())
+            client = self.client_address(headers, remote_addr)
+            self.throttle.check(client)
+            try:
+                scheme, _, credentials = authorization.partition(" ")
+                if scheme.lower() != "bearer" or not credentials.strip():
+                    raise Unauthenticated("the Authorization header must be 'Bearer <token>'", invalid_token=True)
+                return self.verify_token(credentials.strip())
+            except Unauthenticated:
+                self.throttle.record_failure(client)
+                raise
         if self.proxy_header and self.proxy_header in headers:
             if self._trusted(remote_addr):
                 return self._proxy_principal(headers[self.proxy_header])
@@ -185,8 +284,13 @@ class Authenticator:
     def verify_token(self, presented: str) -> Principal:
         refused = Unauthenticated("invalid or revoked token", invalid_token=True)
         match = _TOKEN.fullmatch(presented)
-        record = self.store.get_token(match.group("id")) if match else None
-        if match is None or record is None or record.revoked_at is not None:
+        if match is None:
+            raise refused  # the format is public: failing fast here tells nothing about the store
+        record = self.store.get_token(match.group("id"))
+        if record is None or record.revoked_at is not None:
+            # The same scrypt as for a wrong secret, so an unknown or revoked id takes as long.
+            salt, stored = (self._dummy_salt, self._dummy_hash) if record is None else (record.salt, record.hash)
+            check_secret(match.group("secret"), salt, stored)
             raise refused
         fingerprint = hashlib.sha256(f"{presented}\0{record.hash}".encode()).hexdigest()
         if not hmac.compare_digest(self._verified.get(record.id, ""), fingerprint):
@@ -235,6 +339,13 @@ def init_app(app: Flask, store: JobStore, auditor: Auditor) -> Authenticator:
             auditor.record(
                 "authenticate", "denied", actor=_Anonymous(), reason=exc.message,
                 method=request.method, path=request.path, remote_addr=request.remote_addr,
+            )
+            raise
+        except AuthThrottled as exc:
+            auditor.record(
+                "authenticate", "refused", actor=_Anonymous(), reason=exc.message, limit=exc.limit,
+                retry_after=exc.retry_after, method=request.method, path=request.path, remote_addr=request.remote_addr,
+                client=authenticator.client_address(request.headers, request.remote_addr),
             )
             raise
 

@@ -108,6 +108,10 @@ def default_config() -> dict[str, Any]:
         "AUTH_TRUSTED_PROXIES": [],
         "AUTH_PROXY_ADMINS": [],  # users named by the proxy header who are admins
         "AUTH_SCRYPT_N": 2**14,  # scrypt cost of new token hashes (a power of two; r=8, p=1)
+        # Failed bearer-token checks one client address may make per window (seconds), per gateway
+        # process; beyond: a 429 with Retry-After, without a check, until the window frees. 0: off.
+        "AUTH_FAILURE_LIMIT": 10,
+        "AUTH_FAILURE_WINDOW": 60.0,
         # [limits] per user (the job's user_id); 0 turns a limit off. A hit is a 429 naming the limit.
         "LIMITS_MAX_ACTIVE_JOBS": 100,  # jobs not yet ended
         "LIMITS_SUBMISSIONS_PER_MINUTE": 60,

@@ -13,7 +13,7 @@ from flask import Flask
 from flask.testing import FlaskClient
 
 from gateway import create_app
-from gateway.auth import check_secret, create_token, token_group
+from gateway.auth import AUTH_KEY, Unauthenticated, check_secret, create_token, revoke_token, token_group
 from tests.conftest import TEST_SCRYPT_N, valid_request
 from tests.fakes import FakeScheduler, FakeStorage
 
@@ -376,6 +376,145 @@ def test_refused_logins_are_audited_and_the_audit_file_is_written(tmp_path: Path
     assert written[0]["reason"] == "invalid or revoked token" and written[0]["path"] == JOBS
     assert "Z" * 43 not in audit_file.read_text() and token not in audit_file.read_text()
     assert audit_lines(caplog) == written
+
+
+# -- timing and throttling of failed checks -------------------------------------------------------
+
+TIMING_SCRYPT_N = 2**12  # a few ms per check: enough to dwarf the store lookup, short enough for a test
+
+
+def _median_s(check: object, rounds: int) -> float:
+    times = []
+    for _ in range(rounds):
+        start = time.perf_counter()
+        check()  # type: ignore[operator]
+        times.append(time.perf_counter() - start)
+    return sorted(times)[len(times) // 2]
+
+
+def test_an_unknown_id_takes_as_long_as_a_wrong_secret(tmp_path: Path) -> None:
+    app = make_app(tmp_path, AUTH_SCRYPT_N=TIMING_SCRYPT_N, AUTH_FAILURE_LIMIT=0)
+    authenticator = app.extensions[AUTH_KEY]
+    store = app.extensions["relion_gateway"].store
+    real, token = create_token(store, "alice", n=TIMING_SCRYPT_N)
+    revoked, revoked_token = create_token(store, "alice", n=TIMING_SCRYPT_N)
+    revoke_token(store, revoked.id)
+    secret = token.split("_", 2)[2]
+    wrong_secret = f"rg_{real.id}_{'A' * 43 if not secret.startswith('A') else 'B' * 43}"
+    unknown_id = f"rg_{'0' * 12}_{secret}"
+    assert store.get_token("0" * 12) is None
+
+    def refused(presented: str) -> object:
+        def check() -> None:
+            with pytest.raises(Unauthenticated):
+                authenticator.verify_token(presented)
+        return check
+
+    refused(wrong_secret)()  # warm up: imports, the first query
+    ratios, revoked_ratios = [], []
+    for _ in range(3):  # interleaved, so a slow moment of the machine hits both sides
+        wrong = _median_s(refused(wrong_secret), 15)
+        ratios.append(_median_s(refused(unknown_id), 15) / wrong)
+        revoked_ratios.append(_median_s(refused(revoked_token), 15) / wrong)
+    ratio, revoked_ratio = sorted(ratios)[1], sorted(revoked_ratios)[1]
+    print(f"unknown id / wrong secret = {ratio:.2f}, revoked / wrong secret = {revoked_ratio:.2f} (scrypt n={TIMING_SCRYPT_N})")
+    assert 0.7 <= ratio <= 1.4, ratios
+    assert 0.7 <= revoked_ratio <= 1.4, revoked_ratios
+    # Measured where it matters, against a check that costs nothing: the malformed token.
+    assert _median_s(refused("rg_nonsense"), 15) < 0.5 * _median_s(refused(unknown_id), 15)
+
+
+def _bad(n: int) -> dict[str, str]:
+    return {"Authorization": f"Bearer rg_{n:012x}_{'Q' * 43}"}
+
+
+def test_repeated_failures_from_one_client_are_throttled(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="gateway.audit")
+    app = make_app(tmp_path, AUTH_SCRYPT_N=TEST_SCRYPT_N)
+    assert (app.config["AUTH_FAILURE_LIMIT"], app.config["AUTH_FAILURE_WINDOW"]) == (10, 60.0)  # the defaults
+    store = app.extensions["relion_gateway"].store
+    _, token = create_token(store, "alice", n=TEST_SCRYPT_N)
+    clock = [1000.0]
+    app.extensions[AUTH_KEY].throttle.clock = lambda: clock[0]
+    guesser = app.test_client()
+    guesser.environ_base["REMOTE_ADDR"] = "203.0.113.7"
+    other = app.test_client()
+    other.environ_base["REMOTE_ADDR"] = "198.51.100.2"
+    good = {"Authorization": f"Bearer {token}"}
+
+    for n in range(10):
+        clock[0] += 1.0
+        assert guesser.get(JOBS, headers=_bad(n)).status_code == 401
+    response = guesser.get(JOBS, headers=_bad(10))
+    assert response.status_code == 429
+    assert response.headers["Retry-After"] == "51"  # the first failure (t=1001) leaves the window at t=1061
+    assert response.json["code"] == 429 and response.json["status"] == "Too Many Requests"
+    assert "[auth] failure_limit" in response.json["message"] and "is 10" in response.json["message"]
+    assert response.json["errors"] == {"limits": {"failure_limit": [response.json["message"]]}}
+    # Throttled means not checked: a right token from that address waits too (else a guess's 200
+    # would still tell), and a malformed header as well.
+    assert guesser.get(JOBS, headers=good).status_code == 429
+    assert guesser.get(JOBS, headers={"Authorization": "Basic YWxpY2U6c2VjcmV0"}).status_code == 429
+    # Another client is not affected.
+    assert other.get(JOBS, headers=good).status_code == 200
+    assert other.get(JOBS, headers=_bad(99)).status_code == 401
+
+    refused = [a for a in audit_lines(caplog) if a["action"] == "authenticate" and a["outcome"] == "refused"]
+    assert len(refused) == 3 and refused[0]["client"] == "203.0.113.7" and refused[0]["limit"] == "failure_limit"
+    assert refused[0]["retry_after"] == 51 and "Q" * 43 not in json.dumps(refused)
+
+    clock[0] = 1061.0  # the oldest failure is a window old: one more try
+    assert guesser.get(JOBS, headers=_bad(11)).status_code == 401
+    assert guesser.get(JOBS, headers=_bad(12)).status_code == 429
+    clock[0] = 1071.0  # all ten have left the window
+    assert guesser.get(JOBS, headers=good).status_code == 200
+
+
+def test_a_valid_token_is_not_slowed_by_a_throttled_client(tmp_path: Path) -> None:
+    app = make_app(tmp_path, AUTH_SCRYPT_N=TEST_SCRYPT_N)
+    _, token = create_token(app.extensions["relion_gateway"].store, "alice", n=TEST_SCRYPT_N)
+    good = {"Authorization": f"Bearer {token}"}
+    guesser = app.test_client()
+    guesser.environ_base["REMOTE_ADDR"] = "203.0.113.7"
+    other = app.test_client()
+    other.environ_base["REMOTE_ADDR"] = "198.51.100.2"
+
+    def valid() -> None:
+        assert other.get("/v1/relion/admin/tokens", headers=good).status_code == 403  # authenticated; no job listing cost
+
+    valid()
+    before = _median_s(valid, 41)
+    for n in range(10):
+        guesser.get(JOBS, headers=_bad(n))
+    assert guesser.get(JOBS, headers=_bad(10)).status_code == 429
+    after = _median_s(valid, 41)
+    print(f"valid-token request: {before * 1e3:.2f} ms before, {after * 1e3:.2f} ms while another client is throttled")
+    assert after < 1.5 * before
+
+
+@pytest.mark.parametrize(
+    ("remote", "forwarded", "client"),
+    [
+        ("203.0.113.7", "", "203.0.113.7"),
+        ("203.0.113.7", "10.0.0.9", "203.0.113.7"),  # an untrusted peer's header is not believed
+        ("10.0.0.2", "", "10.0.0.2"),
+        ("10.0.0.2", "198.51.100.2", "198.51.100.2"),
+        ("10.0.0.2", "1.2.3.4, 198.51.100.2, 10.0.0.3", "198.51.100.2"),  # what the client wrote first is ignored
+        ("10.0.0.2", "10.0.0.4, 10.0.0.3", "10.0.0.4"),
+    ],
+)
+def test_failures_are_counted_against_the_real_client(tmp_path: Path, remote: str, forwarded: str, client: str) -> None:
+    app = make_app(tmp_path, AUTH_TRUSTED_PROXIES=["10.0.0.0/24"])
+    headers = {"X-Forwarded-For": forwarded} if forwarded else {}
+    assert app.extensions[AUTH_KEY].client_address(headers, remote) == client
+
+
+def test_failure_limit_zero_turns_throttling_off_and_bad_values_are_refused(tmp_path: Path) -> None:
+    app = make_app(tmp_path / "off", AUTH_FAILURE_LIMIT=0)
+    client = app.test_client()
+    assert all(client.get(JOBS, headers=_bad(n)).status_code == 401 for n in range(15))
+    with pytest.raises(ValueError, match="failure_limit"):
+        make_app(tmp_path / "bad", AUTH_FAILURE_WINDOW=0)
 
 
 # -- per-user limits ------------------------------------------------------------------------------
