@@ -19,7 +19,7 @@ from gateway.jobdirs import secure_state
 from gateway.api.docs import register_docs
 from gateway.api.errors import MAX_BODY_BYTES, RequestLimits, error_response
 from gateway.config import build_config
-from gateway.observability import instrumented, readiness, render_metrics
+from gateway.observability import CachedReadiness, instrumented, render_metrics
 from gateway.storage.s3 import S3Storage, make_s3_client
 from gateway.poller import Poller
 from gateway.scripts.render import ScriptRenderer
@@ -34,6 +34,7 @@ log = logging.getLogger(__name__)
 EXTENSION_KEY = "relion_gateway"
 POLLER_KEY = "relion_gateway_poller"
 AUDIT_KEY = "relion_gateway_audit"
+READINESS_KEY = "relion_gateway_readiness"
 
 
 def _default_scheduler(config: Mapping[str, Any]) -> SchedulerBackend:
@@ -135,13 +136,18 @@ def create_app(
         """The process is up (nothing else is checked)."""
         return {"status": "ok", "version": __version__}
 
+    app.extensions[READINESS_KEY] = ready_checks = CachedReadiness(service)
+
     @app.get("/readyz")
     @auth.public
     def readyz() -> tuple[dict[str, Any], int]:
-        """Ready when the store, Slurm and S3 all answer; 503 naming what does not."""
-        checks = readiness(service)
+        """Ready when the store, Slurm and S3 all answer; 503 naming what does not.
+
+        Public, so answered from a result up to READINESS_TTL_S old (``age_s``): probes without a
+        token never cost a Slurm command or an S3 call each."""
+        checks, age = ready_checks()
         ready = all(check["ok"] for check in checks.values())
-        return {"ready": ready, "checks": checks}, 200 if ready else 503
+        return {"ready": ready, "checks": checks, "age_s": round(age, 3)}, 200 if ready else 503
 
     def metrics() -> Response:
         """Prometheus metrics: jobs by state, submits, poll cycles, Slurm command latency and errors."""

@@ -10,8 +10,9 @@ import json
 import logging
 import os
 import re
+import threading
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import sqlalchemy as sa
@@ -23,6 +24,11 @@ from gateway.process import CommandError, Runner, run_command
 from gateway.storage.s3 import make_s3_client
 
 log = logging.getLogger(__name__)
+
+# /readyz is public (load balancers probe it without a token), so it answers from a result at most
+# this old: a flood of probes costs each process one store query, one Slurm ping and one S3 call
+# per TTL, not one per request. Short enough for a balancer to see an outage within seconds.
+READINESS_TTL_S = 5.0
 
 SUBMITS = Counter("relion_gateway_submits_total", "Job submissions by mode and outcome", ["mode", "outcome"])
 POLL_CYCLE = Histogram(
@@ -156,3 +162,27 @@ def readiness(service: Any, timeout: float = 5.0) -> dict[str, dict[str, Any]]:
     check("slurm", slurm)
     check("s3", s3)
     return checks
+
+
+class CachedReadiness:
+    """``readiness(service)``, run at most once per ``ttl`` seconds in this process.
+
+    Callers arriving while a check runs wait for it and share its result (one check, not one per
+    waiting thread); ``clock`` is replaceable for tests.
+    """
+
+    def __init__(self, service: Any, ttl: float = READINESS_TTL_S, clock: Callable[[], float] = time.monotonic) -> None:
+        self.service = service
+        self.ttl = ttl
+        self.clock = clock
+        self._lock = threading.Lock()
+        self._checks: dict[str, dict[str, Any]] | None = None
+        self._checked_at = 0.0
+
+    def __call__(self) -> tuple[dict[str, dict[str, Any]], float]:
+        """The checks and their age in seconds."""
+        with self._lock:
+            if self._checks is None or self.clock() - self._checked_at >= self.ttl:
+                self._checks = readiness(self.service)
+                self._checked_at = self.clock()
+            return self._checks, max(0.0, self.clock() - self._checked_at)

@@ -22,6 +22,7 @@ import pytest
 from gateway.api.errors import MAX_BODY_BYTES, MAX_HEADER_BYTES, MAX_HEADER_FIELDS, MAX_URI_BYTES
 from gateway.auth import create_token
 from gateway.store import JobStore, make_engine
+from tests.fakes import FakeScheduler, FakeStorage
 
 ROOT = Path(__file__).resolve().parents[2]
 JOBS = "/v1/relion/jobs"
@@ -214,3 +215,65 @@ def test_in_process_the_limits_and_routing_errors_have_the_one_shape(client: Any
     shaped(anonymous_client.get(JOBS, headers={"X-Pad": "p" * MAX_HEADER_BYTES}), 431)
     shaped(client.get(JOBS, headers={f"X-H{n}": "v" for n in range(MAX_HEADER_FIELDS)}), 431)
     assert client.get(JOBS, headers={f"X-H{n}": "v" for n in range(MAX_HEADER_FIELDS - 8)}).status_code == 200
+
+
+# -- /readyz floods: one check per TTL per process ------------------------------------------------
+
+
+class CountingScheduler(FakeScheduler):
+    """Counts Slurm pings; each takes a moment, as a real one would."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.pings = 0
+
+    def ping(self) -> bool:
+        self.pings += 1
+        time.sleep(0.05)
+        return True
+
+
+def test_a_flood_of_unauthenticated_readyz_runs_one_check_per_ttl(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import threading
+
+    from gateway import create_app
+    from gateway.app import READINESS_KEY
+    from gateway.observability import READINESS_TTL_S
+
+    s3_calls = []
+
+    class FakeS3Client:
+        def head_bucket(self, Bucket: str) -> None:  # noqa: N803 (boto3's spelling)
+            s3_calls.append(Bucket)
+
+    monkeypatch.setattr("gateway.observability.make_s3_client", lambda *a, **k: FakeS3Client())
+    scheduler = CountingScheduler()
+    app = create_app(
+        {"TESTING": True, "PATHS_STATE_DIR": str(tmp_path / "state"), "S3_ALLOWED_BUCKETS": ["relion-local"]},
+        scheduler=scheduler,
+        storage=FakeStorage(),  # type: ignore[arg-type]
+    )
+    now = [1000.0]
+    app.extensions[READINESS_KEY].clock = lambda: now[0]
+    statuses: list[int] = []
+
+    def probe(count: int) -> None:
+        client = app.test_client()  # no token
+        for _ in range(count):
+            statuses.append(client.get("/readyz").status_code)
+
+    threads = [threading.Thread(target=probe, args=(25,)) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert statuses == [200] * 200
+    assert scheduler.pings == 1 and s3_calls == ["relion-local"]  # 200 probes, one check
+
+    now[0] += READINESS_TTL_S - 0.1
+    body = app.test_client().get("/readyz").json
+    assert scheduler.pings == 1 and body["age_s"] == pytest.approx(READINESS_TTL_S - 0.1) and body["ready"] is True
+    now[0] += 0.2  # past the TTL: the next probe checks again, once
+    for _ in range(20):
+        assert app.test_client().get("/readyz").json["age_s"] == 0
+    assert scheduler.pings == 2 and len(s3_calls) == 2
