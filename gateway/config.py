@@ -93,11 +93,25 @@ def default_config() -> dict[str, Any]:
         "S3_ENDPOINT_URL": "",  # empty: boto3's default (AWS)
         "S3_REGION": "us-east-1",
         "S3_ALLOWED_BUCKETS": [],  # empty: any bucket
+        # Per-user data boundaries: s3:// prefixes a user may name as a dataset (reading) and as an
+        # output prefix (writing); "{user}" stands for the request's user_id. Empty: any key in an
+        # allowed bucket. Admins may name anything in the allowed buckets.
+        "S3_DATASET_PREFIXES": [],
+        "S3_OUTPUT_PREFIXES": [],
         # [job]
         "JOB_PYTHON": sys.executable,  # the interpreter the job scripts use for stage-in and archive
         "JOB_STAGE_IN_QUOTA_BYTES": 500 * 1024**3,
         "JOB_STAGE_IN_MAX_MEMBERS": 100_000,
         "JOB_ARCHIVE_COMPRESSOR": "pigz",  # pigz (parallel) or gzip
+        # The Unix account a portal user's jobs run as (sbatch --uid from a root gateway): "{user}"
+        # stands for the user_id, a table entry in [job.run_as_users] overrides it. Empty: the
+        # gateway's own account (then jobs can read what the gateway can: see README, Security).
+        "JOB_RUN_AS": "",
+        "JOB_RUN_AS_USERS": {},
+        # Variables of the gateway's environment a job gets (sbatch --export lists them; never ALL,
+        # so no S3 key, GATEWAY_* setting or database URL reaches a job). Besides these, a job gets
+        # only its own token and Slurm's SLURM_* variables.
+        "JOB_EXPORT": ["PATH", "LANG", "LC_ALL", "TZ"],
         # [auth] "token": every request but /healthz, the docs and signed job events needs a bearer
         # token (`relion-gateway token create`). "none" turns authentication off: development only,
         # logged as a WARNING whenever an app is built.
@@ -122,7 +136,7 @@ def default_config() -> dict[str, Any]:
 
 
 # Keys whose value is itself a table (kept as a dict, not flattened further).
-TABLE_KEYS = frozenset({"RELION_ENVIRONMENT", "SLURM_PARTITIONS", "RELION_MEMORY_PER_RANK_MB"})
+TABLE_KEYS = frozenset({"RELION_ENVIRONMENT", "SLURM_PARTITIONS", "RELION_MEMORY_PER_RANK_MB", "JOB_RUN_AS_USERS"})
 
 
 def _flatten(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -178,7 +178,7 @@ def submit_and_follow(
         "user_id": "demo",
         "workspace_id": "tiny",
         "dataset_s3_url": dataset.url,
-        "output_s3_prefix": f"s3://{bucket}/results",
+        "output_s3_prefix": f"s3://{bucket}/results/demo",  # the user's own prefix ([s3] output_prefixes)
         "mode": "2d",
         "num_mpi": num_mpi,
         "flags": DEMO_FLAGS,

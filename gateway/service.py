@@ -5,10 +5,12 @@ Views stay thin: they hand a loaded request to ``JobService`` and map its domain
 """
 from __future__ import annotations
 
+import grp
 import hashlib
 import json
 import logging
 import math
+import pwd
 import re
 import secrets
 import socket
@@ -22,6 +24,7 @@ from gateway import __version__
 from gateway.audit import Actor, Auditor
 from gateway.auth import Forbidden
 from gateway.errors import RequestError
+from gateway.jobdirs import job_account, make_job_dirs, write_job_file
 from gateway.ratelimit import LimitExceeded, insert_within_limits
 from gateway.resources import plan_resources
 from gateway.relion.catalogue import CATALOGUE, validate_options
@@ -31,8 +34,20 @@ from gateway.scripts.render import ARCHIVE_TEMPLATE, MAIN_TEMPLATE, ScriptRender
 from gateway.slurm.backend import SchedulerBackend, SchedulerError, SlurmJobInfo
 from gateway.slurm.memory import memory_kill_line
 from gateway.slurm.states import TERMINAL_STATES, JobState, gateway_state
-from gateway.callbacks import MAX_EVENT_AGE_S, TOKEN_ENV, job_token, verify
-from gateway.storage.s3 import S3Storage, StorageError, parse_s3_url
+from gateway.callbacks import (
+    MAX_CLOCK_SKEW_S,
+    MAX_EVENT_AGE_S,
+    ROLE_ARCHIVE,
+    ROLE_EVENTS,
+    ROLE_MAIN,
+    ROLE_STORAGE,
+    TOKEN_ENV,
+    TOKEN_GRACE_S,
+    job_token,
+    signing_role,
+)
+from gateway.storage.boundaries import check_data_boundaries
+from gateway.storage.s3 import S3Location, S3Storage, StorageError, parse_s3_url
 from gateway.textrules import text_problem
 from gateway.store import DuplicateIdempotencyKey, JobNotFound, JobRecord, JobStore
 
@@ -175,12 +190,18 @@ class JobService:
         limits = self.config["SLURM_PARTITIONS"].get(chosen, {})
         return int(limits.get("gpus", 0)) > 0
 
-    def prepare(self, request: dict[str, Any]) -> PreparedJob:
-        """Validate and render a request without submitting it."""
+    def prepare(self, request: dict[str, Any], *, principal: Actor | None = None) -> PreparedJob:
+        """Validate and render a request without submitting it.
+
+        A ``principal`` that is not an admin is held to the per-user S3 boundaries ([s3]
+        dataset_prefixes, output_prefixes); admins and offline rendering are not.
+        """
         mode = request["mode"]
         num_mpi = int(request["num_mpi"])
         self._check_bucket("dataset_s3_url", request["dataset_s3_url"])
         self._check_bucket("output_s3_prefix", request["output_s3_prefix"])
+        if principal is not None and not principal.admin:
+            check_data_boundaries(self.config, request["user_id"], request["dataset_s3_url"], request["output_s3_prefix"])
         try:
             flags = normalise_flags(request.get("flags") or {})
         except FlagError as exc:
@@ -209,6 +230,7 @@ class JobService:
 
         job_id = f"job_{mode}_{request['workspace_id']}_{secrets.token_hex(4)}"
         user = request["user_id"]
+        account = job_account(self.config, user)
         log_dir = _inside(Path(self.config["PATHS_LOG_ROOT"]), user, job_id)
         workspace_dir = _inside(Path(self.config["PATHS_WORKSPACE_ROOT"]), user, job_id)
         output_url = parse_s3_url(request["output_s3_prefix"]).child(job_id).url + "/"
@@ -243,6 +265,7 @@ class JobService:
             "output_prefix": flags.output_prefix,
             "output_dir": flags.output_dir,
             "accepted_at": time.time(),
+            "run_as": account,
         }
         common = {
             "job_id": job_id,
@@ -259,9 +282,12 @@ class JobService:
             "extra_directives": list(self.config["SLURM_EXTRA_DIRECTIVES"]),
             "setup_lines": list(self.config["RELION_SETUP_LINES"]),
             "python": self.config["JOB_PYTHON"],
-            "s3_endpoint_url": self.config["S3_ENDPOINT_URL"],
             "mem_per_cpu_mb": plan.mem_per_cpu_mb,
             "callback_url": self.callback_url,
+            "run_as": account or "",
+            "run_as_group": grp.getgrgid(pwd.getpwnam(account).pw_gid).gr_name if account else "",
+            # sbatch --export: never ALL, so nothing of the gateway's environment but these reaches a job.
+            "export": sorted({*self.config["JOB_EXPORT"], TOKEN_ENV}),
         }
         main_context = {
             **common,
@@ -299,16 +325,22 @@ class JobService:
         main_script = self.renderer.render(MAIN_TEMPLATE, main_context)
         return PreparedJob(job_id, job, main_script, archive_context, flags, warnings)
 
-    def job_environment(self, job_id: str) -> dict[str, str]:
-        """What the job inherits besides the gateway's environment: its callback token."""
-        return {TOKEN_ENV: job_token(self.callback_secret, job_id)} if self.callback_secret else {}
+    def job_environment(self, job_id: str, role: str = ROLE_MAIN) -> dict[str, str]:
+        """What one Slurm job of ``job_id`` gets besides the variables its script exports: its token."""
+        return {TOKEN_ENV: job_token(self.callback_secret, job_id, role)} if self.callback_secret else {}
 
     def render_archive(self, prepared: PreparedJob, main_slurm_id: str) -> str:
         return self.archive_script(prepared.archive_context, main_slurm_id)
 
     def archive_script(self, archive_context: dict[str, Any], main_slurm_id: str | None, *, after_main: bool = True) -> str:
         """The hook's script. Records stored by an older gateway lack newer context keys: default them."""
-        defaults = {"archive_memory_mb": int(self.config["SLURM_ARCHIVE_MEMORY_MB"])}
+        defaults = {
+            "archive_memory_mb": int(self.config["SLURM_ARCHIVE_MEMORY_MB"]),
+            "export": sorted({*self.config["JOB_EXPORT"], TOKEN_ENV}),
+            "run_as": "",
+            "run_as_group": "",
+            "callback_url": self.callback_url,
+        }
         context = {**defaults, **archive_context, "main_slurm_id": main_slurm_id}
         if not after_main:
             context["after_main"] = False
@@ -354,7 +386,7 @@ class JobService:
             existing = self.store.find_by_idempotency_key(request["user_id"], idempotency_key)
             if existing is not None:
                 return self._replay(existing, digest)
-        prepared = self.prepare(request)
+        prepared = self.prepare(request, principal=principal)
         job = prepared.job
         job["archive_context"] = prepared.archive_context
         now = time.time()
@@ -420,7 +452,8 @@ class JobService:
                 log.info("adopting Slurm job %s already submitted as %s", found[-1], job_name)
                 return found[-1]
             try:
-                return self.scheduler.submit(script, environment=self.job_environment(job_id))
+                role = ROLE_ARCHIVE if job_name.endswith(".archive") else ROLE_MAIN
+                return self.scheduler.submit(script, environment=self.job_environment(job_id, role))
             except SchedulerError as exc:
                 if not exc.transient or attempt == attempts:
                     raise
@@ -433,10 +466,13 @@ class JobService:
         job = record.job
         log_dir = Path(job["log_dir"])
         since = job["accepted_at"]
+        account = job.get("run_as")
         try:
             # Slurm does not create the --output directory; a missing one makes the job fail silently.
-            log_dir.mkdir(parents=True, exist_ok=True)
-            (log_dir / "job.json").write_text(json.dumps(job, indent=2, sort_keys=True) + "\n")
+            # Both directories belong to the job's account, and to nobody else.
+            make_job_dirs(Path(self.config["PATHS_LOG_ROOT"]), record.user_id, log_dir, account)
+            make_job_dirs(Path(self.config["PATHS_WORKSPACE_ROOT"]), record.user_id, Path(job["workspace_dir"]), account)
+            write_job_file(log_dir / "job.json", json.dumps(job, indent=2, sort_keys=True) + "\n", account)
             main_id = record.main_slurm_id or self._sbatch(record.main_script, record.job_id, since, resuming, record.job_id)
         except (SchedulerError, OSError) as exc:
             message = exc.message if isinstance(exc, SchedulerError) else str(exc)
@@ -459,7 +495,7 @@ class JobService:
             )
             return self.store.get(record.job_id)
         job["main_slurm_id"], job["archive_slurm_id"] = main_id, archive_id
-        (log_dir / "job.json").write_text(json.dumps(job, indent=2, sort_keys=True) + "\n")
+        write_job_file(log_dir / "job.json", json.dumps(job, indent=2, sort_keys=True) + "\n", account)
         self.store.update(
             record.job_id,
             archive_slurm_id=archive_id,
@@ -601,7 +637,7 @@ class JobService:
                 # Depend on the main job only while it runs: once it has ended there is nothing to
                 # wait for (and kill_invalid_depend would cancel a hook that depends on a purged id).
                 script = self.archive_script(record.job["archive_context"], record.main_slurm_id, after_main=not main.state.is_terminal)
-                archive_id, how = self.scheduler.submit(script, environment=self.job_environment(record.job_id)), "resubmitted"
+                archive_id, how = self.scheduler.submit(script, environment=self.job_environment(record.job_id, ROLE_ARCHIVE)), "resubmitted"
         except SchedulerError as exc:
             log.warning("job %s: Slurm lost archive job %s and it could not be replaced yet: %s", record.job_id, record.archive_slurm_id, exc.message)
             return
@@ -639,31 +675,110 @@ class JobService:
         output = (record.metadata or {}).get("output")
         if not output or self.storage is None:
             raise JobNotFound(f"{job_id} has no archived output (state {record.state})")
-        url = self.storage.presigned_get(parse_s3_url(output["url"]), expires_s)
+        # The URL comes from the location recorded at submit, never from what a job reported: a
+        # job's metadata event could name any object, and the link would hand it to the owner.
+        url = self.storage.presigned_get(output_archive_location(record), expires_s)
         return {"url": url, "expires_in": expires_s, "bytes": output.get("bytes"), "sha256": output.get("sha256")}
 
-    def record_event(self, job_id: str, body: bytes, signature: str) -> None:
-        """Take a signed event from a job (progress while it runs, metadata from its hook)."""
+    def _verify_job_request(self, job_id: str, body: bytes, signature: str) -> tuple[JobRecord, str, dict[str, Any]]:
+        """Check a job's signed request; return its record, the signing role and the parsed body.
+
+        Refused (EventRefused): no signature of this job's tokens, another job's id, a time more
+        than MAX_EVENT_AGE_S old or MAX_CLOCK_SKEW_S ahead, a job that ended more than
+        TOKEN_GRACE_S ago, or a body taken before (a replay).
+        """
         # The signature first: without it, nobody learns even whether the job exists.
-        if not self.callback_secret or not verify(self.callback_secret, job_id, body, signature):
+        role = signing_role(self.callback_secret, job_id, body, signature) if self.callback_secret else None
+        if role is None:
             raise EventRefused("bad or missing signature")
         record = self.store.get(job_id)
         try:
             event = json.loads(body, parse_constant=_refuse_constant)
-            kind, data, sent_at = event["type"], event["data"], float(event["sent_at"])
+            if not isinstance(event, dict):
+                raise TypeError("the body is not a JSON object")
+            sent_at = float(event["sent_at"])
         except (ValueError, KeyError, TypeError) as exc:
             raise RequestError("event", f"not a valid event: {exc}") from exc
+        now = time.time()
         if not math.isfinite(sent_at):
             raise EventRefused("event has no valid time")
-        if event.get("job_id") != job_id or abs(time.time() - sent_at) > MAX_EVENT_AGE_S:
+        if event.get("job_id") != job_id or now - sent_at > MAX_EVENT_AGE_S:
             raise EventRefused("event is for another job or too old")
-        if kind == "progress" and isinstance(data, dict):
-            self.store.update(job_id, progress_json=json.dumps(data, sort_keys=True))
-        elif kind == "metadata" and isinstance(data, dict):
-            self.store.update(job_id, metadata_json=json.dumps(data, sort_keys=True))
-        else:
+        if sent_at > now + MAX_CLOCK_SKEW_S:
+            raise EventRefused(f"event is dated {sent_at - now:.0f} s in the future (more than {MAX_CLOCK_SKEW_S:g} s of clock skew)")
+        ended_at = record.ended_at if record.ended_at is not None else record.updated_at
+        if record.state in TERMINAL_VALUES and now - ended_at > TOKEN_GRACE_S:
+            raise EventRefused(f"job {job_id} ended {now - ended_at:.0f} s ago; its tokens work for {TOKEN_GRACE_S:g} s after the end")
+        digest = hashlib.sha256(body).hexdigest()
+        if not self.store.first_sighting(job_id, digest, now, forget_before=now - MAX_EVENT_AGE_S - MAX_CLOCK_SKEW_S):
+            raise EventRefused("this signed body was already taken (a replay)")
+        return record, role, event
+
+    def record_event(self, job_id: str, body: bytes, signature: str) -> None:
+        """Take a signed event from a job (progress while it runs, metadata from its hook)."""
+        record, role, event = self._verify_job_request(job_id, body, signature)
+        kind, data = event.get("type"), event.get("data")
+        if kind not in ("progress", "metadata") or not isinstance(data, dict):
             raise RequestError("event.type", f"unknown event type {kind!r} (progress, metadata)")
+        if kind not in ROLE_EVENTS[role]:
+            raise EventRefused(f"the {role} job's token may not send {kind} events")
+        if kind == "progress":
+            self.store.update(job_id, progress_json=json.dumps(data, sort_keys=True))
+        else:
+            self.store.update(job_id, metadata_json=json.dumps(data, sort_keys=True))
         log.info("job %s: %s event", record.job_id, kind)
+
+    def storage_request(self, job_id: str, body: bytes, signature: str) -> dict[str, Any]:
+        """Serve a job's signed S3 request: presigned URLs for its own dataset and its own output prefix only."""
+        record, role, event = self._verify_job_request(job_id, body, signature)
+        op = event.get("op")
+        if event.get("type") != "storage" or op not in ROLE_STORAGE[ROLE_MAIN] | ROLE_STORAGE[ROLE_ARCHIVE]:
+            raise RequestError("op", f"unknown storage operation {op!r}")
+        if op not in ROLE_STORAGE[role]:
+            raise EventRefused(f"the {role} job's token may not {op}")
+        if self.storage is None:
+            raise StorageError(str(op), "", "", "the gateway has no S3 storage configured")
+        if op == "dataset":
+            location = parse_s3_url(record.job["dataset_s3_url"])
+            try:
+                info = self.storage.head(location)
+            except StorageError as exc:
+                if exc.code in NOT_FOUND_CODES:  # the job's fault, not S3's: no retry helps
+                    raise RequestError("dataset_s3_url", f"{location.url} does not exist (NoSuchKey)") from exc
+                raise
+            url = self.storage.presigned_get(location, PRESIGNED_URL_S)
+            return {"url": url, "dataset_s3_url": location.url, "size": info.size, "etag": info.etag}
+        location = job_output_location(record, event.get("key"))
+        if op == "head":
+            try:
+                info = self.storage.head(location)
+            except StorageError as exc:
+                if exc.code in NOT_FOUND_CODES:
+                    return {"exists": False}
+                raise
+            return {"exists": True, "size": info.size, "etag": info.etag}
+        if op == "put":
+            return {"url": self.storage.presigned_put(location, PRESIGNED_URL_S)}
+        if op == "multipart_start":
+            return {"upload_id": self.storage.start_multipart(location)}
+        upload_id = event.get("upload_id")
+        if not isinstance(upload_id, str) or not upload_id or len(upload_id) > 1024:
+            raise RequestError("upload_id", "must be the id multipart_start returned")
+        if op == "multipart_parts":
+            parts = event.get("parts")
+            if not isinstance(parts, list) or not 0 < len(parts) <= MAX_PARTS_PER_REQUEST or not all(_part_number(p) for p in parts):
+                raise RequestError("parts", f"must be 1-{MAX_PARTS_PER_REQUEST} part numbers between 1 and 10000")
+            return {"urls": {str(n): self.storage.presigned_part(location, upload_id, n, PRESIGNED_URL_S) for n in parts}}
+        if op == "multipart_complete":
+            parts = event.get("parts")
+            if not isinstance(parts, list) or not parts or not all(
+                isinstance(p, list) and len(p) == 2 and _part_number(p[0]) and isinstance(p[1], str) for p in parts
+            ):
+                raise RequestError("parts", "must be a list of [part number, ETag] pairs")
+            info = self.storage.complete_multipart(location, upload_id, [(int(n), etag) for n, etag in parts])
+            return {"size": info.size, "etag": info.etag}
+        self.storage.abort_multipart(location, upload_id)
+        return {}
 
     def retry_archive(self, job_id: str, *, principal: Actor | None = None) -> JobRecord:
         """Submit the completion hook again for a job whose archive failed (its workspace was kept)."""
@@ -686,7 +801,7 @@ class JobService:
         job = record.job
         # No dependency this time: the main job has long ended (and may have left Slurm's memory).
         script = self.archive_script(job["archive_context"], record.main_slurm_id, after_main=False)
-        archive_id = self.scheduler.submit(script, environment=self.job_environment(job_id))
+        archive_id = self.scheduler.submit(script, environment=self.job_environment(job_id, ROLE_ARCHIVE))
         self.store.update(
             job_id,
             state=JobState.ARCHIVING.value,
@@ -723,7 +838,39 @@ def next_poll_seconds(record: JobRecord, config: dict[str, Any]) -> float | None
 
 
 class EventRefused(Exception):
-    """A job event failed its signature or freshness check."""
+    """A job's signed request failed its signature, role, freshness, lifetime or replay check."""
+
+
+# How long a presigned URL handed to a job stays valid. A GET or PUT that has started carries on
+# past it; a job asks again for anything it starts later (the archive asks for parts as it goes).
+PRESIGNED_URL_S = 3600
+MAX_PARTS_PER_REQUEST = 100
+# What S3 servers answer a HEAD or GET of a missing object with.
+NOT_FOUND_CODES = frozenset({"404", "NoSuchKey", "NotFound"})
+TERMINAL_VALUES = frozenset(s.value for s in TERMINAL_STATES)
+
+
+def _part_number(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and 1 <= value <= 10000
+
+
+def job_output_location(record: JobRecord, key: Any) -> S3Location:
+    """``key`` under the job's own output prefix as recorded at submit; refused if it would leave it."""
+    if not isinstance(key, str) or not key:
+        raise RequestError("key", "must name an object under the job's output prefix")
+    prefix = parse_s3_url(record.output_url)
+    try:
+        bucket, full_key = check_s3_url(prefix.child(key).url)
+    except ValueError as exc:
+        raise RequestError("key", str(exc)) from exc
+    if bucket != prefix.bucket or not full_key.startswith(prefix.key.rstrip("/") + "/"):
+        raise RequestError("key", f"{key!r} is outside the job's output prefix {record.output_url}")
+    return S3Location(bucket, full_key)
+
+
+def output_archive_location(record: JobRecord) -> S3Location:
+    """Where the hook uploads the output, as the gateway recorded it at submit."""
+    return parse_s3_url(record.output_url).child("output.tar.gz")
 
 
 def _refuse_constant(name: str) -> Any:

@@ -79,6 +79,17 @@ tokens_table = sa.Table(
     sa.Column("last_used_at", sa.Float),
 )
 
+# Signed job requests already taken (the sha256 of each body), so the same body sent twice is
+# refused in every worker and replica. Rows older than the event age limit can go: such a body is
+# refused for its age anyway.
+job_requests_seen_table = sa.Table(
+    "job_requests_seen",
+    metadata_obj,
+    sa.Column("job_id", sa.String(128), primary_key=True),
+    sa.Column("body_sha256", sa.String(64), primary_key=True),
+    sa.Column("seen_at", sa.Float, nullable=False, index=True),
+)
+
 # Built once: the two reads behind every status request (the job, and the bearer token's row for
 # revocation) are the API's hot path, and building a select per call was a fifth of its CPU.
 _GET_JOB = sa.select(jobs_table).where(jobs_table.c.job_id == sa.bindparam("job_id"))
@@ -462,3 +473,15 @@ class JobStore:
     def touch_token(self, token_id: str, when: float) -> None:
         with self.engine.begin() as conn:
             conn.execute(tokens_table.update().where(tokens_table.c.id == token_id).values(last_used_at=when))
+
+    # -- signed job requests ------------------------------------------------------------------
+
+    def first_sighting(self, job_id: str, body_sha256: str, now: float, forget_before: float) -> bool:
+        """Remember a signed request body; false if it was taken before (a replay)."""
+        try:
+            with self.engine.begin() as conn:
+                conn.execute(job_requests_seen_table.delete().where(job_requests_seen_table.c.seen_at < forget_before))
+                conn.execute(job_requests_seen_table.insert().values(job_id=job_id, body_sha256=body_sha256, seen_at=now))
+        except IntegrityError:
+            return False
+        return True

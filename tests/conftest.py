@@ -6,6 +6,7 @@ token, and every client that ``app.test_client()`` makes sends alice's unless to
 """
 from __future__ import annotations
 
+import stat
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,27 @@ from flask.testing import FlaskClient
 from gateway import create_app
 from gateway.auth import create_token
 from tests.fakes import FakeScheduler, FakeStorage
+
+def _searchable(path: Path) -> Path:
+    path.chmod(path.stat().st_mode | stat.S_IXOTH)
+    return path
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _job_accounts_reach_tmp(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Jobs on the local stack run as an unprivileged account (config/local.toml [job] run_as) and
+    must reach their workspaces and logs below the tests' temporary directories, which pytest makes
+    mode 700: allow search (o+x, never listing) on the way down."""
+    base = tmp_path_factory.getbasetemp()
+    for directory in (base.parent, base):
+        _searchable(directory)
+
+
+@pytest.fixture
+def tmp_path(tmp_path: Path) -> Path:
+    """pytest's tmp_path, searchable by the job accounts (see _job_accounts_reach_tmp)."""
+    return _searchable(tmp_path)
+
 
 # A cheap scrypt cost for tests (production's default is 2**14); the stored hash names its cost.
 TEST_SCRYPT_N = 16

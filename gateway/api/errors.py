@@ -114,7 +114,7 @@ class RequestLimits:
 def register_error_handlers(app: Flask) -> None:
     @app.errorhandler(RequestError)
     def _request_error(exc: RequestError) -> tuple[Response, int]:
-        status = "Conflict" if exc.status == 409 else "Unprocessable Entity"
+        status = HTTPStatus(exc.status).phrase
         return error_response(exc.status, status, f"{exc.field}: {exc.message}", {"json": {exc.field: [exc.message]}})
 
     @app.errorhandler(Unauthenticated)

@@ -225,6 +225,30 @@ class JobEvents(MethodView):
         service().record_event(job_id, request.get_data(), request.headers.get(SIGNATURE_HEADER, ""))
 
 
+@blp.route("/jobs/<job_id>/storage")
+@public  # authenticated by its HMAC signature (the job's token), not by a bearer token
+class JobStorageRequests(MethodView):
+    @blp.doc(
+        parameters=[{"in": "header", "name": SIGNATURE_HEADER, "required": True, "schema": {"type": "string"},
+                     "description": "sha256=<HMAC of the body with the job's token>"}],
+        requestBody={"content": {"application/json": {"schema": {"type": "object"}}}},
+        security=[],
+    )
+    @blp.response(200, schema=None, description="The operation's answer: presigned URLs, an upload id, or an object's size and ETag")
+    @blp.alt_response(401, schema=ErrorSchema, description="Bad or missing signature, a token not allowed this operation, expired or replayed")
+    @blp.alt_response(404, schema=ErrorSchema, description="No such job")
+    @blp.alt_response(413, **TOO_LARGE)
+    @blp.alt_response(422, schema=ErrorSchema, description="Not a valid request, or a key outside the job's output prefix")
+    @blp.alt_response(503, schema=ErrorSchema, description="S3 did not answer; retry")
+    def post(self, job_id: str) -> Any:
+        """A job's S3 access: its dataset (main job) and its own output prefix (archive hook). Not for portals.
+
+        Jobs hold no S3 credentials: they ask here, signed with their own token, for presigned URLs
+        that the gateway makes only for the job's recorded dataset and ``<output_s3_prefix>/<job_id>/``.
+        """
+        return service().storage_request(job_id, request.get_data(), request.headers.get(SIGNATURE_HEADER, ""))
+
+
 @blp.route("/render")
 class Render(MethodView):
     @blp.arguments(JobRequestSchema)
@@ -239,7 +263,7 @@ class Render(MethodView):
         """Validate and render a job without submitting it (optionally asking sbatch --test-only)."""
         authorize_user(current_principal(), job_request["user_id"])
         jobs = service()
-        prepared = jobs.prepare(job_request)
+        prepared = jobs.prepare(job_request, principal=current_principal())
         try:
             verdict = jobs.scheduler.test_only(prepared.main_script) if args["slurm_test"] else None
         except SchedulerRefused as exc:

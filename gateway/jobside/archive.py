@@ -19,7 +19,7 @@ from typing import Any, Callable, TypeVar
 from gateway.process import CommandError
 from gateway.relion.logs import error_line
 from gateway.slurm.backend import SchedulerBackend, SlurmJobInfo
-from gateway.storage.s3 import HashingReader, S3Location, S3Storage, StorageError, parse_s3_url
+from gateway.storage.base import HashingReader, JobStorage, S3Location, StorageError, parse_s3_url
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +47,7 @@ def retry(action: Callable[[], T], *, what: str, attempts: int = 4, first_delay:
 
 
 def pack_and_upload(
-    storage: S3Storage,
+    storage: JobStorage,
     source_root: Path,
     member: str,
     location: S3Location,
@@ -152,7 +152,7 @@ def run_archive(
     job: dict[str, Any],
     main_slurm_id: str,
     *,
-    storage: S3Storage,
+    storage: JobStorage,
     scheduler: SchedulerBackend,
     compressor: str = "pigz",
     summarize: Callable[[Path, str, str], dict[str, Any]] | None = None,

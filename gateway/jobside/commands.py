@@ -1,8 +1,8 @@
 """`python -m gateway.jobside ...`: the steps the rendered sbatch scripts run on the compute node.
 
 Every byte these processes hold counts against the job's --mem (and the progress watcher lives as
-long as RELION), so each command imports only what it uses: boto3 for stage-in and archive, not
-for the watcher; never Flask, SQLAlchemy or gunicorn (``python -m gateway`` would import them all:
+long as RELION), so each command imports only what it uses: requests for the gateway's presigned
+S3 URLs (a job holds no S3 credentials and loads no boto3); never Flask, SQLAlchemy or gunicorn (``python -m gateway`` would import them all:
 the watcher took 78 MB RSS that way, 31 MB this way; the stage-in 91 MB, now 52 MB).
 """
 from __future__ import annotations
@@ -13,8 +13,12 @@ import os
 import sys
 import tarfile
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
+
+if TYPE_CHECKING:
+    from gateway.jobside.brokered import BrokeredStorage
 
 log = logging.getLogger(__name__)
 
@@ -24,12 +28,20 @@ def job_group() -> None:
     """Steps run inside the Slurm jobs (stage-in, archive); not for interactive use."""
 
 
+def _gateway_storage(callback_url: str, job_id: str, output_url: str = "") -> "BrokeredStorage":
+    """S3 through presigned URLs the gateway signs for this job (its token is in the environment)."""
+    from gateway.callbacks import TOKEN_ENV
+    from gateway.jobside.brokered import BrokeredStorage, GatewayLink
+
+    return BrokeredStorage(GatewayLink(callback_url, job_id, os.environ.get(TOKEN_ENV, "")), output_url)
+
+
 @job_group.command("stage-in")
 @click.option("--url", required=True, help="s3://bucket/key of the dataset .tar.gz")
 @click.option("--dest", required=True, type=click.Path(path_type=Path), help="directory to extract into")
 @click.option("--record", type=click.Path(path_type=Path), help="write what was staged (JSON) here")
-@click.option("--endpoint-url", default="", help="S3 endpoint (empty: AWS)")
-@click.option("--region", default="us-east-1", show_default=True)
+@click.option("--job-id", required=True, help="the gateway job (its token is in RELION_GATEWAY_JOB_TOKEN)")
+@click.option("--callback-url", required=True, help="the gateway's API base URL: it presigns the dataset's GET")
 @click.option("--quota-bytes", type=int, required=True, help="refuse a dataset larger than this when extracted")
 @click.option("--max-members", type=int, required=True, help="refuse an archive with more members")
 @click.option("--star", default=None, help="the --i STAR file: it and every image stack it names must exist")
@@ -38,8 +50,8 @@ def stage_in_command(
     url: str,
     dest: Path,
     record: Path | None,
-    endpoint_url: str,
-    region: str,
+    job_id: str,
+    callback_url: str,
     quota_bytes: int,
     max_members: int,
     star: str | None,
@@ -48,10 +60,10 @@ def stage_in_command(
     """Stream the dataset from S3, extract it safely into DEST and check the inputs RELION will read."""
     from gateway.jobside.stage_in import stage_in, write_record
     from gateway.relion.inputs import MissingInputError, check_inputs
-    from gateway.storage.s3 import S3Storage, StorageError, make_s3_client
+    from gateway.storage.base import StorageError
 
-    storage = S3Storage(make_s3_client(endpoint_url, region))
     try:
+        storage = _gateway_storage(callback_url, job_id)
         staged = stage_in(storage, url, dest, quota_bytes=quota_bytes, max_members=max_members)
         if star:
             staged["checked"] = check_inputs(dest, star, required)
@@ -104,24 +116,22 @@ def watch_command(
 @job_group.command("archive")
 @click.option("--job-file", required=True, type=click.Path(exists=True, path_type=Path), help="job.json written at submit")
 @click.option("--main-slurm-id", required=True)
-@click.option("--endpoint-url", default="")
-@click.option("--region", default="us-east-1", show_default=True)
 @click.option("--compressor", default="pigz", show_default=True, type=click.Choice(["pigz", "gzip"]))
-@click.option("--callback-url", default="", help="the gateway's API base URL for signed events")
-def archive_command(job_file: Path, main_slurm_id: str, endpoint_url: str, region: str, compressor: str, callback_url: str) -> None:
+@click.option("--callback-url", required=True, help="the gateway's API base URL: it presigns the uploads and takes the metadata")
+def archive_command(job_file: Path, main_slurm_id: str, compressor: str, callback_url: str) -> None:
     """Pack and upload the output, write metadata.json, then delete the workspace."""
     from gateway.callbacks import post_event
     from gateway.jobside.archive import ArchiveError, run_archive
     from gateway.process import CommandError
     from gateway.relion.results import summarize_results
     from gateway.slurm.cli import SlurmCliBackend
-    from gateway.storage.s3 import S3Storage, StorageError, make_s3_client
+    from gateway.storage.base import StorageError
 
     job = json.loads(job_file.read_text())
     job["archive_slurm_id"] = os.environ.get("SLURM_JOB_ID")
-    storage = S3Storage(make_s3_client(endpoint_url, region))
     scheduler = SlurmCliBackend()
     try:
+        storage = _gateway_storage(callback_url, job["job_id"], job["output_url"])
         run_archive(
             job,
             main_slurm_id,

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from gateway.jobside.extract import extract_stream
-from gateway.storage.s3 import S3Storage, parse_s3_url
+from gateway.storage.base import JobStorage, parse_s3_url
 
 log = logging.getLogger(__name__)
 
@@ -83,7 +83,7 @@ class ReadAheadReader:
         self._thread.join(timeout=5)
 
 
-def stage_in(storage: S3Storage, url: str, dest: Path, *, quota_bytes: int, max_members: int) -> dict[str, Any]:
+def stage_in(storage: JobStorage, url: str, dest: Path, *, quota_bytes: int, max_members: int) -> dict[str, Any]:
     """Download and extract ``url`` into ``dest``; return what was staged (sizes, checksums, timing)."""
     location = parse_s3_url(url)
     started = time.time()

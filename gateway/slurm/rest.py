@@ -471,7 +471,7 @@ def _normalise(args: list[str]) -> list[tuple[str, str | None]]:
                 continue
             name, eq, value = body.partition("=")
             name = ALIASES.get(name, name)
-            if name == "export":
+            if name in ("export", "uid", "gid"):
                 out.append((name, value if eq else (args[i] if i < len(args) else "")))
                 i += 0 if eq else 1
                 continue
@@ -540,6 +540,10 @@ def job_description(
         if name == "export":
             export = value or "ALL"
             continue
+        if name in ("uid", "gid"):
+            # Not job description fields: slurmrestd runs a job as the user whose token submits it
+            # (submit_user), with that user's primary group.
+            continue
         if value is None:
             key, flag_value = SBATCH_FLAGS[name]
             job[key] = flag_value
@@ -556,6 +560,12 @@ def job_description(
         export, environment, cpus_per_task=job.get("cpus_per_task"), submit_dir=cwd, submit_host=submit_host
     )
     return job
+
+
+def submit_user(script: str) -> str | None:
+    """The user a script asks to run as (``#SBATCH --uid``), or None for the token's own user."""
+    users = [value for name, value in parse_sbatch_options(script) if name == "uid" and value]
+    return users[-1] if users else None
 
 
 def job_environment(
@@ -628,11 +638,20 @@ class SlurmRestBackend:
         self._live_fetched = 0.0
         # The poller thread and request threads share the backend and its caches.
         self._lock = threading.Lock()
+        # Tokens of the accounts jobs run as (#SBATCH --uid), minted like the backend's own.
+        self._user_tokens: dict[str, TokenProvider] = {}
 
     # -- HTTP ---------------------------------------------------------------------------------
 
     def _url(self, path: str) -> str:
         return f"{self.base_url}/{path.lstrip('/')}"
+
+    def _tokens_for(self, user: str) -> TokenProvider:
+        with self._lock:
+            if user not in self._user_tokens:
+                own = self.tokens
+                self._user_tokens[user] = TokenProvider(user, lifespan=own.lifespan, runner=own._run, timeout=own._timeout)
+            return self._user_tokens[user]
 
     def _request(
         self,
@@ -642,13 +661,18 @@ class SlurmRestBackend:
         params: Mapping[str, Any] | None = None,
         body: Mapping[str, Any] | None = None,
         ok: tuple[int, ...] = (200,),
+        as_user: str | None = None,
     ) -> tuple[int, dict[str, Any]]:
-        """Send one request; return (status, JSON). Every failure becomes one SlurmRestError."""
+        """Send one request (as ``as_user``, default this backend's user); return (status, JSON).
+
+        Every failure becomes one SlurmRestError.
+        """
         url = self._url(path)
+        user, tokens = (self.user, self.tokens) if as_user in (None, self.user) else (as_user, self._tokens_for(as_user))
         # GET and DELETE are safe to repeat once with a fresh token; a submit is not.
         attempts = 2 if method in ("GET", "DELETE") else 1
         for attempt in range(attempts):
-            headers = {"X-SLURM-USER-NAME": self.user, "X-SLURM-USER-TOKEN": self.tokens.token()}
+            headers = {"X-SLURM-USER-NAME": user, "X-SLURM-USER-TOKEN": tokens.token()}
             try:
                 response = self.session.request(
                     method, url, params=params, json=body, headers=headers, timeout=self.timeout
@@ -665,7 +689,7 @@ class SlurmRestBackend:
             rejected_token = status == 401 or (status == 500 and errors and all(_errno(e) == _UNSPECIFIED for e in errors))
             if rejected_token:
                 # 401: no/unknown token; 22.05 answers an expired or bad one with 500 and error -1.
-                self.tokens.invalidate()
+                tokens.invalidate()
                 if attempt + 1 < attempts:
                     log.info("slurmrestd %s %s: HTTP %d, retrying with a fresh token", method, url, status)
                     continue
@@ -697,7 +721,10 @@ class SlurmRestBackend:
         base = dict(os.environ) if self._environment is None else dict(self._environment)
         base.update(environment or {})
         job = job_description(script, environment=base, cwd=self._cwd or os.getcwd(), after_any=after_any)
-        _, payload = self._request("POST", f"slurm/{self.api_version}/job/submit", body={"script": script, "job": job})
+        # A job runs as the user whose token submits it: --uid becomes a token minted for that user.
+        _, payload = self._request(
+            "POST", f"slurm/{self.api_version}/job/submit", body={"script": script, "job": job}, as_user=submit_user(script)
+        )
         job_id = payload.get("job_id")
         if not isinstance(job_id, int):
             raise SchedulerError(f"slurmrestd accepted the job but returned no job id: {str(payload)[:300]}")

@@ -109,11 +109,18 @@ class StackPaths:
     def make_base_dirs(self) -> None:
         """Create the root-owned directories (no package users needed yet)."""
         _allow_traverse(self.state_dir)
-        for path in (self.root, self.run_dir, self.log_dir, self.slurm_dir, self.s3_data_dir):
+        for path, mode in (
+            # Slurm's daemons run as user slurm and must reach files below the stack dir; jobs run
+            # as unprivileged accounts and must not list it or read the S3 server's files.
+            (self.root, 0o711),
+            (self.run_dir, 0o755),
+            (self.log_dir, 0o755),
+            (self.slurm_dir, 0o755),
+            (self.s3_data_dir, 0o700),  # nanio runs as root; on disk, every user's objects
+        ):
             path.mkdir(parents=True, exist_ok=True)
-            # Slurm's daemons run as user slurm and must reach files below the stack dir.
-            if path.stat().st_mode & 0o777 != 0o755:
-                path.chmod(0o755)
+            if path.stat().st_mode & 0o777 != mode:
+                path.chmod(mode)
 
     @contextmanager
     def lock(self) -> Iterator[None]:

@@ -11,7 +11,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from gateway.stack import rest, s3_server
+from gateway.stack import accounts, rest, s3_server
 from gateway.stack import postgres
 from gateway.stack.credentials import StackSecrets, load_or_create_secrets, load_secrets
 from gateway.stack.daemons import State, pid_from_file, terminate
@@ -64,6 +64,8 @@ def stack_up(
         if missing:
             report(f"installed packages (missing: {', '.join(missing)})")
         secrets = load_or_create_secrets(paths.secrets_file)
+        for line in [*accounts.ensure_job_accounts(), *accounts.ensure_jobside_reachable()]:
+            report(line)
         node = short_hostname()
         make_slurm_dirs(paths)
         with_rest = with_rest or rest.rest_enabled(paths)

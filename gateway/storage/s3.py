@@ -6,11 +6,8 @@ chain (environment, config files, instance role) and are never passed around by 
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
-import re
-from dataclasses import dataclass
 from typing import IO, Any, Callable, TypeVar
 
 import boto3
@@ -18,43 +15,19 @@ import botocore.exceptions
 from boto3.s3.transfer import TransferConfig
 from botocore.config import Config
 
+from gateway.storage.base import (  # noqa: F401  (HashingReader, parse_s3_url: re-exported)
+    PARTS_IN_MEMORY,
+    HashingReader,
+    ObjectInfo,
+    S3Location,
+    StorageError,
+    parse_s3_url,
+    part_size_for,
+)
+
 log = logging.getLogger(__name__)
 
-_S3_URL = re.compile(r"s3://(?P<bucket>[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9])(?:/(?P<key>.*))?")
 T = TypeVar("T")
-
-
-class StorageError(Exception):
-    """An S3 operation failed; the message names the operation, bucket and key."""
-
-    def __init__(self, operation: str, bucket: str, key: str, detail: str, code: str = "") -> None:
-        super().__init__(f"S3 {operation} s3://{bucket}/{key} failed: {detail}")
-        self.operation = operation
-        self.bucket = bucket
-        self.key = key
-        self.code = code
-
-
-@dataclass(frozen=True)
-class S3Location:
-    bucket: str
-    key: str
-
-    @property
-    def url(self) -> str:
-        return f"s3://{self.bucket}/{self.key}"
-
-    def child(self, name: str) -> "S3Location":
-        prefix = self.key.rstrip("/")
-        return S3Location(self.bucket, f"{prefix}/{name}" if prefix else name)
-
-
-def parse_s3_url(url: str) -> S3Location:
-    """Parse ``s3://bucket/key``; raise ValueError saying what is wrong."""
-    match = _S3_URL.fullmatch(url)
-    if not match:
-        raise ValueError("must be an s3://bucket/key URL with a valid bucket name")
-    return S3Location(match.group("bucket"), match.group("key") or "")
 
 
 def make_s3_client(
@@ -79,35 +52,12 @@ def make_s3_client(
     )
 
 
-@dataclass(frozen=True)
-class ObjectInfo:
-    size: int
-    etag: str
-
-
-class HashingReader:
-    """Wrap a readable stream, counting bytes and computing sha256 as data passes through."""
-
-    def __init__(self, stream: IO[bytes]) -> None:
-        self._stream = stream
-        self.sha256 = hashlib.sha256()
-        self.bytes = 0
-
-    def read(self, size: int = -1) -> bytes:
-        chunk = self._stream.read(size)
-        self.sha256.update(chunk)
-        self.bytes += len(chunk)
-        return chunk
-
-
 def transfer_config_for(size_hint: int | None = None) -> TransferConfig:
-    """64 MiB parts (8 MiB floor) keep under S3's 10,000-part limit up to ~640 GB; 4 in memory caps RSS."""
-    chunk = 64 * 1024**2
-    if size_hint and size_hint / 9000 > chunk:
-        chunk = int(size_hint / 9000) + 1
-    config = TransferConfig(multipart_chunksize=chunk, multipart_threshold=chunk, max_concurrency=4)
+    """Parts of part_size_for(size_hint), PARTS_IN_MEMORY in memory (caps RSS), as many uploads at once."""
+    chunk = part_size_for(size_hint)
+    config = TransferConfig(multipart_chunksize=chunk, multipart_threshold=chunk, max_concurrency=PARTS_IN_MEMORY)
     # Without this cap upload_fileobj of a fast non-seekable stream buffered ~730 MiB (shared notes).
-    config.max_in_memory_upload_chunks = 4
+    config.max_in_memory_upload_chunks = PARTS_IN_MEMORY
     return config
 
 
@@ -165,6 +115,53 @@ class S3Storage:
                     "get_object", Params={"Bucket": location.bucket, "Key": location.key}, ExpiresIn=expires_s
                 ),
             )
+        )
+
+    def _presign(self, method: str, location: S3Location, expires_s: int, **params: Any) -> str:
+        return str(
+            self._call(
+                "PRESIGN",
+                location,
+                lambda: self.client.generate_presigned_url(
+                    method, Params={"Bucket": location.bucket, "Key": location.key, **params}, ExpiresIn=expires_s
+                ),
+            )
+        )
+
+    def presigned_put(self, location: S3Location, expires_s: int) -> str:
+        """A URL that lets its holder PUT this one object, for ``expires_s`` seconds."""
+        return self._presign("put_object", location, expires_s)
+
+    def start_multipart(self, location: S3Location) -> str:
+        """Begin a multipart upload; return its upload id."""
+        response = self._call(
+            "CREATE multipart", location, lambda: self.client.create_multipart_upload(Bucket=location.bucket, Key=location.key)
+        )
+        return str(response["UploadId"])
+
+    def presigned_part(self, location: S3Location, upload_id: str, part: int, expires_s: int) -> str:
+        """A URL that lets its holder PUT one part of one multipart upload of this object."""
+        return self._presign("upload_part", location, expires_s, UploadId=upload_id, PartNumber=part)
+
+    def complete_multipart(self, location: S3Location, upload_id: str, parts: list[tuple[int, str]]) -> ObjectInfo:
+        """Join the uploaded parts ((number, ETag), in order) into the object; return its size and ETag."""
+        self._call(
+            "COMPLETE multipart",
+            location,
+            lambda: self.client.complete_multipart_upload(
+                Bucket=location.bucket,
+                Key=location.key,
+                UploadId=upload_id,
+                MultipartUpload={"Parts": [{"PartNumber": n, "ETag": etag} for n, etag in parts]},
+            ),
+        )
+        return self.head(location)
+
+    def abort_multipart(self, location: S3Location, upload_id: str) -> None:
+        self._call(
+            "ABORT multipart",
+            location,
+            lambda: self.client.abort_multipart_upload(Bucket=location.bucket, Key=location.key, UploadId=upload_id),
         )
 
     def get_bytes(self, location: S3Location) -> bytes:

@@ -73,6 +73,7 @@ def dataset_url(tmp_path_factory: pytest.TempPathFactory, storage: S3Storage, bu
 @pytest.fixture(scope="session")
 def gateway_config(tmp_path_factory: pytest.TempPathFactory, stack: dict[str, Any]) -> dict[str, Any]:
     state = tmp_path_factory.mktemp("gateway-state")
+    state.chmod(0o711)  # jobs (another account) reach their workspaces and logs below it
     config = build_config(environ={"GATEWAY_CONFIG": str(ROOT / "config" / "local.toml")})
     config.update(
         {

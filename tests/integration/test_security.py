@@ -64,7 +64,7 @@ def test_a_real_job_is_its_owners_alone_and_no_secret_leaks(
         "user_id": "isec",
         "workspace_id": "secrets",
         "dataset_s3_url": dataset_url,
-        "output_s3_prefix": f"s3://{bucket}/itest-security",
+        "output_s3_prefix": f"s3://{bucket}/results/isec",  # the user's own ([s3] output_prefixes)
         "mode": "2d",
         "num_mpi": 2,
         "flags": TINY_FLAGS["2d"],

@@ -297,7 +297,12 @@ def test_signed_progress_and_metadata_events(client: FlaskClient, app, scheduler
     assert send("progress", {"iteration": 4}, age=3600).status_code == 401
     assert send("progress", {"iteration": 4}, job_id="job_2d_other_00000000").status_code == 401
     assert send("bogus", {}).status_code == 422
-    assert send("metadata", {"schema_version": 1}).status_code == 204
+    # Each Slurm job has its own token: the main job's may not send the hook's metadata.
+    assert send("metadata", {"schema_version": 1}).status_code == 401
+    archive_token = scheduler.environments[1][TOKEN_ENV]
+    assert archive_token != token
+    assert send("progress", {"iteration": 5}, signed_with=archive_token).status_code == 401
+    assert send("metadata", {"schema_version": 1}, signed_with=archive_token).status_code == 204
     assert client.get(f"{JOBS}/{job['job_id']}/metadata").json == {"schema_version": 1}
 
 

@@ -29,7 +29,7 @@ def make_job(service, workspace_id: str, state: str, metadata: dict | None, ende
         changes["metadata_json"] = json.dumps(metadata)
     service.store.update(record.job_id, **changes)
     path = Path(record.job["workspace_dir"])
-    path.mkdir(parents=True)
+    path.mkdir(parents=True, exist_ok=True)  # made at submit, as the job's account's
     return path
 
 

@@ -234,7 +234,7 @@ def backend(slurm: FakeSlurm) -> PyslurmBackend:
 
 
 def test_submit_maps_directives_to_pyslurm_attributes(slurm: FakeSlurm, backend: PyslurmBackend) -> None:
-    job_id = backend.submit(GOLDEN, environment={"GATEWAY_JOB_TOKEN": "t0k"}, after_any="41")
+    job_id = backend.submit(GOLDEN, environment={"RELION_GATEWAY_JOB_TOKEN": "t0k"}, after_any="41")
     assert job_id == "101"
     (sent,) = slurm.submitted
     assert sent["script_text"] == GOLDEN  # passed as a path, read by pyslurm
@@ -242,8 +242,9 @@ def test_submit_maps_directives_to_pyslurm_attributes(slurm: FakeSlurm, backend:
     assert (sent["ntasks"], sent["cpus_per_task"], sent["memory_per_cpu"], sent["time_limit"]) == (3, 1, "1000M", "01:00:00")
     assert sent["partitions"] == "debug" and sent["dependencies"] == "afterany:41"
     assert sent["standard_output"].endswith("/main-%j.out") and sent["working_directory"] == "/srv/gw"
-    assert sent["environment"]["AWS_ACCESS_KEY_ID"] == "AK" and sent["environment"]["SLURM_CPUS_PER_TASK"] == "1"
-    assert sent["environment"]["GATEWAY_JOB_TOKEN"] == "t0k"
+    # The script's --export lists what a job gets: never the gateway's S3 keys.
+    assert "AWS_ACCESS_KEY_ID" not in sent["environment"] and sent["environment"]["SLURM_CPUS_PER_TASK"] == "1"
+    assert sent["environment"]["RELION_GATEWAY_JOB_TOKEN"] == "t0k"
     assert not Path(sent["script"]).exists()  # the temporary file is gone
 
 

@@ -236,7 +236,8 @@ def test_golden_script_maps_every_directive() -> None:
     assert job["standard_output"] == "/scratch/relion-gateway/logs/alice/job_2d_ws1_0123abcd/main-%j.out"
     assert job["standard_error"].endswith("/main-%j.err")
     assert job["current_working_directory"] == "/srv/gw"
-    assert job["environment"] == {"PATH": "/bin", "AWS_ACCESS_KEY_ID": "AK", "SLURM_CPUS_PER_TASK": "1",
+    # --export names what a job gets: the S3 key of the gateway's environment stays behind.
+    assert job["environment"] == {"PATH": "/bin", "SLURM_CPUS_PER_TASK": "1",
                                   "SLURM_SUBMIT_DIR": "/srv/gw", "SLURM_SUBMIT_HOST": "gw"}
     assert "dependency" not in job
 
@@ -301,7 +302,7 @@ def test_pyslurm_maps_the_same_options() -> None:
 
 def test_submit_sends_script_and_mapped_job_with_jwt_headers() -> None:
     rest, session, _ = backend(recorded)
-    job_id = rest.submit(GOLDEN, environment={"GATEWAY_JOB_TOKEN": "t0k"}, after_any="41")
+    job_id = rest.submit(GOLDEN, environment={"RELION_GATEWAY_JOB_TOKEN": "t0k"}, after_any="41")
     assert job_id == str(fixture("submit_ok.json")[1]["job_id"])
     call = session.calls[0]
     assert call["method"] == "POST" and call["url"] == f"{URL}/slurm/v0.0.38/job/submit"
@@ -309,8 +310,9 @@ def test_submit_sends_script_and_mapped_job_with_jwt_headers() -> None:
     assert call["json"]["script"] == GOLDEN
     job = call["json"]["job"]
     assert job["dependency"] == "afterany:41" and job["tasks"] == 3
-    assert job["environment"]["AWS_ACCESS_KEY_ID"] == "AK"  # like sbatch's default --export=ALL
-    assert job["environment"]["GATEWAY_JOB_TOKEN"] == "t0k"  # the per-job additions
+    # The script's --export lists what a job gets: never the gateway's S3 keys.
+    assert "AWS_ACCESS_KEY_ID" not in job["environment"] and job["environment"]["PATH"] == "/usr/bin:/bin"
+    assert job["environment"]["RELION_GATEWAY_JOB_TOKEN"] == "t0k"  # the per-job additions
     assert call["timeout"] == 30.0
 
 
