@@ -697,8 +697,9 @@ class JobService:
             if not isinstance(event, dict):
                 raise TypeError("the body is not a JSON object")
             sent_at = float(event["sent_at"])
-        except (ValueError, KeyError, TypeError) as exc:
-            raise RequestError("event", f"not a valid event: {exc}") from exc
+        except (ValueError, KeyError, TypeError, RecursionError) as exc:
+            # A job holds a valid token and may still send anything: deep nesting, huge numbers.
+            raise RequestError("event", f"not a valid event: {type(exc).__name__}: {str(exc)[:200]}") from exc
         now = time.time()
         if not math.isfinite(sent_at):
             raise EventRefused("event has no valid time")

@@ -52,7 +52,7 @@ ATTEMPTS: list[Attempt] = []
 
 def record(attempt: str, expected: str, observed: str, denied: bool) -> bool:
     """Note one escape attempt for the summary table; return ``denied`` for the test's assert."""
-    ATTEMPTS.append(Attempt(attempt, expected, observed, denied))
+    ATTEMPTS.append(Attempt(attempt, expected, " ".join(observed.split()), denied))
     return denied
 
 
