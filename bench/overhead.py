@@ -301,6 +301,7 @@ class Bench:
         self.quick = ctx.quick
         self.tag = secrets.token_hex(4)
         self.tmp = Path(tempfile.mkdtemp(prefix="relion-gateway-bench-overhead-", dir="/var/tmp"))
+        self.tmp.chmod(0o711)  # jobs run as another account ([job] run_as) and must reach their dirs below
         self.status = stack_status()
         if not self.status.get("all_up"):
             raise RuntimeError("the stack is not up: run `relion-gateway stack up` first")

@@ -98,6 +98,7 @@ class Bench:
         self.ctx = ctx
         self.quick = ctx.quick
         self.tmp = Path(tempfile.mkdtemp(prefix="relion-gateway-bench-"))
+        self.tmp.chmod(0o711)  # jobs run as another account ([job] run_as) and must reach their dirs below
         templates = self.tmp / "templates"
         templates.mkdir()
         (templates / "main.sbatch.j2").write_text(MAIN_TEMPLATE)

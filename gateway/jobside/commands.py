@@ -2,8 +2,9 @@
 
 Every byte these processes hold counts against the job's --mem (and the progress watcher lives as
 long as RELION), so each command imports only what it uses: requests for the gateway's presigned
-S3 URLs (a job holds no S3 credentials and loads no boto3); never Flask, SQLAlchemy or gunicorn (``python -m gateway`` would import them all:
-the watcher took 78 MB RSS that way, 31 MB this way; the stage-in 91 MB, now 52 MB).
+S3 URLs (a job holds no S3 credentials and loads no boto3); never Flask, SQLAlchemy or gunicorn
+(``python -m gateway`` would import them all: the watcher took 78 MB RSS that way, 31 MB this way).
+The templates run these commands isolated (``python -I``) and from ``/``.
 """
 from __future__ import annotations
 

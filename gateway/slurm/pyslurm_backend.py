@@ -114,6 +114,9 @@ def submit_attributes(
     for name, value in parse_sbatch_options(script):
         if name == "export":
             export = value or "ALL"
+        elif name in ("uid", "gid"):
+            # sbatch --uid/--gid from a root gateway ([job] run_as): JobSubmitDescription's user and group.
+            attrs["user_id" if name == "uid" else "group_id"] = value
         elif value is None:
             key, flag_value = PYSLURM_FLAGS[name]
             attrs[key] = flag_value

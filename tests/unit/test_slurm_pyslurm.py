@@ -338,3 +338,12 @@ def test_missing_pyslurm(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_factory_passes_the_module(slurm: FakeSlurm) -> None:
     scheduler = make_scheduler({"SLURM_BACKEND": "pyslurm"}, pyslurm_module=make_module(slurm))
     assert scheduler.ping() is True and slurm.calls == ["slurmctld.ping_primary"]
+
+
+def test_run_as_directives_become_the_jobs_user_and_group() -> None:
+    from gateway.slurm.pyslurm_backend import submit_attributes
+
+    script = "#!/bin/bash\n#SBATCH --uid=rgjob\n#SBATCH --gid=rgjob\n#SBATCH --export=PATH\necho\n"
+    attrs = submit_attributes(script, environment={"PATH": "/bin", "AWS_SECRET_ACCESS_KEY": "s"}, cwd="/")
+    assert (attrs["user_id"], attrs["group_id"]) == ("rgjob", "rgjob")
+    assert "AWS_SECRET_ACCESS_KEY" not in attrs["environment"]

@@ -527,3 +527,12 @@ def test_rest_is_sticky_once_the_key_exists(tmp_path: Path) -> None:
     (daemon,) = stack_rest.rest_daemons(paths, True)
     assert daemon.argv[0] == "/usr/sbin/slurmrestd" and "-u" in daemon.argv and daemon.argv[-1] == "127.0.0.1:6820"
     assert daemon.env == {"SLURM_JWT": "daemon"} and daemon.pid_file == paths.pid_file("slurmrestd")
+
+
+def test_run_as_directives_pick_the_submitting_user_not_job_fields() -> None:
+    from gateway.slurm.rest import submit_user
+
+    script = "#!/bin/bash\n#SBATCH --uid=rgjob\n#SBATCH --gid=rgjob\n#SBATCH --export=PATH\necho\n"
+    job = job_description(script, environment={"PATH": "/bin"}, cwd="/srv/gw", submit_host="gw")
+    assert submit_user(script) == "rgjob" and submit_user("#!/bin/bash\necho\n") is None
+    assert not {"uid", "gid", "user_id", "group_id"} & set(job)
