@@ -31,7 +31,7 @@ def test_client_submit_wait_metadata_download(gateway_url: str, gateway_config: 
     code, out = client(
         gateway_url, token,
         "submit", "--user-id", "iclient", "--workspace-id", "cli", "--dataset-s3-url", dataset_url,
-        "--output-s3-prefix", f"s3://{bucket}/itest-client", "--mode", "2d", "--num-mpi", "2",
+        "--output-s3-prefix", f"s3://{bucket}/results/iclient", "--mode", "2d", "--num-mpi", "2",
         # as the seed's users type them
         "--i", "particles.star", "--o", "Class2D/run", "--K", "3", "--iter", "2", "--tau2-fudge", "2",
         "--particle-diameter", "100", "--ctf", "--ctf", "--zero_mask", "--flatten-solvent", "--psi-step", "10",

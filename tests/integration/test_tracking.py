@@ -20,7 +20,7 @@ from gateway import create_app
 from gateway.process import run_command
 from gateway.relion.presets import TINY_FLAGS
 from gateway.store import JobRecord
-from tests.integration.conftest import allow_admin, wait_for_end
+from tests.integration.conftest import allow_admin, free_port, wait_for_end
 
 JOBS = "/v1/relion/jobs"
 
@@ -54,16 +54,20 @@ def wait_for(predicate: Any, timeout: float, what: str) -> None:
 @pytest.fixture
 def private_gateway(gateway_config: dict, tmp_path: Path, admin_token: Any) -> Iterator[Any]:
     """A gateway with its own store, which a test may 'restart' (a new app on the same database)."""
-    config = {**gateway_config, "STORE_DATABASE_URL": f"sqlite:///{tmp_path / 'private.sqlite'}"}
+    # One address across restarts: the job asks this gateway (its store knows the job) for its
+    # presigned S3 URLs, as jobs of a real deployment ask its one public URL.
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    config = {**gateway_config, "STORE_DATABASE_URL": f"sqlite:///{tmp_path / 'private.sqlite'}", "SERVER_PUBLIC_URL": url}
     servers: list[Any] = []
 
     def start() -> str:
         app = create_app(config)
         allow_admin(app, admin_token)
-        server = make_server("127.0.0.1", 0, app, threaded=True)
+        server = make_server("127.0.0.1", port, app, threaded=True)
         threading.Thread(target=server.serve_forever, daemon=True).start()
         servers.append((server, app))
-        return f"http://127.0.0.1:{server.server_port}"
+        return url
 
     def stop() -> None:
         server, app = servers.pop()
