@@ -206,15 +206,19 @@ class JobOutput(MethodView):
         return service().output_link(job_id, principal=current_principal())
 
 
+# What a job's signed request looks like in the spec: its signature header, a JSON body, no bearer token.
+SIGNED_BY_A_JOB: dict[str, Any] = {
+    "parameters": [{"in": "header", "name": SIGNATURE_HEADER, "required": True, "schema": {"type": "string"},
+                    "description": "sha256=<HMAC of the body with the job's token>"}],
+    "requestBody": {"content": {"application/json": {"schema": {"type": "object"}}}},
+    "security": [],
+}
+
+
 @blp.route("/jobs/<job_id>/events")
 @public  # authenticated by its HMAC signature (the job's token), not by a bearer token
 class JobEvents(MethodView):
-    @blp.doc(
-        parameters=[{"in": "header", "name": SIGNATURE_HEADER, "required": True, "schema": {"type": "string"},
-                     "description": "sha256=<HMAC of the body with the job's token>"}],
-        requestBody={"content": {"application/json": {"schema": {"type": "object"}}}},
-        security=[],
-    )
+    @blp.doc(**SIGNED_BY_A_JOB)
     @blp.response(204)
     @blp.alt_response(401, schema=ErrorSchema, description="Bad or missing signature")
     @blp.alt_response(404, schema=ErrorSchema, description="No such job")
@@ -228,12 +232,7 @@ class JobEvents(MethodView):
 @blp.route("/jobs/<job_id>/storage")
 @public  # authenticated by its HMAC signature (the job's token), not by a bearer token
 class JobStorageRequests(MethodView):
-    @blp.doc(
-        parameters=[{"in": "header", "name": SIGNATURE_HEADER, "required": True, "schema": {"type": "string"},
-                     "description": "sha256=<HMAC of the body with the job's token>"}],
-        requestBody={"content": {"application/json": {"schema": {"type": "object"}}}},
-        security=[],
-    )
+    @blp.doc(**SIGNED_BY_A_JOB)
     @blp.response(200, schema=None, description="The operation's answer: presigned URLs, an upload id, or an object's size and ETag")
     @blp.alt_response(401, schema=ErrorSchema, description="Bad or missing signature, a token not allowed this operation, expired or replayed")
     @blp.alt_response(404, schema=ErrorSchema, description="No such job")
