@@ -9,9 +9,9 @@ from pathlib import Path
 
 import click
 
-from gateway.service import JobService
+from gateway.service import JobService, output_archive_location
 from gateway.slurm.states import TERMINAL_STATES, JobState
-from gateway.storage.s3 import StorageError, parse_s3_url
+from gateway.storage.s3 import StorageError
 from gateway.store import JobNotFound
 
 log = logging.getLogger(__name__)
@@ -72,8 +72,13 @@ def janitor_verdicts(service: JobService, ttl_seconds: float, now: float | None 
             if service.storage is None:
                 verdicts.append(Verdict(path, "keep", "no S3 client to verify the archive"))
                 continue
+            recorded = output_archive_location(record)
+            if output.get("url") != recorded.url:
+                # Only the location recorded at submit counts: a job's metadata could name any object.
+                verdicts.append(Verdict(path, "keep", f"metadata names {output.get('url')}, not the recorded {recorded.url}"))
+                continue
             try:
-                remote = service.storage.head(parse_s3_url(output["url"]))
+                remote = service.storage.head(recorded)
             except StorageError as exc:
                 verdicts.append(Verdict(path, "keep", f"archive not verifiable: {exc}"))
                 continue

@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
+from typing import Any
 
 from gateway.admin import janitor_verdicts
 from gateway.storage.s3 import ObjectInfo
@@ -22,9 +23,12 @@ class HeadOnlyStorage:
         return ObjectInfo(self.sizes[location.url], "etag")
 
 
-def make_job(service, workspace_id: str, state: str, metadata: dict | None, ended_ago: float) -> Path:
+def make_job(service, workspace_id: str, state: str, metadata: Any, ended_ago: float) -> Path:
+    """``metadata``: a dict, None, or a function of the record (its output URL is the recorded one)."""
     record = service.submit(valid_request(workspace_id=workspace_id))
     changes = {"state": state, "ended_at": time.time() - ended_ago}
+    if callable(metadata):
+        metadata = metadata(record)
     if metadata is not None:
         changes["metadata_json"] = json.dumps(metadata)
     service.store.update(record.job_id, **changes)
@@ -35,7 +39,14 @@ def make_job(service, workspace_id: str, state: str, metadata: dict | None, ende
 
 def test_janitor_keeps_everything_not_proven_safe(app) -> None:
     service = app.extensions["relion_gateway"]
-    out = lambda n: {"output": {"url": f"s3://relion-local/results/{n}/output.tar.gz", "bytes": 100}}  # noqa: E731
+    urls: dict[str, str] = {}
+
+    def out(n: str) -> Any:
+        def metadata(record: Any) -> dict:
+            urls[n] = record.output_url + "output.tar.gz"  # where the hook uploads, recorded at submit
+            return {"output": {"url": urls[n], "bytes": 100}}
+        return metadata
+
     cases = {
         "verified": make_job(service, "a", "succeeded", out("a"), 7200),
         "recent": make_job(service, "b", "succeeded", out("b"), 60),
@@ -48,12 +59,13 @@ def test_janitor_keeps_everything_not_proven_safe(app) -> None:
     }
     stray = Path(service.config["PATHS_WORKSPACE_ROOT"]) / "alice" / "job_2d_unknown_00000000"
     stray.mkdir(parents=True)
-    service.storage = HeadOnlyStorage(
-        {"s3://relion-local/results/a/output.tar.gz": 100, "s3://relion-local/results/e/output.tar.gz": 99}
-    )
+    misdirected = make_job(service, "i", "succeeded", {"output": {"url": urls["a"], "bytes": 100}}, 7200)
+    service.storage = HeadOnlyStorage({urls["a"]: 100, urls["e"]: 99})
     verdicts = {v.path: v for v in janitor_verdicts(service, ttl_seconds=3600)}
     deleted = {name for name, path in cases.items() if verdicts[path].action == "delete"}
     assert deleted == {"verified", "no_output"}
     assert verdicts[cases["size_mismatch"]].reason == "archive in S3 is 99 bytes, metadata says 100"
     assert verdicts[cases["archive_failed"]].reason.startswith("archive failed")
     assert verdicts[stray].action == "keep"
+    # Metadata naming another job's (verified) output does not make this workspace disposable.
+    assert verdicts[misdirected].action == "keep" and verdicts[misdirected].reason.startswith("metadata names ")
