@@ -9,8 +9,8 @@ from pathlib import Path
 
 import click
 
-from gateway.service import JobService, output_archive_location
-from gateway.slurm.states import TERMINAL_STATES, JobState
+from gateway.service import JobService, build_service, output_archive_location
+from gateway.jobs.states import TERMINAL_VALUES, JobState
 from gateway.storage.s3 import StorageError
 from gateway.store import JobNotFound
 
@@ -18,9 +18,9 @@ log = logging.getLogger(__name__)
 
 
 def _service() -> JobService:
-    from gateway.app import create_app
+    from gateway.config import build_config
 
-    return create_app({"POLLER_ENABLED": False}).extensions["relion_gateway"]  # type: ignore[no-any-return]
+    return build_service(build_config())  # no app, no poller thread
 
 
 @click.command("archive-retry")
@@ -48,7 +48,7 @@ def janitor_verdicts(service: JobService, ttl_seconds: float, now: float | None 
     now = time.time() if now is None else now
     root = Path(service.config["PATHS_WORKSPACE_ROOT"])
     verdicts: list[Verdict] = []
-    terminal = {s.value for s in TERMINAL_STATES}
+    terminal = TERMINAL_VALUES
     for path in sorted(p for p in root.glob("*/*") if p.is_dir()):
         try:
             record = service.store.get(path.name)

@@ -14,19 +14,17 @@ from flask_smorest import Api
 from gateway import __version__
 from gateway import auth
 from gateway.audit import Auditor
-from gateway.callbacks import load_or_create_secret
 from gateway.jobdirs import secure_state
 from gateway.api.docs import register_docs
 from gateway.api.errors import MAX_BODY_BYTES, RequestLimits, error_response
 from gateway.config import build_config
 from gateway.observability import CachedReadiness, instrumented, render_metrics
-from gateway.storage.s3 import S3Storage, make_s3_client
+from gateway.storage.s3 import S3Storage
 from gateway.poller import Poller
-from gateway.scripts.render import ScriptRenderer
-from gateway.service import JobService
+from gateway.service import build_service
 from gateway.slurm.backend import SchedulerBackend
 from gateway.slurm.factory import make_scheduler
-from gateway.store import JobStore, make_engine
+from gateway.store import JobStore
 from gateway.textrules import text_problem
 
 log = logging.getLogger(__name__)
@@ -84,15 +82,7 @@ def create_app(
     )
     auditor = Auditor(config["AUDIT_FILE"])
     app.extensions[AUDIT_KEY] = auditor
-    service = JobService(
-        config=config,
-        store=store or JobStore(make_engine(config["STORE_DATABASE_URL"])),
-        scheduler=scheduler or _default_scheduler(config),
-        renderer=ScriptRenderer(config["PATHS_TEMPLATE_DIR"] or None),
-        storage=storage if storage is not None else S3Storage(make_s3_client(config["S3_ENDPOINT_URL"], config["S3_REGION"])),
-        callback_secret=load_or_create_secret(config["SERVER_CALLBACK_SECRET"], config["PATHS_STATE_DIR"]),
-        auditor=auditor,
-    )
+    service = build_service(config, scheduler=scheduler or _default_scheduler(config), store=store, storage=storage, auditor=auditor)
     app.extensions[EXTENSION_KEY] = service
     # The store, the key and the audit file are the gateway's alone: a job must not read them.
     state = Path(config["PATHS_STATE_DIR"])

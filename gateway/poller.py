@@ -18,7 +18,7 @@ from typing import Any
 from gateway.observability import POLL_CYCLE, POLL_ERRORS
 from gateway.service import JobService
 from gateway.slurm.backend import SchedulerError
-from gateway.slurm.states import TERMINAL_STATES, JobState
+from gateway.jobs.states import TERMINAL_VALUES, JobState
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +54,7 @@ class Poller:
 
     def next_interval(self) -> float:
         """Fast while anything stages, runs or archives; slower while all jobs queue; slow when idle."""
-        states = {r.state for r in self.service.store.live({s.value for s in TERMINAL_STATES})}
+        states = {r.state for r in self.service.store.live(TERMINAL_VALUES)}
         if states & ACTIVE_STATES:
             return float(self.config["POLLER_INTERVAL_ACTIVE"])
         if states:

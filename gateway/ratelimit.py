@@ -12,7 +12,7 @@ import math
 import time
 from typing import Any
 
-from gateway.slurm.states import TERMINAL_STATES
+from gateway.jobs.states import TERMINAL_VALUES
 from gateway.store import JobRecord, JobStore
 
 WINDOW_S = 60.0
@@ -29,10 +29,6 @@ class LimitExceeded(Exception):
         self.limit = limit
         self.message = message
         self.retry_after = max(1, int(retry_after))
-
-
-def _terminal() -> set[str]:
-    return {s.value for s in TERMINAL_STATES}
 
 
 def judge_submission(config: dict[str, Any], user_id: str, active: int, recent: list[float], now: float) -> None:
@@ -76,4 +72,4 @@ def insert_within_limits(store: JobStore, config: dict[str, Any], record: JobRec
         now = time.time()
         judge_submission(config, record.user_id, active, [t for t in recent if t >= now - WINDOW_S], now)
 
-    store.insert_within_limits(record, check, terminal=_terminal(), since=time.time() - WINDOW_S)
+    store.insert_within_limits(record, check, terminal=TERMINAL_VALUES, since=time.time() - WINDOW_S)

@@ -33,7 +33,7 @@ from gateway.relion.logs import error_line
 from gateway.scripts.render import ARCHIVE_TEMPLATE, MAIN_TEMPLATE, ScriptRenderer
 from gateway.slurm.backend import SchedulerBackend, SchedulerError, SlurmJobInfo
 from gateway.slurm.memory import memory_kill_line
-from gateway.slurm.states import TERMINAL_STATES, JobState, gateway_state
+from gateway.jobs.states import TERMINAL_VALUES, JobState, gateway_state
 from gateway.callbacks import (
     MAX_CLOCK_SKEW_S,
     MAX_EVENT_AGE_S,
@@ -526,7 +526,7 @@ class JobService:
 
         Returns the number of live jobs looked at.
         """
-        live = self.store.live({s.value for s in TERMINAL_STATES})
+        live = self.store.live(TERMINAL_VALUES)
         now = time.time()
         for record in live:
             # A submission whose claim has lapsed was cut short (its gateway died): finish it.
@@ -537,7 +537,7 @@ class JobService:
 
     def refresh(self, records: list[JobRecord]) -> None:
         """Update live records from one batched Slurm status query (one squeue, at most one sacct)."""
-        live = [r for r in records if r.main_slurm_id and r.state not in {s.value for s in TERMINAL_STATES}]
+        live = [r for r in records if r.main_slurm_id and r.state not in TERMINAL_VALUES]
         if not live:
             return
         ids = [i for r in live for i in (r.main_slurm_id, r.archive_slurm_id) if i]
@@ -820,7 +820,7 @@ class JobService:
 
     def _cancel(self, job_id: str, principal: Actor | None) -> JobRecord:
         record = self.get(job_id, principal=principal)
-        if record.state in {s.value for s in TERMINAL_STATES}:
+        if record.state in TERMINAL_VALUES:
             raise RequestError("job_id", f"job {job_id} has already ended ({record.state})", status=409)
         if record.main_slurm_id:
             # scancel of a job that has just ended is a no-op, so repeating a cancel is harmless.
@@ -829,9 +829,49 @@ class JobService:
         return self.store.get(job_id)
 
 
+def build_service(
+    config: dict[str, Any],
+    *,
+    scheduler: SchedulerBackend | None = None,
+    store: JobStore | None = None,
+    storage: S3Storage | None = None,
+    auditor: Auditor | None = None,
+    offline: bool = False,
+) -> JobService:
+    """The job service from configuration: the one way the app factory and the CLI commands build it.
+
+    It starts nothing (the poller is the app's). ``offline`` is a dry run (``relion-gateway
+    render``): an in-memory store, no S3 client and no callback key, so nothing is written anywhere.
+    """
+    from gateway.callbacks import load_or_create_secret
+    from gateway.scripts.render import ScriptRenderer
+    from gateway.slurm.factory import make_scheduler
+    from gateway.storage.s3 import make_s3_client
+    from gateway.store import make_engine
+
+    if offline:
+        return JobService(
+            config=config,
+            store=store or JobStore(make_engine("sqlite://")),
+            scheduler=scheduler or make_scheduler(config),
+            renderer=ScriptRenderer(config["PATHS_TEMPLATE_DIR"] or None),
+            storage=None,
+            auditor=auditor,
+        )
+    return JobService(
+        config=config,
+        store=store or JobStore(make_engine(config["STORE_DATABASE_URL"])),
+        scheduler=scheduler or make_scheduler(config),
+        renderer=ScriptRenderer(config["PATHS_TEMPLATE_DIR"] or None),
+        storage=storage if storage is not None else S3Storage(make_s3_client(config["S3_ENDPOINT_URL"], config["S3_REGION"])),
+        callback_secret=load_or_create_secret(config["SERVER_CALLBACK_SECRET"], config["PATHS_STATE_DIR"]),
+        auditor=auditor,
+    )
+
+
 def next_poll_seconds(record: JobRecord, config: dict[str, Any]) -> float | None:
     """When a client should look again: how often the poller refreshes a job in this state."""
-    if record.state in {s.value for s in TERMINAL_STATES}:
+    if record.state in TERMINAL_VALUES:
         return None
     if record.state == JobState.QUEUED.value:
         return float(config["POLLER_INTERVAL_QUEUED"])
@@ -848,7 +888,6 @@ PRESIGNED_URL_S = 3600
 MAX_PARTS_PER_REQUEST = 100
 # What S3 servers answer a HEAD or GET of a missing object with.
 NOT_FOUND_CODES = frozenset({"404", "NoSuchKey", "NotFound"})
-TERMINAL_VALUES = frozenset(s.value for s in TERMINAL_STATES)
 
 
 def _part_number(value: Any) -> bool:

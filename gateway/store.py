@@ -9,7 +9,7 @@ import hashlib
 import json
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Set as AbstractSet
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -181,7 +181,7 @@ def user_lock_key(user_id: str) -> int:
     return int.from_bytes(digest[:8], "big", signed=True)
 
 
-def _active_count_query(user_id: str, terminal: set[str]) -> sa.Select[Any]:
+def _active_count_query(user_id: str, terminal: AbstractSet[str]) -> sa.Select[Any]:
     return sa.select(sa.func.count()).select_from(jobs_table).where(
         jobs_table.c.user_id == user_id, jobs_table.c.state.not_in(sorted(terminal))
     )
@@ -329,7 +329,7 @@ class JobStore:
             total = int(conn.execute(count).scalar_one())
         return rows, total
 
-    def insert_within_limits(self, record: JobRecord, check: LimitCheck, *, terminal: set[str], since: float) -> None:
+    def insert_within_limits(self, record: JobRecord, check: LimitCheck, *, terminal: AbstractSet[str], since: float) -> None:
         """Insert ``record`` unless ``check`` raises, counting and inserting as one step per user.
 
         ``check`` gets ``record.user_id``'s count of jobs not in ``terminal`` and the accepted_at of
@@ -356,7 +356,7 @@ class JobStore:
                 raise DuplicateIdempotencyKey(record.idempotency_key) from exc
             raise
 
-    def _insert_within_limits_sqlite(self, record: JobRecord, check: LimitCheck, terminal: set[str], since: float) -> None:
+    def _insert_within_limits_sqlite(self, record: JobRecord, check: LimitCheck, terminal: AbstractSet[str], since: float) -> None:
         # pysqlite opens transactions itself, lazily and DEFERRED, right before the first write:
         # two connections could both count, then both insert. In AUTOCOMMIT the driver stays out of
         # the way and BEGIN IMMEDIATE takes SQLite's write lock before counting; others wait for it
@@ -375,7 +375,7 @@ class JobStore:
 
     @staticmethod
     def _count_check_insert(
-        conn: sa.Connection, record: JobRecord, check: LimitCheck, terminal: set[str], since: float
+        conn: sa.Connection, record: JobRecord, check: LimitCheck, terminal: AbstractSet[str], since: float
     ) -> None:
         if record.idempotency_key is not None:
             same_key = sa.select(jobs_table.c.job_id).where(
@@ -388,7 +388,7 @@ class JobStore:
         check(active, recent)
         conn.execute(jobs_table.insert().values(**{c: getattr(record, c) for c in _COLUMNS}))
 
-    def count_active(self, user_id: str, terminal: set[str]) -> int:
+    def count_active(self, user_id: str, terminal: AbstractSet[str]) -> int:
         """How many of ``user_id``'s jobs have not ended."""
         with self.engine.connect() as conn:
             return int(conn.execute(_active_count_query(user_id, terminal)).scalar_one())
@@ -398,7 +398,7 @@ class JobStore:
         with self.engine.connect() as conn:
             return [float(v) for v in conn.execute(_accepted_since_query(user_id, since)).scalars()]
 
-    def live(self, terminal: set[str]) -> list[JobRecord]:
+    def live(self, terminal: AbstractSet[str]) -> list[JobRecord]:
         query = sa.select(jobs_table).where(jobs_table.c.state.not_in(sorted(terminal)))
         with self.engine.connect() as conn:
             return [JobRecord(**dict(row)) for row in conn.execute(query).mappings()]

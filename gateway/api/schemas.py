@@ -8,7 +8,7 @@ from typing import Any
 from marshmallow import RAISE, Schema, ValidationError, fields, validate, validates
 
 from gateway.service import MODES
-from gateway.slurm.states import JobState
+from gateway.jobs.states import JobState
 from gateway.textrules import text_problem
 
 # Letters, digits and ._- ; used in paths and Slurm job names, so no '/', no spaces, not '.' or '..'.

@@ -2,13 +2,13 @@
 from __future__ import annotations
 
 import json
-import tempfile
 
 import click
 
 from gateway.relion.flags import FlagError, parse_command_line
 from gateway.errors import RequestError
-from gateway.service import DRY_RUN_MAIN_ID, MODES
+from gateway.config import build_config
+from gateway.service import DRY_RUN_MAIN_ID, MODES, build_service
 
 
 @click.command("render", context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
@@ -46,19 +46,13 @@ def render_command(
         "num_mpi": num_mpi,
         "flags": flags,
     }
-    # Imported here: importing the app creates the Prometheus metrics, which `serve` must only do
-    # after it has chosen multiprocess mode.
-    from gateway.app import create_app
-
-    # A throwaway store: a dry run records nothing.
-    with tempfile.TemporaryDirectory() as tmp:
-        app = create_app({"STORE_DATABASE_URL": f"sqlite:///{tmp}/dry.sqlite"})
-        service = app.extensions["relion_gateway"]
-        try:
-            prepared = service.prepare(request)
-        except RequestError as exc:
-            raise click.UsageError(f"{exc.field}: {exc.message}") from exc
-        archive = service.render_archive(prepared, DRY_RUN_MAIN_ID)
+    # A dry run: no app, no poller thread, an in-memory store, no key file; nothing is written.
+    service = build_service(build_config(), offline=True)
+    try:
+        prepared = service.prepare(request)
+    except RequestError as exc:
+        raise click.UsageError(f"{exc.field}: {exc.message}") from exc
+    archive = service.render_archive(prepared, DRY_RUN_MAIN_ID)
     if as_json:
         click.echo(json.dumps({"main_script": prepared.main_script, "archive_script": archive, "relion_command": prepared.job["relion_command"]}, indent=2))
         return

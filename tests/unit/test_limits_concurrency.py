@@ -19,13 +19,13 @@ from gateway.ratelimit import LimitExceeded
 from gateway.scripts.render import ScriptRenderer
 from gateway.service import JobService
 from gateway.store import DuplicateIdempotencyKey, JobRecord, JobStore, make_engine, user_lock_key
-from gateway.slurm.states import TERMINAL_STATES
+from gateway.jobs.states import TERMINAL_VALUES
 from tests.conftest import valid_request
 from tests.fakes import FakeScheduler
 from tests.store_contract import make_record
 
 PARALLEL = 16
-TERMINAL = {s.value for s in TERMINAL_STATES}
+TERMINAL = TERMINAL_VALUES
 
 
 def limited_service(store: JobStore, scheduler: FakeScheduler, tmp_path: Path, **limits: Any) -> JobService:

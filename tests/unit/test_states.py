@@ -3,14 +3,8 @@ from __future__ import annotations
 
 import pytest
 
-from gateway.slurm.states import (
-    FINAL_STATE_OF_MAIN,
-    LIVE_STATE_OF_MAIN,
-    SLURM_TERMINAL,
-    JobState,
-    SlurmState,
-    gateway_state,
-)
+from gateway.jobs.states import FINAL_STATE_OF_MAIN, LIVE_STATE_OF_MAIN, JobState, gateway_state
+from gateway.slurm.states import SLURM_TERMINAL, SlurmState
 
 
 def test_every_slurm_state_is_in_exactly_one_table() -> None:
