@@ -9,7 +9,8 @@ from pathlib import Path
 
 import click
 
-from gateway.service import JobService, build_service, output_archive_location
+from gateway.jobs.signed import output_archive_location
+from gateway.service import JobService, build_service
 from gateway.jobs.states import TERMINAL_VALUES, JobState
 from gateway.storage.s3 import StorageError
 from gateway.store import JobNotFound

@@ -11,7 +11,6 @@ import json
 import logging
 import math
 import pwd
-import re
 import secrets
 import socket
 import time
@@ -34,20 +33,10 @@ from gateway.scripts.render import ARCHIVE_TEMPLATE, MAIN_TEMPLATE, ScriptRender
 from gateway.slurm.backend import SchedulerBackend, SchedulerError, SlurmJobInfo
 from gateway.slurm.memory import memory_kill_line
 from gateway.jobs.states import TERMINAL_VALUES, JobState, gateway_state
-from gateway.callbacks import (
-    MAX_CLOCK_SKEW_S,
-    MAX_EVENT_AGE_S,
-    ROLE_ARCHIVE,
-    ROLE_EVENTS,
-    ROLE_MAIN,
-    ROLE_STORAGE,
-    TOKEN_ENV,
-    TOKEN_GRACE_S,
-    job_token,
-    signing_role,
-)
+from gateway.callbacks import ROLE_ARCHIVE, ROLE_MAIN, TOKEN_ENV, job_token
+from gateway.jobs.signed import apply_event, output_archive_location, storage_answer, verify_job_request
 from gateway.storage.boundaries import check_data_boundaries
-from gateway.storage.s3 import S3Location, S3Storage, StorageError, parse_s3_url
+from gateway.storage.s3 import S3Storage, StorageError, check_s3_url, parse_s3_url
 from gateway.textrules import text_problem
 from gateway.store import DuplicateIdempotencyKey, JobNotFound, JobRecord, JobStore
 
@@ -65,43 +54,9 @@ DRY_RUN_MAIN_ID = "MAIN_JOB_ID"
 MAX_NUMBER = 1e9
 # A file name (one path component) no common file system takes beyond this (NAME_MAX).
 MAX_NAME_BYTES = 255
-# S3 bucket names as S3 defines them: no IP addresses, no '..', no reserved prefixes or suffixes.
-_BUCKET = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")
-_IP_LIKE = re.compile(r"\d{1,3}(\.\d{1,3}){3}")
-MAX_S3_KEY_BYTES = 1024
 # A main job Slurm still lists as running this long after its script stamped "finished" is
 # reported as suspect (see _apply).
 FINISHED_BUT_RUNNING_S = 120.0
-
-
-def check_s3_url(url: str) -> tuple[str, str]:
-    """Split ``s3://bucket/key``, refusing what S3, a proxy or a path normaliser could read otherwise.
-
-    Keys may hold spaces, quotes and shell characters (scripts quote every value), but not what
-    gateway/textrules.py refuses (control and Unicode format characters, line separators: a key is
-    shown to admins and in scripts), '%' (percent-encoding), '\\', or empty, '.' or '..' segments:
-    an HTTP layer that normalises ``/bucket/../other/x`` would reach another bucket.
-    """
-    if not url.startswith("s3://"):
-        raise ValueError("must be an s3://bucket/key URL (no other scheme)")
-    bucket, _, key = url[len("s3://"):].partition("/")
-    if not _BUCKET.fullmatch(bucket):
-        raise ValueError(f"bucket {bucket!r} is not a valid S3 bucket name (3-63 lowercase letters, digits, '.' or '-')")
-    if ".." in bucket or ".-" in bucket or "-." in bucket or _IP_LIKE.fullmatch(bucket):
-        raise ValueError(f"bucket {bucket!r} is not a valid S3 bucket name (no '..', no IP address)")
-    if bucket.startswith(("xn--", "sthree-")) or bucket.endswith(("-s3alias", "--ol-s3")):
-        raise ValueError(f"bucket {bucket!r} uses a prefix or suffix S3 reserves")
-    problem = text_problem(key)
-    if problem is not None:
-        raise ValueError(f"the key must not contain {problem}")
-    if "%" in key or "\\" in key:
-        raise ValueError("the key must not contain '%' (percent-encoding) or '\\'; S3 keys are given as they are")
-    if len(key.encode()) > MAX_S3_KEY_BYTES:
-        raise ValueError(f"the key is longer than {MAX_S3_KEY_BYTES} bytes")
-    segments = key.rstrip("/").split("/") if key else []
-    if any(segment in ("", ".", "..") for segment in segments):
-        raise ValueError("the key must not contain empty, '.' or '..' segments")
-    return bucket, key
 
 
 @dataclass
@@ -680,106 +635,15 @@ class JobService:
         url = self.storage.presigned_get(output_archive_location(record), expires_s)
         return {"url": url, "expires_in": expires_s, "bytes": output.get("bytes"), "sha256": output.get("sha256")}
 
-    def _verify_job_request(self, job_id: str, body: bytes, signature: str) -> tuple[JobRecord, str, dict[str, Any]]:
-        """Check a job's signed request; return its record, the signing role and the parsed body.
-
-        Refused (EventRefused): no signature of this job's tokens, another job's id, a time more
-        than MAX_EVENT_AGE_S old or MAX_CLOCK_SKEW_S ahead, a job that ended more than
-        TOKEN_GRACE_S ago, or a body taken before (a replay).
-        """
-        # The signature first: without it, nobody learns even whether the job exists.
-        role = signing_role(self.callback_secret, job_id, body, signature) if self.callback_secret else None
-        if role is None:
-            raise EventRefused("bad or missing signature")
-        record = self.store.get(job_id)
-        try:
-            event = json.loads(body, parse_constant=_refuse_constant)
-            if not isinstance(event, dict):
-                raise TypeError("the body is not a JSON object")
-            sent_at = float(event["sent_at"])
-        except (ValueError, KeyError, TypeError, RecursionError) as exc:
-            # A job holds a valid token and may still send anything: deep nesting, huge numbers.
-            raise RequestError("event", f"not a valid event: {type(exc).__name__}: {str(exc)[:200]}") from exc
-        now = time.time()
-        if not math.isfinite(sent_at):
-            raise EventRefused("event has no valid time")
-        if event.get("job_id") != job_id or now - sent_at > MAX_EVENT_AGE_S:
-            raise EventRefused("event is for another job or too old")
-        if sent_at > now + MAX_CLOCK_SKEW_S:
-            raise EventRefused(f"event is dated {sent_at - now:.0f} s in the future (more than {MAX_CLOCK_SKEW_S:g} s of clock skew)")
-        ended_at = record.ended_at if record.ended_at is not None else record.updated_at
-        if record.state in TERMINAL_VALUES and now - ended_at > TOKEN_GRACE_S:
-            raise EventRefused(f"job {job_id} ended {now - ended_at:.0f} s ago; its tokens work for {TOKEN_GRACE_S:g} s after the end")
-        digest = hashlib.sha256(body).hexdigest()
-        if not self.store.first_sighting(job_id, digest, now, forget_before=now - MAX_EVENT_AGE_S - MAX_CLOCK_SKEW_S):
-            raise EventRefused("this signed body was already taken (a replay)")
-        return record, role, event
-
     def record_event(self, job_id: str, body: bytes, signature: str) -> None:
         """Take a signed event from a job (progress while it runs, metadata from its hook)."""
-        record, role, event = self._verify_job_request(job_id, body, signature)
-        kind, data = event.get("type"), event.get("data")
-        if kind not in ("progress", "metadata") or not isinstance(data, dict):
-            raise RequestError("event.type", f"unknown event type {kind!r} (progress, metadata)")
-        if kind not in ROLE_EVENTS[role]:
-            raise EventRefused(f"the {role} job's token may not send {kind} events")
-        if kind == "progress":
-            self.store.update(job_id, progress_json=json.dumps(data, sort_keys=True))
-        else:
-            self.store.update(job_id, metadata_json=json.dumps(data, sort_keys=True))
-        log.info("job %s: %s event", record.job_id, kind)
+        record, role, event = verify_job_request(self.store, self.callback_secret, job_id, body, signature)
+        apply_event(self.store, record, role, event)
 
     def storage_request(self, job_id: str, body: bytes, signature: str) -> dict[str, Any]:
         """Serve a job's signed S3 request: presigned URLs for its own dataset and its own output prefix only."""
-        record, role, event = self._verify_job_request(job_id, body, signature)
-        op = event.get("op")
-        if event.get("type") != "storage" or op not in ROLE_STORAGE[ROLE_MAIN] | ROLE_STORAGE[ROLE_ARCHIVE]:
-            raise RequestError("op", f"unknown storage operation {op!r}")
-        if op not in ROLE_STORAGE[role]:
-            raise EventRefused(f"the {role} job's token may not {op}")
-        if self.storage is None:
-            raise StorageError(str(op), "", "", "the gateway has no S3 storage configured")
-        if op == "dataset":
-            location = parse_s3_url(record.job["dataset_s3_url"])
-            try:
-                info = self.storage.head(location)
-            except StorageError as exc:
-                if exc.code in NOT_FOUND_CODES:  # the job's fault, not S3's: no retry helps
-                    raise RequestError("dataset_s3_url", f"{location.url} does not exist (NoSuchKey)") from exc
-                raise
-            url = self.storage.presigned_get(location, PRESIGNED_URL_S)
-            return {"url": url, "dataset_s3_url": location.url, "size": info.size, "etag": info.etag}
-        location = job_output_location(record, event.get("key"))
-        if op == "head":
-            try:
-                info = self.storage.head(location)
-            except StorageError as exc:
-                if exc.code in NOT_FOUND_CODES:
-                    return {"exists": False}
-                raise
-            return {"exists": True, "size": info.size, "etag": info.etag}
-        if op == "put":
-            return {"url": self.storage.presigned_put(location, PRESIGNED_URL_S)}
-        if op == "multipart_start":
-            return {"upload_id": self.storage.start_multipart(location)}
-        upload_id = event.get("upload_id")
-        if not isinstance(upload_id, str) or not upload_id or len(upload_id) > 1024:
-            raise RequestError("upload_id", "must be the id multipart_start returned")
-        if op == "multipart_parts":
-            parts = event.get("parts")
-            if not isinstance(parts, list) or not 0 < len(parts) <= MAX_PARTS_PER_REQUEST or not all(_part_number(p) for p in parts):
-                raise RequestError("parts", f"must be 1-{MAX_PARTS_PER_REQUEST} part numbers between 1 and 10000")
-            return {"urls": {str(n): self.storage.presigned_part(location, upload_id, n, PRESIGNED_URL_S) for n in parts}}
-        if op == "multipart_complete":
-            parts = event.get("parts")
-            if not isinstance(parts, list) or not parts or not all(
-                isinstance(p, list) and len(p) == 2 and _part_number(p[0]) and isinstance(p[1], str) for p in parts
-            ):
-                raise RequestError("parts", "must be a list of [part number, ETag] pairs")
-            info = self.storage.complete_multipart(location, upload_id, [(int(n), etag) for n, etag in parts])
-            return {"size": info.size, "etag": info.etag}
-        self.storage.abort_multipart(location, upload_id)
-        return {}
+        record, role, event = verify_job_request(self.store, self.callback_secret, job_id, body, signature)
+        return storage_answer(self.storage, record, role, event)
 
     def retry_archive(self, job_id: str, *, principal: Actor | None = None) -> JobRecord:
         """Submit the completion hook again for a job whose archive failed (its workspace was kept)."""
@@ -876,41 +740,6 @@ def next_poll_seconds(record: JobRecord, config: dict[str, Any]) -> float | None
     if record.state == JobState.QUEUED.value:
         return float(config["POLLER_INTERVAL_QUEUED"])
     return float(config["POLLER_INTERVAL_ACTIVE"])
-
-
-class EventRefused(Exception):
-    """A job's signed request failed its signature, role, freshness, lifetime or replay check."""
-
-
-# How long a presigned URL handed to a job stays valid. A GET or PUT that has started carries on
-# past it; a job asks again for anything it starts later (the archive asks for parts as it goes).
-PRESIGNED_URL_S = 3600
-MAX_PARTS_PER_REQUEST = 100
-# What S3 servers answer a HEAD or GET of a missing object with.
-NOT_FOUND_CODES = frozenset({"404", "NoSuchKey", "NotFound"})
-
-
-def _part_number(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and 1 <= value <= 10000
-
-
-def job_output_location(record: JobRecord, key: Any) -> S3Location:
-    """``key`` under the job's own output prefix as recorded at submit; refused if it would leave it."""
-    if not isinstance(key, str) or not key:
-        raise RequestError("key", "must name an object under the job's output prefix")
-    prefix = parse_s3_url(record.output_url)
-    try:
-        bucket, full_key = check_s3_url(prefix.child(key).url)
-    except ValueError as exc:
-        raise RequestError("key", str(exc)) from exc
-    if bucket != prefix.bucket or not full_key.startswith(prefix.key.rstrip("/") + "/"):
-        raise RequestError("key", f"{key!r} is outside the job's output prefix {record.output_url}")
-    return S3Location(bucket, full_key)
-
-
-def output_archive_location(record: JobRecord) -> S3Location:
-    """Where the hook uploads the output, as the gateway recorded it at submit."""
-    return parse_s3_url(record.output_url).child("output.tar.gz")
 
 
 def _refuse_constant(name: str) -> Any:

@@ -23,7 +23,7 @@ from gateway.auth import Forbidden, Unauthenticated
 from gateway.errors import RequestError
 from gateway.ratelimit import LimitExceeded
 from gateway.slurm.backend import SchedulerError
-from gateway.service import EventRefused
+from gateway.jobs.signed import EventRefused
 from gateway.storage.s3 import StorageError
 from gateway.store import JobNotFound
 

@@ -11,7 +11,15 @@ import re
 from dataclasses import dataclass
 from typing import IO, Any, Protocol
 
-_S3_URL = re.compile(r"s3://(?P<bucket>[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9])(?:/(?P<key>.*))?")
+from gateway.textrules import text_problem
+
+# S3 bucket names as S3 defines them (3-63 of a-z, 0-9, '.', '-'): the one pattern, for parsing and
+# for checking; check_s3_url adds what the pattern cannot say (no IP addresses, no '..').
+_BUCKET_PATTERN = r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]"
+_BUCKET = re.compile(_BUCKET_PATTERN)
+_S3_URL = re.compile(rf"s3://(?P<bucket>{_BUCKET_PATTERN})(?:/(?P<key>.*))?")
+_IP_LIKE = re.compile(r"\d{1,3}(\.\d{1,3}){3}")
+MAX_S3_KEY_BYTES = 1024
 
 
 class StorageError(Exception):
@@ -23,6 +31,36 @@ class StorageError(Exception):
         self.bucket = bucket
         self.key = key
         self.code = code
+
+
+def check_s3_url(url: str) -> tuple[str, str]:
+    """Split ``s3://bucket/key``, refusing what S3, a proxy or a path normaliser could read otherwise.
+
+    Keys may hold spaces, quotes and shell characters (scripts quote every value), but not what
+    gateway/textrules.py refuses (control and Unicode format characters, line separators: a key is
+    shown to admins and in scripts), '%' (percent-encoding), '\\', or empty, '.' or '..' segments:
+    an HTTP layer that normalises ``/bucket/../other/x`` would reach another bucket.
+    """
+    if not url.startswith("s3://"):
+        raise ValueError("must be an s3://bucket/key URL (no other scheme)")
+    bucket, _, key = url[len("s3://"):].partition("/")
+    if not _BUCKET.fullmatch(bucket):
+        raise ValueError(f"bucket {bucket!r} is not a valid S3 bucket name (3-63 lowercase letters, digits, '.' or '-')")
+    if ".." in bucket or ".-" in bucket or "-." in bucket or _IP_LIKE.fullmatch(bucket):
+        raise ValueError(f"bucket {bucket!r} is not a valid S3 bucket name (no '..', no IP address)")
+    if bucket.startswith(("xn--", "sthree-")) or bucket.endswith(("-s3alias", "--ol-s3")):
+        raise ValueError(f"bucket {bucket!r} uses a prefix or suffix S3 reserves")
+    problem = text_problem(key)
+    if problem is not None:
+        raise ValueError(f"the key must not contain {problem}")
+    if "%" in key or "\\" in key:
+        raise ValueError("the key must not contain '%' (percent-encoding) or '\\'; S3 keys are given as they are")
+    if len(key.encode()) > MAX_S3_KEY_BYTES:
+        raise ValueError(f"the key is longer than {MAX_S3_KEY_BYTES} bytes")
+    segments = key.rstrip("/").split("/") if key else []
+    if any(segment in ("", ".", "..") for segment in segments):
+        raise ValueError("the key must not contain empty, '.' or '..' segments")
+    return bucket, key
 
 
 @dataclass(frozen=True)

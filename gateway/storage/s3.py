@@ -21,6 +21,7 @@ from gateway.storage.base import (  # noqa: F401  (HashingReader, parse_s3_url: 
     ObjectInfo,
     S3Location,
     StorageError,
+    check_s3_url,
     parse_s3_url,
     part_size_for,
 )

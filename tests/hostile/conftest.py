@@ -81,7 +81,7 @@ def hostile_tarball(out: Path, extra: dict[str, bytes]) -> Path:
     return tarball
 
 
-def upload(storage: S3Storage, bucket: str, tarball: Path, key: str | None = None) -> str:
-    location = S3Location(bucket, key or f"datasets/hostile-{secrets.token_hex(4)}.tar.gz")
-    storage.upload_file(str(tarball), location)
+def upload(s3: S3Storage, bucket_name: str, tarball: Path, key: str | None = None) -> str:
+    location = S3Location(bucket_name, key or f"datasets/hostile-{secrets.token_hex(4)}.tar.gz")
+    s3.upload_file(str(tarball), location)
     return location.url

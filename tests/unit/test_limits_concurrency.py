@@ -18,7 +18,7 @@ from gateway.config import build_config
 from gateway.ratelimit import LimitExceeded
 from gateway.scripts.render import ScriptRenderer
 from gateway.service import JobService
-from gateway.store import DuplicateIdempotencyKey, JobRecord, JobStore, make_engine, user_lock_key
+from gateway.store import DuplicateIdempotencyKey, JobStore, make_engine, user_lock_key
 from gateway.jobs.states import TERMINAL_VALUES
 from tests.conftest import valid_request
 from tests.fakes import FakeScheduler
