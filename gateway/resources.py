@@ -2,53 +2,11 @@
 from __future__ import annotations
 
 import math
-import re
 from dataclasses import asdict, dataclass
 from typing import Any, Mapping
 
 from gateway.errors import RequestError
-
-# Slurm's time format (sbatch --time, partition MaxTime): MM, MM:SS, HH:MM:SS, D-HH, D-HH:MM,
-# D-HH:MM:SS. ASCII digits only: \d would also take Unicode digits, which int() reads and Slurm
-# does not. No whitespace: Slurm's own check (_is_valid_timespec) refuses it too.
-_TIME = re.compile(r"(?:(?P<days>[0-9]+)-)?(?P<rest>[0-9]+(?::[0-9]+){0,2})")
-# What Slurm reads as "no time limit" besides a total of zero (time_str2secs returns INFINITE).
-_NO_LIMIT_WORDS = frozenset({"-1", "INFINITE", "UNLIMITED"})
-# Slurm counts the seconds in a C int and rounds them up to minutes ((s + 59) / 60): beyond this
-# the sum overflows, and a wrap to -1 would be INFINITE. About 68 years.
-MAX_SLURM_TIME_S = 2**31 - 1 - 59
-EXAMPLES = "e.g. 90, 01:30:00, 2-00:00:00"
-
-
-def parse_slurm_time(value: str) -> int:
-    """Seconds in a Slurm time limit (MM, MM:SS, HH:MM:SS, D-HH, D-HH:MM, D-HH:MM:SS).
-
-    The one place the gateway reads a time limit (requests, [slurm] time_limit and
-    archive_time_limit, partition max_time). A ValueError for anything Slurm would read as no
-    limit at all (0, 0:0, 0-0, 00:00:00, -1, INFINITE, UNLIMITED) or could not read.
-    """
-    if value.strip().upper() in _NO_LIMIT_WORDS:
-        raise ValueError(f"{value!r} means no time limit to Slurm; give a positive limit ({EXAMPLES})")
-    match = _TIME.fullmatch(value)
-    if not match:
-        raise ValueError(f"{value!r} is not a Slurm time ({EXAMPLES})")
-    parts = [int(p) for p in match.group("rest").split(":")]
-    if match.group("days") is not None:
-        days = int(match.group("days"))
-        hours, minutes, seconds = (parts + [0, 0])[:3]
-        total = ((days * 24 + hours) * 60 + minutes) * 60 + seconds
-    elif len(parts) == 1:
-        total = parts[0] * 60
-    elif len(parts) == 2:
-        total = parts[0] * 60 + parts[1]
-    else:
-        total = (parts[0] * 60 + parts[1]) * 60 + parts[2]
-    if total == 0:
-        # sbatch --time=0 "requests that no time limit be imposed" (sbatch(1)).
-        raise ValueError(f"{value!r} is zero, which Slurm reads as no time limit; give a positive limit ({EXAMPLES})")
-    if total > MAX_SLURM_TIME_S:
-        raise ValueError(f"{value!r} is longer than Slurm can count ({MAX_SLURM_TIME_S} s); give a shorter limit")
-    return total
+from gateway.slurm.times import parse_slurm_time  # the one reader of Slurm time limits
 
 
 @dataclass(frozen=True)

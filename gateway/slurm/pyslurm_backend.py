@@ -22,8 +22,9 @@ project's Slurm 22.05, so this backend is tested against a fake module that mirr
   JobSubmitDescription raises ValueError for inconsistent options.
 
 pyslurm's own ``load_sbatch_options()`` is not used: it only reads script files, cuts values at
-any ``#`` and does not undo shell quoting. The #SBATCH lines are parsed by the same code as the
-REST backend (gateway.slurm.rest.parse_sbatch_options) and mapped to pyslurm's attribute names.
+any ``#`` and does not undo shell quoting. The #SBATCH lines are read by the gateway's one #SBATCH
+reader, shared with the REST backend (gateway.slurm.directives), and mapped to pyslurm's attribute
+names.
 """
 from __future__ import annotations
 
@@ -37,13 +38,9 @@ from typing import Any
 
 from gateway.process import CommandError, Runner, run_command
 from gateway.slurm.backend import SchedulerError, SlurmJobInfo
-from gateway.slurm.rest import (
-    format_elapsed,
-    format_time,
-    job_environment,
-    parse_sbatch_options,
-)
+from gateway.slurm.directives import job_environment, map_directives
 from gateway.slurm.states import SlurmState
+from gateway.slurm.times import format_elapsed, format_time
 
 log = logging.getLogger(__name__)
 
@@ -59,8 +56,8 @@ def _int(value: str) -> int:
     return int(value)
 
 
-# sbatch option -> (JobSubmitDescription attribute, converter); the same options as the REST
-# backend's SBATCH_OPTIONS. pyslurm parses sizes ("1000M") and time specs ("01:00:00") itself.
+# sbatch option -> (JobSubmitDescription attribute, converter); the same options as the #SBATCH
+# reader's SBATCH_OPTIONS (gateway.slurm.directives). pyslurm parses sizes ("1000M") and time specs ("01:00:00") itself.
 PYSLURM_OPTIONS: dict[str, tuple[str, Callable[[str], Any]]] = {
     "job-name": ("name", _text),
     "comment": ("comment", _text),
@@ -101,6 +98,9 @@ PYSLURM_FLAGS: dict[str, tuple[str, Any]] = {
 }
 
 
+_RUN_AS = {"uid": "user_id", "gid": "group_id"}
+
+
 def submit_attributes(
     script: str,
     *,
@@ -109,23 +109,8 @@ def submit_attributes(
     after_any: str | None = None,
 ) -> dict[str, Any]:
     """JobSubmitDescription attributes for a script's #SBATCH lines (``script`` itself excluded)."""
-    attrs: dict[str, Any] = {}
-    export = "ALL"
-    for name, value in parse_sbatch_options(script):
-        if name == "export":
-            export = value or "ALL"
-        elif name in ("uid", "gid"):
-            # sbatch --uid/--gid from a root gateway ([job] run_as): JobSubmitDescription's user and group.
-            attrs["user_id" if name == "uid" else "group_id"] = value
-        elif value is None:
-            key, flag_value = PYSLURM_FLAGS[name]
-            attrs[key] = flag_value
-        else:
-            key, convert = PYSLURM_OPTIONS[name]
-            try:
-                attrs[key] = convert(value)
-            except ValueError as exc:
-                raise SchedulerError(f"#SBATCH --{name}={value}: {exc}") from exc
+    # sbatch --uid/--gid from a root gateway ([job] run_as): JobSubmitDescription's user and group.
+    attrs, export = map_directives(script, PYSLURM_OPTIONS, PYSLURM_FLAGS, run_as=_RUN_AS)
     if after_any:
         attrs["dependencies"] = f"afterany:{after_any}"
     attrs.setdefault("working_directory", cwd)

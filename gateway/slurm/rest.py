@@ -1,8 +1,9 @@
 """Scheduler backend that talks to slurmrestd (Slurm's REST API, openapi v0.0.38 of Slurm 22.05).
 
 Split like the CLI backend: ``SlurmRestBackend`` does HTTP through a ``requests.Session`` passed in
-(a fake in unit tests) and the module-level functions turn JSON into ``SlurmJobInfo`` objects by
-field name. Authentication is slurmrestd's JWT pass-through: the ``X-SLURM-USER-NAME`` and
+(a fake in unit tests) and gateway.slurm.rest_json turns JSON into ``SlurmJobInfo`` objects by
+field name; the #SBATCH lines are read by gateway.slurm.directives, shared with the pyslurm
+backend. Authentication is slurmrestd's JWT pass-through: the ``X-SLURM-USER-NAME`` and
 ``X-SLURM-USER-TOKEN`` headers, with tokens minted by ``scontrol token`` (``TokenProvider``).
 
 What slurmrestd 22.05.8 does, measured on the local stack (tests/fixtures/slurmrestd/ holds the
@@ -10,12 +11,13 @@ recorded answers):
 
 - ``POST /slurm/v0.0.38/job/submit`` IGNORES the ``#SBATCH`` lines of ``script``: a script asking
   for ``--job-name``, ``--ntasks=2``, ``--partition=long`` ran as an unnamed 1-task job in the
-  default partition. So ``job_description`` parses the directives into the ``job`` object (see
-  ``SBATCH_OPTIONS`` for the mapping). ``job.environment`` is required (else HTTP 400 "environment
-  must be set"); like sbatch's default ``--export=ALL`` we send the gateway's environment, plus
-  what sbatch adds itself (SLURM_CPUS_PER_TASK, SLURM_SUBMIT_DIR, SLURM_SUBMIT_HOST).
+  default partition. So ``job_description`` maps the directives into the ``job`` object (see
+  ``directives.SBATCH_OPTIONS`` for the mapping). ``job.environment`` is required (else HTTP 400
+  "environment must be set"); like sbatch's default ``--export=ALL`` we send the gateway's
+  environment, plus what sbatch adds itself (SLURM_CPUS_PER_TASK, SLURM_SUBMIT_DIR,
+  SLURM_SUBMIT_HOST).
 - ``GET /slurm/v0.0.38/jobs`` has no id filter: it returns every job in slurmctld's memory. Its
-  ``exit_code`` is a raw wait status (exit 3 -> 768, SIGKILL -> 9): ``decode_wait_status``.
+  ``exit_code`` is a raw wait status (exit 3 -> 768, SIGKILL -> 9): ``rest_json.decode_wait_status``.
   ``?update_time=T`` answers ``304 Not Modified`` (no body) when no job changed after T.
 - ``GET /slurmdb/v0.0.38/jobs?step=<id>,<id>`` is the batch form for accounting (``step`` is
   sacct's ``-j`` list; ``/slurmdb/v0.0.38/job/<a>,<b>`` is a 400). One call, ~0.35 s here.
@@ -37,11 +39,8 @@ gets ``exit_code=None`` (unknown) rather than the wrong 0.
 from __future__ import annotations
 
 import logging
-import math
 import os
 import re
-import shlex
-import socket
 import threading
 import time
 from collections import OrderedDict
@@ -53,7 +52,16 @@ import requests
 from gateway.process import CommandError, Runner, run_command
 from gateway.slurm.backend import SchedulerError, SlurmJobInfo, test_only_error
 from gateway.slurm.cli import is_transient
+from gateway.slurm.directives import (
+    SBATCH_FLAGS,
+    SBATCH_OPTIONS,
+    job_environment,
+    map_directives,
+    submit_user,
+)
+from gateway.slurm.rest_json import parse_slurm_jobs, parse_slurmdb_jobs
 from gateway.slurm.states import SlurmState
+from gateway.slurm.times import NO_VAL
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +79,6 @@ _TRANSIENT_TEXT = re.compile(
 _INVALID_JOB_ID = 2017  # ESLURM_INVALID_JOB_ID
 _ALREADY_DONE = 2021  # ESLURM_ALREADY_DONE
 _UNSPECIFIED = -1  # what 22.05 answers for a rejected (bad or expired) token
-_NO_VAL = 0xFFFFFFFE  # Slurm's "not set" for uint32 fields
 
 
 class SlurmRestError(SchedulerError):
@@ -191,333 +198,7 @@ class TokenProvider:
         return parse_scontrol_token(out)
 
 
-# --- JSON -> SlurmJobInfo -------------------------------------------------------------------------
-
-
-def decode_wait_status(raw: int | None) -> tuple[int | None, int | None]:
-    """Split a raw wait status (slurmctld's ``exit_code``) into (exit code, signal).
-
-    Same shape as sacct's ``ExitCode`` "exit:signal": 768 -> (3, 0), 9 -> (0, 9), 0 -> (0, 0).
-    """
-    if raw is None or not isinstance(raw, int) or raw < 0 or raw >= _NO_VAL:
-        return None, None
-    signal = raw & 0x7F
-    if signal == 0:
-        return (raw >> 8) & 0xFF, 0
-    if signal == 0x7F:  # stopped, not ended: no exit code yet
-        return None, None
-    return 0, signal
-
-
-def format_time(epoch: Any) -> str:
-    """Epoch seconds as sacct prints them (local time, ISO without zone); unset -> "Unknown"."""
-    if not isinstance(epoch, int) or epoch <= 0 or epoch >= _NO_VAL:
-        return "Unknown"
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(epoch))
-
-
-def format_elapsed(seconds: Any) -> str:
-    """Seconds as sacct's Elapsed: [D-]HH:MM:SS."""
-    if not isinstance(seconds, int) or seconds < 0:
-        return ""
-    days, rest = divmod(seconds, 86400)
-    hours, rest = divmod(rest, 3600)
-    minutes, secs = divmod(rest, 60)
-    clock = f"{hours:02d}:{minutes:02d}:{secs:02d}"
-    return f"{days}-{clock}" if days else clock
-
-
-def parse_slurm_job(job: Mapping[str, Any]) -> SlurmJobInfo:
-    """One job of ``GET /slurm/<ver>/jobs`` (slurmctld's view)."""
-    raw_state = str(job.get("job_state") or "")
-    state = SlurmState.parse(raw_state)
-    exit_code = signal = None
-    start = end = "Unknown"
-    elapsed = ""
-    if state.is_terminal:
-        # Only a job that has ended has a meaningful wait status (a live one shows 0).
-        exit_code, signal = decode_wait_status(job.get("exit_code"))
-        start, end = format_time(job.get("start_time")), format_time(job.get("end_time"))
-        if isinstance(job.get("start_time"), int) and isinstance(job.get("end_time"), int) and job["start_time"] > 0:
-            elapsed = format_elapsed(max(0, job["end_time"] - job["start_time"]))
-    elif state != SlurmState.PENDING:
-        # A pending job's start_time is only the scheduler's estimate.
-        start = format_time(job.get("start_time"))
-    return SlurmJobInfo(
-        job_id=str(job["job_id"]),
-        state=state,
-        raw_state=raw_state,
-        reason=str(job.get("state_reason") or ""),
-        exit_code=exit_code,
-        signal=signal,
-        name=str(job.get("name") or ""),
-        comment=str(job.get("comment") or ""),
-        start=start,
-        end=end,
-        elapsed=elapsed,
-        # The CLI backend's names for the same two views: slurmctld's ("squeue"), accounting ("sacct").
-        source="squeue",
-    )
-
-
-def parse_slurm_jobs(payload: Mapping[str, Any]) -> dict[str, SlurmJobInfo]:
-    """Every job of a ``GET /slurm/<ver>/jobs`` answer, by id."""
-    jobs = {}
-    for job in payload.get("jobs") or []:
-        try:
-            info = parse_slurm_job(job)
-        except (KeyError, TypeError, ValueError) as exc:
-            log.warning("skipping a slurmrestd job record: %s", exc)
-            continue
-        jobs[info.job_id] = info
-    return jobs
-
-
-def decode_db_exit_code(value: Any, state: SlurmState) -> tuple[int | None, int | None]:
-    """slurmdbd's ``{"status", "return_code", "signal"}`` -> (exit code, signal), trusting only
-    what 22.05 gets right: signals, and exit 0 for a COMPLETED job."""
-    if not isinstance(value, Mapping):
-        return None, None
-    status = value.get("status")
-    if status == "SIGNALED":
-        signal = (value.get("signal") or {}).get("signal_id")
-        return 0, signal if isinstance(signal, int) else None
-    if status == "SUCCESS":
-        # 22.05 writes SUCCESS/0 for every normal exit, whatever the code: only a COMPLETED job's
-        # 0 is known to be true.
-        return (0, 0) if state == SlurmState.COMPLETED else (None, None)
-    if status == "ERROR" and isinstance(value.get("return_code"), int):
-        return value["return_code"], 0
-    return None, None
-
-
-def parse_slurmdb_job(job: Mapping[str, Any]) -> SlurmJobInfo:
-    """One job of ``GET /slurmdb/<ver>/jobs`` (the accounting database's view)."""
-    state_block = job.get("state") or {}
-    raw_state = str(state_block.get("current") or "")
-    state = SlurmState.parse(raw_state)
-    exit_code, signal = decode_db_exit_code(job.get("exit_code"), state)
-    times = job.get("time") or {}
-    comment = job.get("comment")
-    if isinstance(comment, Mapping):
-        comment = comment.get("job")
-    return SlurmJobInfo(
-        job_id=str(job["job_id"]),
-        state=state,
-        raw_state=raw_state,
-        reason=str(state_block.get("reason") or ""),
-        exit_code=exit_code,
-        signal=signal,
-        name=str(job.get("name") or ""),
-        comment=str(comment or ""),
-        start=format_time(times.get("start")),
-        end=format_time(times.get("end")),
-        elapsed=format_elapsed(times.get("elapsed")),
-        source="sacct",
-    )
-
-
-def parse_slurmdb_jobs(payload: Mapping[str, Any]) -> dict[str, SlurmJobInfo]:
-    """Every job of a ``GET /slurmdb/<ver>/jobs`` answer, by id.
-
-    A requeued job has several records with one id (the query asks for duplicates); the one
-    submitted last is the current one.
-    """
-    latest: dict[str, tuple[int, SlurmJobInfo]] = {}
-    for job in payload.get("jobs") or []:
-        try:
-            info = parse_slurmdb_job(job)
-        except (KeyError, TypeError, ValueError) as exc:
-            log.warning("skipping a slurmdbd job record: %s", exc)
-            continue
-        submitted = (job.get("time") or {}).get("submission")
-        order = submitted if isinstance(submitted, int) else 0
-        if info.job_id not in latest or order >= latest[info.job_id][0]:
-            latest[info.job_id] = (order, info)
-    return {job_id: info for job_id, (_, info) in latest.items()}
-
-
-# --- #SBATCH lines -> job description -------------------------------------------------------------
-
-
-def parse_time_limit(value: str) -> int:
-    """A Slurm time spec (`MM`, `MM:SS`, `HH:MM:SS`, `D-HH[:MM[:SS]]`) in minutes, seconds rounded
-    up as Slurm's time_str2mins does."""
-    text = value.strip()
-    match = re.fullmatch(r"(?:(\d+)-)?(\d+)(?::(\d+))?(?::(\d+))?", text)
-    if not match:
-        raise ValueError(f"not a Slurm time limit: {value!r}")
-    days, first, second, third = match.groups()
-    if days is not None:
-        # D-H, D-H:M, D-H:M:S
-        seconds = int(days) * 86400 + int(first) * 3600 + int(second or 0) * 60 + int(third or 0)
-    elif third is not None:
-        seconds = int(first) * 3600 + int(second) * 60 + int(third)
-    elif second is not None:
-        seconds = int(first) * 60 + int(second)
-    else:
-        seconds = int(first) * 60
-    return math.ceil(seconds / 60)
-
-
-_MEMORY_UNITS = {"K": 1 / 1024, "M": 1, "G": 1024, "T": 1024 * 1024}
-
-
-def parse_memory_mb(value: str) -> int:
-    """A Slurm memory size (`1000`, `1000M`, `4G`, `512K`) in MB (no suffix means MB)."""
-    match = re.fullmatch(r"(\d+)([KMGT]?)B?", value.strip().upper())
-    if not match:
-        raise ValueError(f"not a Slurm memory size: {value!r}")
-    return math.ceil(int(match.group(1)) * _MEMORY_UNITS[match.group(2) or "M"])
-
-
-def _positive_int(value: str) -> int:
-    number = int(value)
-    if number < 1:
-        raise ValueError(f"must be at least 1: {value!r}")
-    return number
-
-
-def _nodes(value: str) -> list[int]:
-    low, _, high = value.partition("-")
-    return [_positive_int(low), _positive_int(high or low)]
-
-
-# sbatch option -> (job description key, converter). This is the mapping the REST backend applies
-# because slurmrestd 22.05 ignores #SBATCH lines; an option missing here is refused (loudly),
-# never dropped.
-SBATCH_OPTIONS: dict[str, tuple[str, Callable[[str], Any]]] = {
-    "job-name": ("name", str),
-    "comment": ("comment", str),
-    "ntasks": ("tasks", _positive_int),
-    "cpus-per-task": ("cpus_per_task", _positive_int),
-    "mem-per-cpu": ("memory_per_cpu", parse_memory_mb),
-    "mem": ("memory_per_node", parse_memory_mb),
-    "time": ("time_limit", parse_time_limit),
-    "partition": ("partition", str),
-    "account": ("account", str),
-    "qos": ("qos", str),
-    "output": ("standard_output", str),
-    "error": ("standard_error", str),
-    "input": ("standard_input", str),
-    "dependency": ("dependency", str),
-    "chdir": ("current_working_directory", str),
-    "nodes": ("nodes", _nodes),
-    "ntasks-per-node": ("tasks_per_node", _positive_int),
-    "constraint": ("constraints", str),
-    "gres": ("gres", str),
-    "gpus": ("gpus", str),
-    "reservation": ("reservation", str),
-    "nice": ("nice", int),
-    "mail-type": ("mail_type", str),
-    "mail-user": ("mail_user", str),
-    "wckey": ("wckey", str),
-    "licenses": ("licenses", str),
-    "open-mode": ("open_mode", str),
-}
-# Flags without a value.
-SBATCH_FLAGS: dict[str, tuple[str, Any]] = {
-    "requeue": ("requeue", True),
-    "no-requeue": ("requeue", False),
-    "hold": ("hold", True),
-    "exclusive": ("exclusive", "exclusive"),
-    "oversubscribe": ("oversubscribe", True),
-    "kill-on-invalid-dep=yes": ("kill_on_invalid_dependency", True),
-    "kill-on-invalid-dep=no": ("kill_on_invalid_dependency", False),
-}
-SHORT_OPTIONS = {
-    "J": "job-name", "n": "ntasks", "c": "cpus-per-task", "t": "time", "p": "partition", "A": "account",
-    "q": "qos", "o": "output", "e": "error", "i": "input", "d": "dependency", "D": "chdir", "N": "nodes",
-    "C": "constraint", "G": "gpus", "H": "hold",
-}
-# sbatch's own legacy spellings.
-ALIASES = {"workdir": "chdir", "name": "job-name", "tasks": "ntasks", "mem_per_cpu": "mem-per-cpu"}
-
-
-def sbatch_directives(script: str) -> list[str]:
-    """The arguments of the script's #SBATCH lines, split as sbatch splits them (quotes honoured,
-    a ` #` starts a comment); like sbatch, stop at the first line that is not a comment or blank."""
-    args: list[str] = []
-    for number, line in enumerate(script.splitlines(), start=1):
-        if line.startswith("#SBATCH") and (len(line) == 7 or line[7].isspace()):
-            try:
-                args.extend(shlex.split(line[7:], comments=True))
-            except ValueError as exc:
-                raise SchedulerError(f"line {number}: cannot parse #SBATCH directive {line!r}: {exc}") from exc
-        elif line.strip() and not line.lstrip().startswith("#"):
-            break
-    return args
-
-
-def parse_sbatch_options(script: str) -> list[tuple[str, str | None]]:
-    """The script's #SBATCH options as (long option name, value; None for a flag), in order.
-
-    Raises SchedulerError for an option this module does not map (see SBATCH_OPTIONS).
-    """
-    return _normalise(sbatch_directives(script))
-
-
-def _normalise(args: list[str]) -> list[tuple[str, str | None]]:
-    """Turn --opt=value, --opt value, -o value, -ovalue into (long name, value or None for flags)."""
-    out: list[tuple[str, str | None]] = []
-    i = 0
-    while i < len(args):
-        arg = args[i]
-        i += 1
-        if arg.startswith("--"):
-            body = arg[2:]
-            if body in SBATCH_FLAGS:
-                out.append((body, None))
-                continue
-            name, eq, value = body.partition("=")
-            name = ALIASES.get(name, name)
-            if name in ("export", "uid", "gid"):
-                out.append((name, value if eq else (args[i] if i < len(args) else "")))
-                i += 0 if eq else 1
-                continue
-            if name not in SBATCH_OPTIONS:
-                raise SchedulerError(f"#SBATCH {arg}: option not supported by the REST backend")
-            if not eq:
-                if i >= len(args):
-                    raise SchedulerError(f"#SBATCH {arg}: missing value")
-                value = args[i]
-                i += 1
-            out.append((name, value))
-        elif arg.startswith("-") and len(arg) >= 2 and arg[1] in SHORT_OPTIONS:
-            name = SHORT_OPTIONS[arg[1]]
-            if name == "hold":
-                out.append(("hold", None))
-                continue
-            value = arg[2:].lstrip("=")
-            if not value:
-                if i >= len(args):
-                    raise SchedulerError(f"#SBATCH {arg}: missing value")
-                value = args[i]
-                i += 1
-            out.append((name, value))
-        else:
-            raise SchedulerError(f"#SBATCH {arg}: option not supported by the REST backend")
-    return out
-
-
-def export_environment(spec: str, base: Mapping[str, str]) -> dict[str, str]:
-    """sbatch --export: ALL, NONE, or a list of NAME / NAME=value, optionally starting with ALL."""
-    items = [item for item in spec.split(",") if item]
-    if not items or items[0].upper() not in ("ALL", "NONE"):
-        chosen: dict[str, str] = {}
-    elif items.pop(0).upper() == "ALL":
-        chosen = dict(base)
-    else:
-        chosen = {}
-    for item in items:
-        name, eq, value = item.partition("=")
-        if eq:
-            chosen[name] = value
-        elif name in base:
-            chosen[name] = base[name]
-    # slurmrestd refuses an empty environment; a job always gets at least a PATH.
-    chosen.setdefault("PATH", base.get("PATH", "/usr/bin:/bin"))
-    return chosen
+# --- #SBATCH lines -> job description (read by gateway.slurm.directives) ----------------------------
 
 
 def job_description(
@@ -534,25 +215,9 @@ def job_description(
     --dependency, as sbatch's command line does. ``cwd`` is the submit directory (and the job's
     working directory unless --chdir says otherwise).
     """
-    job: dict[str, Any] = {}
-    export = "ALL"
-    for name, value in parse_sbatch_options(script):
-        if name == "export":
-            export = value or "ALL"
-            continue
-        if name in ("uid", "gid"):
-            # Not job description fields: slurmrestd runs a job as the user whose token submits it
-            # (submit_user), with that user's primary group.
-            continue
-        if value is None:
-            key, flag_value = SBATCH_FLAGS[name]
-            job[key] = flag_value
-            continue
-        key, convert = SBATCH_OPTIONS[name]
-        try:
-            job[key] = convert(value)
-        except ValueError as exc:
-            raise SchedulerError(f"#SBATCH --{name}={value}: {exc}") from exc
+    # --uid/--gid are no job description fields: slurmrestd runs a job as the user whose token
+    # submits it (submit_user), with that user's primary group.
+    job, export = map_directives(script, SBATCH_OPTIONS, SBATCH_FLAGS)
     if after_any:
         job["dependency"] = f"afterany:{after_any}"
     job.setdefault("current_working_directory", cwd)
@@ -560,33 +225,6 @@ def job_description(
         export, environment, cpus_per_task=job.get("cpus_per_task"), submit_dir=cwd, submit_host=submit_host
     )
     return job
-
-
-def submit_user(script: str) -> str | None:
-    """The user a script asks to run as (``#SBATCH --uid``), or None for the token's own user."""
-    users = [value for name, value in parse_sbatch_options(script) if name == "uid" and value]
-    return users[-1] if users else None
-
-
-def job_environment(
-    export: str,
-    base: Mapping[str, str],
-    *,
-    cpus_per_task: int | None,
-    submit_dir: str,
-    submit_host: str | None = None,
-) -> dict[str, str]:
-    """The job's environment as sbatch would build it from ``base`` (its own environment).
-
-    Adds the variables sbatch itself sets and slurmd does not (found by diffing `env` in a job
-    submitted both ways): srun inside the job sizes its steps by SLURM_CPUS_PER_TASK.
-    """
-    env = export_environment(export, base)
-    if cpus_per_task is not None:
-        env["SLURM_CPUS_PER_TASK"] = str(cpus_per_task)
-    env["SLURM_SUBMIT_DIR"] = submit_dir
-    env["SLURM_SUBMIT_HOST"] = submit_host or socket.gethostname()
-    return env
 
 
 # --- the backend ----------------------------------------------------------------------------------
@@ -878,6 +516,6 @@ def _server_stamp(payload: Mapping[str, Any]) -> int:
         if state.is_terminal:
             candidates.append(job.get("end_time"))
         for value in candidates:
-            if isinstance(value, int) and 0 < value < _NO_VAL:
+            if isinstance(value, int) and 0 < value < NO_VAL:
                 stamp = max(stamp, value)
     return stamp

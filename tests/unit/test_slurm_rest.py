@@ -15,24 +15,24 @@ import requests
 from gateway.process import CommandError
 from gateway.slurm.backend import SchedulerError
 from gateway.slurm.cli import SlurmCliBackend
+from gateway.slurm.directives import SBATCH_OPTIONS, parse_memory_mb, sbatch_directives
 from gateway.slurm.factory import BACKENDS, DEFAULTS, make_scheduler
 from gateway.slurm.pyslurm_backend import PyslurmBackend
 from gateway.slurm.rest import (
-    SBATCH_OPTIONS,
     SlurmRestBackend,
     SlurmRestError,
     TokenProvider,
+    job_description,
+    parse_scontrol_token,
+)
+from gateway.slurm.rest_json import (
     decode_db_exit_code,
     decode_wait_status,
-    job_description,
-    parse_memory_mb,
-    parse_scontrol_token,
     parse_slurm_jobs,
     parse_slurmdb_jobs,
-    parse_time_limit,
-    sbatch_directives,
 )
 from gateway.slurm.states import SlurmState
+from gateway.slurm.times import parse_time_limit
 
 ROOT = Path(__file__).resolve().parents[2]
 FIXTURES = ROOT / "tests" / "fixtures" / "slurmrestd"
@@ -291,8 +291,8 @@ def test_bad_time_limit(spec: str) -> None:
 
 
 def test_pyslurm_maps_the_same_options() -> None:
+    from gateway.slurm.directives import SBATCH_FLAGS
     from gateway.slurm.pyslurm_backend import PYSLURM_FLAGS, PYSLURM_OPTIONS
-    from gateway.slurm.rest import SBATCH_FLAGS
 
     assert set(PYSLURM_OPTIONS) == set(SBATCH_OPTIONS) and set(PYSLURM_FLAGS) == set(SBATCH_FLAGS)
 
@@ -530,7 +530,7 @@ def test_rest_is_sticky_once_the_key_exists(tmp_path: Path) -> None:
 
 
 def test_run_as_directives_pick_the_submitting_user_not_job_fields() -> None:
-    from gateway.slurm.rest import submit_user
+    from gateway.slurm.directives import submit_user
 
     script = "#!/bin/bash\n#SBATCH --uid=rgjob\n#SBATCH --gid=rgjob\n#SBATCH --export=PATH\necho\n"
     job = job_description(script, environment={"PATH": "/bin"}, cwd="/srv/gw", submit_host="gw")

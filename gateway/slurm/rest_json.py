@@ -1,0 +1,143 @@
+"""slurmrestd's JSON (openapi v0.0.38 of Slurm 22.05) as ``SlurmJobInfo``, by field name.
+
+The parsing half of the REST backend (gateway.slurm.rest does the HTTP): ``GET /slurm/<ver>/jobs``
+(slurmctld's view, ``parse_slurm_jobs``) and ``GET /slurmdb/<ver>/jobs`` (the accounting
+database's, ``parse_slurmdb_jobs``), whose exit codes are decoded by what each gets right (see
+gateway.slurm.rest's docstring and tests/fixtures/slurmrestd/).
+"""
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from typing import Any
+
+from gateway.slurm.backend import SlurmJobInfo
+from gateway.slurm.states import SlurmState
+from gateway.slurm.times import NO_VAL, format_elapsed, format_time
+
+log = logging.getLogger(__name__)
+
+
+def decode_wait_status(raw: int | None) -> tuple[int | None, int | None]:
+    """Split a raw wait status (slurmctld's ``exit_code``) into (exit code, signal).
+
+    Same shape as sacct's ``ExitCode`` "exit:signal": 768 -> (3, 0), 9 -> (0, 9), 0 -> (0, 0).
+    """
+    if raw is None or not isinstance(raw, int) or raw < 0 or raw >= NO_VAL:
+        return None, None
+    signal = raw & 0x7F
+    if signal == 0:
+        return (raw >> 8) & 0xFF, 0
+    if signal == 0x7F:  # stopped, not ended: no exit code yet
+        return None, None
+    return 0, signal
+
+
+def parse_slurm_job(job: Mapping[str, Any]) -> SlurmJobInfo:
+    """One job of ``GET /slurm/<ver>/jobs`` (slurmctld's view)."""
+    raw_state = str(job.get("job_state") or "")
+    state = SlurmState.parse(raw_state)
+    exit_code = signal = None
+    start = end = "Unknown"
+    elapsed = ""
+    if state.is_terminal:
+        # Only a job that has ended has a meaningful wait status (a live one shows 0).
+        exit_code, signal = decode_wait_status(job.get("exit_code"))
+        start, end = format_time(job.get("start_time")), format_time(job.get("end_time"))
+        if isinstance(job.get("start_time"), int) and isinstance(job.get("end_time"), int) and job["start_time"] > 0:
+            elapsed = format_elapsed(max(0, job["end_time"] - job["start_time"]))
+    elif state != SlurmState.PENDING:
+        # A pending job's start_time is only the scheduler's estimate.
+        start = format_time(job.get("start_time"))
+    return SlurmJobInfo(
+        job_id=str(job["job_id"]),
+        state=state,
+        raw_state=raw_state,
+        reason=str(job.get("state_reason") or ""),
+        exit_code=exit_code,
+        signal=signal,
+        name=str(job.get("name") or ""),
+        comment=str(job.get("comment") or ""),
+        start=start,
+        end=end,
+        elapsed=elapsed,
+        # The CLI backend's names for the same two views: slurmctld's ("squeue"), accounting ("sacct").
+        source="squeue",
+    )
+
+
+def parse_slurm_jobs(payload: Mapping[str, Any]) -> dict[str, SlurmJobInfo]:
+    """Every job of a ``GET /slurm/<ver>/jobs`` answer, by id."""
+    jobs = {}
+    for job in payload.get("jobs") or []:
+        try:
+            info = parse_slurm_job(job)
+        except (KeyError, TypeError, ValueError) as exc:
+            log.warning("skipping a slurmrestd job record: %s", exc)
+            continue
+        jobs[info.job_id] = info
+    return jobs
+
+
+def decode_db_exit_code(value: Any, state: SlurmState) -> tuple[int | None, int | None]:
+    """slurmdbd's ``{"status", "return_code", "signal"}`` -> (exit code, signal), trusting only
+    what 22.05 gets right: signals, and exit 0 for a COMPLETED job."""
+    if not isinstance(value, Mapping):
+        return None, None
+    status = value.get("status")
+    if status == "SIGNALED":
+        signal = (value.get("signal") or {}).get("signal_id")
+        return 0, signal if isinstance(signal, int) else None
+    if status == "SUCCESS":
+        # 22.05 writes SUCCESS/0 for every normal exit, whatever the code: only a COMPLETED job's
+        # 0 is known to be true.
+        return (0, 0) if state == SlurmState.COMPLETED else (None, None)
+    if status == "ERROR" and isinstance(value.get("return_code"), int):
+        return value["return_code"], 0
+    return None, None
+
+
+def parse_slurmdb_job(job: Mapping[str, Any]) -> SlurmJobInfo:
+    """One job of ``GET /slurmdb/<ver>/jobs`` (the accounting database's view)."""
+    state_block = job.get("state") or {}
+    raw_state = str(state_block.get("current") or "")
+    state = SlurmState.parse(raw_state)
+    exit_code, signal = decode_db_exit_code(job.get("exit_code"), state)
+    times = job.get("time") or {}
+    comment = job.get("comment")
+    if isinstance(comment, Mapping):
+        comment = comment.get("job")
+    return SlurmJobInfo(
+        job_id=str(job["job_id"]),
+        state=state,
+        raw_state=raw_state,
+        reason=str(state_block.get("reason") or ""),
+        exit_code=exit_code,
+        signal=signal,
+        name=str(job.get("name") or ""),
+        comment=str(comment or ""),
+        start=format_time(times.get("start")),
+        end=format_time(times.get("end")),
+        elapsed=format_elapsed(times.get("elapsed")),
+        source="sacct",
+    )
+
+
+def parse_slurmdb_jobs(payload: Mapping[str, Any]) -> dict[str, SlurmJobInfo]:
+    """Every job of a ``GET /slurmdb/<ver>/jobs`` answer, by id.
+
+    A requeued job has several records with one id (the query asks for duplicates); the one
+    submitted last is the current one.
+    """
+    latest: dict[str, tuple[int, SlurmJobInfo]] = {}
+    for job in payload.get("jobs") or []:
+        try:
+            info = parse_slurmdb_job(job)
+        except (KeyError, TypeError, ValueError) as exc:
+            log.warning("skipping a slurmdbd job record: %s", exc)
+            continue
+        submitted = (job.get("time") or {}).get("submission")
+        order = submitted if isinstance(submitted, int) else 0
+        if info.job_id not in latest or order >= latest[info.job_id][0]:
+            latest[info.job_id] = (order, info)
+    return {job_id: info for job_id, (_, info) in latest.items()}
