@@ -30,7 +30,7 @@ from typing import Any, TypeVar
 import click
 from flask import Flask, g, request
 
-from gateway.audit import Auditor
+from gateway.audit import Actor, Auditor
 from gateway.ratelimit import LimitExceeded
 from gateway.store import JobStore, TokenRecord
 
@@ -396,8 +396,8 @@ def admin_required(func: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
-def authorize_user(principal: Principal, user_id: str) -> None:
-    """A request may name only its caller's own user_id, unless the caller is an admin."""
+def authorize_user(principal: Actor, user_id: str) -> None:
+    """A request may name only its caller's own user_id, unless the caller is an admin (the one owner of this rule)."""
     if not principal.admin and user_id != principal.user:
         raise Forbidden(
             "user_id", f"user_id {user_id!r} is not the authenticated user {principal.user!r}; only admins act for other users"

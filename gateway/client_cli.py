@@ -22,6 +22,7 @@ import requests
 
 from gateway.client import TERMINAL, TOKEN_ENV, URL_ENV, GatewayClient, GatewayError
 from gateway.relion.flags import FlagError, parse_command_line
+from gateway.relion.modes import MODES
 
 EXIT_JOB_FAILED = 1
 EXIT_GATEWAY = 3
@@ -115,7 +116,7 @@ def finish(job: dict[str, Any], as_json: bool, save_metadata: Path | None) -> No
 @click.option("--workspace-id", required=True)
 @click.option("--dataset-s3-url", required=True, help="s3://bucket/key.tar.gz")
 @click.option("--output-s3-prefix", required=True, help="s3://bucket/prefix (results go to <prefix>/<job_id>/)")
-@click.option("--mode", type=click.Choice(["2d", "3d", "autorefine"]), required=True)
+@click.option("--mode", type=click.Choice(MODES), required=True)
 @click.option("--num-mpi", type=int, default=1, show_default=True)
 @click.option("--partition", default=None)
 @click.option("--time-limit", default=None, help="Slurm --time for the main job")
@@ -193,7 +194,7 @@ def status_command(client: GatewayClient, as_json: bool, job_id: str) -> None:
 @click.command("list")
 @connection_options
 @click.option("--state", multiple=True, help="only jobs in this state (repeatable)")
-@click.option("--mode", type=click.Choice(["2d", "3d", "autorefine"]), default=None)
+@click.option("--mode", type=click.Choice(MODES), default=None)
 @click.option("--user-id", default=None, help="(admins) only this user's jobs")
 @click.option("--limit", type=int, default=50, show_default=True)
 def list_command(client: GatewayClient, as_json: bool, state: tuple[str, ...], mode: str | None, user_id: str | None, limit: int) -> None:

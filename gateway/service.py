@@ -21,7 +21,7 @@ from typing import Any
 
 from gateway import __version__
 from gateway.audit import Actor, Auditor
-from gateway.auth import Forbidden
+from gateway.auth import Forbidden, authorize_user
 from gateway.errors import RequestError
 from gateway.jobdirs import job_account, make_job_dirs, write_job_file
 from gateway.ratelimit import LimitExceeded, insert_within_limits
@@ -42,7 +42,6 @@ from gateway.store import DuplicateIdempotencyKey, JobNotFound, JobRecord, JobSt
 
 log = logging.getLogger(__name__)
 
-MODES = ("2d", "3d", "autorefine")
 # Margin on top of one sbatch attempt (a find-by-name query and an sbatch, each bounded by
 # [slurm] command_timeout) before another process may take over a submission. The holder renews
 # its claim before every attempt, so a long retry loop never loses it, while a crashed gateway's
@@ -331,11 +330,8 @@ class JobService:
     def _submit(
         self, request: dict[str, Any], idempotency_key: str | None, principal: Actor | None, enforce_limits: bool
     ) -> JobRecord:
-        if principal is not None and not principal.admin and request["user_id"] != principal.user:
-            raise Forbidden(
-                "user_id",
-                f"user_id {request['user_id']!r} is not the authenticated user {principal.user!r}; only admins act for other users",
-            )
+        if principal is not None:
+            authorize_user(principal, request["user_id"])
         digest = request_hash(request)
         if idempotency_key is not None:
             existing = self.store.find_by_idempotency_key(request["user_id"], idempotency_key)

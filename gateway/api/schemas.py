@@ -7,7 +7,7 @@ from typing import Any
 
 from marshmallow import RAISE, Schema, ValidationError, fields, validate, validates
 
-from gateway.service import MODES
+from gateway.relion.modes import MODES
 from gateway.jobs.states import JobState
 from gateway.textrules import text_problem
 

@@ -18,6 +18,8 @@ from typing import TYPE_CHECKING
 
 import click
 
+from gateway.relion.modes import MODES  # a constant only: no RELION parsing is imported
+
 if TYPE_CHECKING:
     from gateway.jobside.brokered import BrokeredStorage
 
@@ -80,7 +82,7 @@ def stage_in_command(
 @job_group.command("watch")
 @click.option("--dir", "dataset_dir", required=True, type=click.Path(path_type=Path), help="RELION's working directory")
 @click.option("--prefix", required=True, help="RELION's --o")
-@click.option("--mode", required=True, type=click.Choice(["2d", "3d", "autorefine"]))
+@click.option("--mode", required=True, type=click.Choice(MODES))
 @click.option("--job-id", required=True)
 @click.option("--progress-file", required=True, type=click.Path(path_type=Path))
 @click.option("--iterations", type=int, default=None, help="--iter, if set")

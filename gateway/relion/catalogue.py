@@ -45,11 +45,11 @@ from dataclasses import dataclass
 from typing import Literal
 
 from gateway.relion.flags import FlagError, FlagValue, check_relative_path
+from gateway.relion.modes import MODES
 
 Kind = Literal["switch", "int", "float", "string", "path"]
 
 SUPPORTED_VERSIONS = ("3.1", "4.0", "5.0")
-MODES = ("2d", "3d", "autorefine")
 
 
 @dataclass(frozen=True)

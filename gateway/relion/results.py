@@ -23,10 +23,10 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from gateway.relion.star import StarBlock, StarError, parse_float, read_star
+from gateway.relion.modes import MODES
 
 log = logging.getLogger(__name__)
 
-MODES = ("2d", "3d", "autorefine")
 GENERAL = "model_general"
 CLASSES = "model_classes"
 

@@ -8,7 +8,8 @@ import click
 from gateway.relion.flags import FlagError, parse_command_line
 from gateway.errors import RequestError
 from gateway.config import build_config
-from gateway.service import DRY_RUN_MAIN_ID, MODES, build_service
+from gateway.relion.modes import MODES
+from gateway.service import DRY_RUN_MAIN_ID, build_service
 
 
 @click.command("render", context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
