@@ -57,6 +57,22 @@ def is_transient(exc: CommandError) -> bool:
     return exc.returncode is None and "could not be started" not in exc.reason or bool(_TRANSIENT.search(exc.stderr))
 
 
+def sbatch_test_only(run: Runner, script: str, timeout: float, *, backend: str = "") -> str:
+    """Ask ``sbatch --test-only`` whether Slurm would take ``script`` (every backend asks it this way).
+
+    sbatch prints its verdict on stderr and exits 0 when the job would be accepted; a refusal exits 1
+    with Slurm's reason (SchedulerRefused), which is not the same as Slurm not answering. The REST
+    and pyslurm backends (``backend``) need the Slurm client installed for it: say so if it is not.
+    """
+    try:
+        out = run(["sbatch", "--test-only"], timeout=timeout, input=script, merge_stderr=True)
+    except CommandError as exc:
+        if backend and exc.returncode is None and "could not be started" in exc.reason:
+            raise SchedulerError(f"sbatch --test-only is not available: the {backend} backend needs the Slurm client for it") from exc
+        raise test_only_error(exc, transient=is_transient(exc)) from exc
+    return str(out).strip()
+
+
 def parse_sbatch_parsable(stdout: str) -> str:
     """`sbatch --parsable` prints `<jobid>` or `<jobid>;<cluster>`."""
     line = stdout.strip().splitlines()[-1] if stdout.strip() else ""
@@ -153,13 +169,7 @@ class SlurmCliBackend:
         return parse_sbatch_parsable(self._call(["sbatch", "--parsable"], input=script, env=env))
 
     def test_only(self, script: str) -> str:
-        # sbatch --test-only prints its verdict on stderr and exits 0 when the job would be accepted;
-        # a refusal exits 1 with Slurm's reason, which is not the same as Slurm not answering.
-        try:
-            out = self._run(["sbatch", "--test-only"], timeout=self._timeout, input=script, merge_stderr=True)
-        except CommandError as exc:
-            raise test_only_error(exc, transient=is_transient(exc)) from exc
-        return out.strip()
+        return sbatch_test_only(self._run, script, self._timeout)
 
     def status(self, job_ids: Iterable[str]) -> dict[str, SlurmJobInfo]:
         ids = sorted({str(i) for i in job_ids if i}, key=int)

@@ -36,8 +36,9 @@ from collections.abc import Callable, Iterable, Mapping
 from types import ModuleType
 from typing import Any
 
-from gateway.process import CommandError, Runner, run_command
+from gateway.process import Runner, run_command
 from gateway.slurm.backend import SchedulerError, SlurmJobInfo
+from gateway.slurm.cli import sbatch_test_only
 from gateway.slurm.directives import job_environment, map_directives
 from gateway.slurm.states import SlurmState
 from gateway.slurm.times import format_elapsed, format_time
@@ -266,16 +267,9 @@ class PyslurmBackend:
             raise self._error(f"cancel of job {job_id}", exc) from exc
 
     def test_only(self, script: str) -> str:
-        # pyslurm has no will_run/test-only call; ask sbatch, as the REST backend does.
-        try:
-            out = self._run(["sbatch", "--test-only"], timeout=self._timeout, input=script, merge_stderr=True)
-        except CommandError as exc:
-            if exc.returncode is None and "could not be started" in exc.reason:
-                raise SchedulerError("sbatch --test-only is not available: the pyslurm backend needs the Slurm client for it") from exc
-            raise SchedulerError(
-                f"sbatch --test-only refused the script: {exc.stderr.strip()}", argv=exc.argv, stderr=exc.stderr
-            ) from exc
-        return out.strip()
+        # pyslurm has no will_run/test-only call; ask sbatch, as the REST backend does (a refusal is
+        # a SchedulerRefused, a 422, as with the other backends; it was a 503 here).
+        return sbatch_test_only(self._run, script, self._timeout, backend="pyslurm")
 
     def ping(self) -> bool:
         try:

@@ -50,8 +50,8 @@ from typing import Any
 import requests
 
 from gateway.process import CommandError, Runner, run_command
-from gateway.slurm.backend import SchedulerError, SlurmJobInfo, test_only_error
-from gateway.slurm.cli import is_transient
+from gateway.slurm.backend import SchedulerError, SlurmJobInfo
+from gateway.slurm.cli import sbatch_test_only
 from gateway.slurm.directives import (
     SBATCH_FLAGS,
     SBATCH_OPTIONS,
@@ -418,15 +418,7 @@ class SlurmRestBackend:
     def test_only(self, script: str) -> str:
         # slurmrestd 22.05 has no test-only endpoint (job/submit always submits), so ask sbatch on
         # this host; without the Slurm client installed this is a clear SchedulerError.
-        try:
-            out = self._run(["sbatch", "--test-only"], timeout=self.timeout, input=script, merge_stderr=True)
-        except CommandError as exc:
-            if exc.returncode is None and "could not be started" in exc.reason:
-                raise SchedulerError(
-                    "sbatch --test-only is not available: the REST backend needs the Slurm client for it"
-                ) from exc
-            raise test_only_error(exc, transient=is_transient(exc)) from exc
-        return out.strip()
+        return sbatch_test_only(self._run, script, self.timeout, backend="REST")
 
     def ping(self) -> bool:
         try:

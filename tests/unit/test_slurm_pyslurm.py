@@ -347,3 +347,15 @@ def test_run_as_directives_become_the_jobs_user_and_group() -> None:
     attrs = submit_attributes(script, environment={"PATH": "/bin", "AWS_SECRET_ACCESS_KEY": "s"}, cwd="/")
     assert (attrs["user_id"], attrs["group_id"]) == ("rgjob", "rgjob")
     assert "AWS_SECRET_ACCESS_KEY" not in attrs["environment"]
+
+
+def test_a_test_only_refusal_is_slurms_answer_as_with_every_backend() -> None:
+    from gateway.process import CommandError
+    from gateway.slurm.backend import SchedulerRefused
+
+    def refuses(argv: list[str], **_: object) -> str:
+        raise CommandError(argv, 1, "", "sbatch: error: Batch job submission failed: More processors requested than permitted")
+
+    pyslurm_backend = PyslurmBackend(make_module(FakeSlurm()), runner=refuses)
+    with pytest.raises(SchedulerRefused, match="More processors requested than permitted"):
+        pyslurm_backend.test_only("#!/bin/bash\ntrue\n")
