@@ -5,13 +5,13 @@ import logging
 
 import click
 
-from gateway.admin import archive_retry_command, janitor_command
+from gateway.maintenance import archive_retry_command, janitor_command
 from gateway.auth import token_group
 from gateway.client_cli import CLIENT_COMMANDS
 from gateway.demo import demo_command
 from gateway.jobside.commands import job_group
 from gateway.relion.dataset import make_dataset_command
-from gateway.scripts.commands import render_command
+from gateway.sbatch.dry_run import render_command
 from gateway.serve import serve_command
 from gateway.stack.commands import stack_group
 

@@ -29,7 +29,7 @@ from gateway.resources import plan_resources
 from gateway.relion.catalogue import CATALOGUE, validate_options
 from gateway.relion.flags import FlagError, NormalisedFlags, normalise_flags
 from gateway.relion.logs import error_line
-from gateway.scripts.render import ARCHIVE_TEMPLATE, MAIN_TEMPLATE, ScriptRenderer
+from gateway.sbatch.render import ARCHIVE_TEMPLATE, MAIN_TEMPLATE, ScriptRenderer
 from gateway.slurm.backend import SchedulerBackend, SchedulerError, SlurmJobInfo
 from gateway.slurm.memory import memory_kill_line
 from gateway.jobs.states import TERMINAL_VALUES, JobState, gateway_state
@@ -704,7 +704,7 @@ def build_service(
     render``): an in-memory store, no S3 client and no callback key, so nothing is written anywhere.
     """
     from gateway.callbacks import load_or_create_secret
-    from gateway.scripts.render import ScriptRenderer
+    from gateway.sbatch.render import ScriptRenderer
     from gateway.slurm.factory import make_scheduler
     from gateway.storage.s3 import make_s3_client
     from gateway.store import make_engine

@@ -11,7 +11,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from gateway.stack import accounts, rest, s3_server
+from gateway.stack import accounts, s3_server, slurmrestd
 from gateway.stack import postgres
 from gateway.stack.credentials import StackSecrets, load_or_create_secrets, load_secrets
 from gateway.stack.daemons import State, pid_from_file, terminate
@@ -49,7 +49,7 @@ def stack_up(
 ) -> dict[str, Any]:
     """Bring every daemon of the stack up; return the status dict plus `actions` and `elapsed_s`.
 
-    ``with_rest`` also sets up slurmrestd; once done, later runs keep it (gateway/stack/rest.py).
+    ``with_rest`` also sets up slurmrestd; once done, later runs keep it (gateway/stack/slurmrestd.py).
     ``with_postgres`` also runs PostgreSQL for the job store; sticky too (gateway/stack/postgres.py).
     """
     report = report or _log_report
@@ -68,16 +68,16 @@ def stack_up(
             report(line)
         node = short_hostname()
         make_slurm_dirs(paths)
-        with_rest = with_rest or rest.rest_enabled(paths)
+        with_rest = with_rest or slurmrestd.rest_enabled(paths)
         if with_rest:
-            for line in rest.prepare(paths):
+            for line in slurmrestd.prepare(paths):
                 report(line)
         with_postgres = with_postgres or postgres.postgres_enabled(paths)
         if with_postgres:
             for line in postgres.prepare(paths):
                 report(line)
         settings = SlurmSettings.for_stack(
-            paths, node, secrets.mariadb_slurm_password, jwt_key=rest.jwt_key_path(paths) if with_rest else None
+            paths, node, secrets.mariadb_slurm_password, jwt_key=slurmrestd.jwt_key_path(paths) if with_rest else None
         )
         restart: set[str] = set()
         for path, text, mode, owner in (
@@ -87,7 +87,7 @@ def stack_up(
         ):
             if write_managed_file(path, text, mode=mode, owner=owner):
                 restart.update(_READERS[path])
-        daemons = [*build_daemons(paths, secrets, node), *rest.rest_daemons(paths, with_rest)]
+        daemons = [*build_daemons(paths, secrets, node), *slurmrestd.rest_daemons(paths, with_rest)]
         daemons += postgres.postgres_daemons(paths, with_postgres)
         states: dict[str, tuple[State, int | None]] = {}
         actions: dict[str, str] = {}
@@ -130,7 +130,7 @@ def stack_down(state_dir: str | os.PathLike[str] | None = None, report: Report |
         report(f"{'gateway':<10} {_stop_gateway(paths)}")
         daemons = [
             *build_daemons(paths, load_secrets(paths.secrets_file), short_hostname()),
-            *rest.rest_daemons(paths, rest.rest_enabled(paths)),
+            *slurmrestd.rest_daemons(paths, slurmrestd.rest_enabled(paths)),
         ]
         daemons += postgres.postgres_daemons(paths, postgres.postgres_enabled(paths))
         for daemon in reversed(daemons):
@@ -144,7 +144,7 @@ def stack_status(state_dir: str | os.PathLike[str] | None = None) -> dict[str, A
     paths = StackPaths.for_state_dir(state_dir)
     secrets = load_secrets(paths.secrets_file)
     node = short_hostname()
-    daemons = [*build_daemons(paths, secrets, node), *rest.rest_daemons(paths, rest.rest_enabled(paths))]
+    daemons = [*build_daemons(paths, secrets, node), *slurmrestd.rest_daemons(paths, slurmrestd.rest_enabled(paths))]
     daemons += postgres.postgres_daemons(paths, postgres.postgres_enabled(paths))
     states = {daemon.name: daemon.inspect() for daemon in daemons}
     return _status_dict(paths, states, secrets, node)
@@ -221,7 +221,7 @@ def _status_dict(
         "slurm": {"cluster": CLUSTER_NAME, "node": node, "partitions": ["debug", "long"]},
         "slurm_conf": str(SLURM_CONF),
         "slurmdbd_conf": str(SLURMDBD_CONF),
-        "slurmrestd": rest.rest_status(paths),
+        "slurmrestd": slurmrestd.rest_status(paths),
         "postgres": postgres.postgres_status(paths),
     }
 

@@ -44,7 +44,7 @@ class SlurmSettings:
     slurm_run_dir: Path
     log_dir: Path
     db_password: str
-    # Set once `stack up --with-rest` was ever run: slurmrestd's JWT auth (gateway/stack/rest.py).
+    # Set once `stack up --with-rest` was ever run: slurmrestd's JWT auth (gateway/stack/slurmrestd.py).
     jwt_key: Path | None = None
 
     @classmethod

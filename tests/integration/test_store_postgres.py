@@ -22,7 +22,7 @@ import sqlalchemy as sa
 
 from gateway.config import build_config
 from gateway.poller import LEASE_NAME, Poller
-from gateway.scripts.render import ScriptRenderer
+from gateway.sbatch.render import ScriptRenderer
 from gateway.service import JobService
 from gateway.store import DuplicateIdempotencyKey, JobStore, leases_table, make_engine
 from tests.conftest import valid_request

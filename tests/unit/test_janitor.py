@@ -6,7 +6,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from gateway.admin import janitor_verdicts
+from gateway.maintenance import janitor_verdicts
 from gateway.storage.s3 import ObjectInfo
 from tests.conftest import valid_request
 

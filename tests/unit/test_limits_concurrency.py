@@ -16,7 +16,7 @@ from flask import Flask
 
 from gateway.config import build_config
 from gateway.ratelimit import LimitExceeded
-from gateway.scripts.render import ScriptRenderer
+from gateway.sbatch.render import ScriptRenderer
 from gateway.service import JobService
 from gateway.store import DuplicateIdempotencyKey, JobStore, make_engine, user_lock_key
 from gateway.jobs.states import TERMINAL_VALUES

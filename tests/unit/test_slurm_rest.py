@@ -512,7 +512,7 @@ def test_jwt_lines_only_when_rest_is_enabled(tmp_path: Path) -> None:
 
 
 def test_rest_is_sticky_once_the_key_exists(tmp_path: Path) -> None:
-    from gateway.stack import rest as stack_rest
+    from gateway.stack import slurmrestd as stack_rest
     from gateway.stack.layout import StackPaths
 
     paths = StackPaths.for_state_dir(tmp_path)
