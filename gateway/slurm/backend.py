@@ -1,12 +1,24 @@
 """The scheduler interface the gateway needs, and the job record a backend returns."""
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Protocol
 
 from gateway.process import CommandError
 from gateway.slurm.states import SlurmState
+
+
+# What every backend reads as "Slurm did not answer, try again later", one definition for all:
+# Slurm error numbers (slurm_errno.h: communication with slurmctld or slurmdbd failed, a socket
+# timed out) and the texts sbatch, squeue and slurmrestd print for the same conditions.
+TRANSIENT_ERRNOS = frozenset({1001, 1002, 1003, 1004, 1800, 1801, 1802, 1803, 5004, 7000})
+TRANSIENT_TEXT = re.compile(
+    r"Unable to contact slurm controller|Socket timed out|temporarily unavailable|Slurm temporarily unable"
+    r"|Connection refused|Transport endpoint|Zero Bytes were transmitted|Communication connection failure",
+    re.IGNORECASE,
+)
 
 
 class SchedulerError(Exception):

@@ -13,7 +13,7 @@ import time
 from collections.abc import Iterable, Mapping, Sequence
 
 from gateway.process import CommandError, Runner, run_command
-from gateway.slurm.backend import SchedulerError, SlurmJobInfo, test_only_error
+from gateway.slurm.backend import TRANSIENT_TEXT, SchedulerError, SlurmJobInfo, test_only_error
 from gateway.slurm.states import SlurmState
 
 log = logging.getLogger(__name__)
@@ -46,15 +46,10 @@ SACCT_FIELDS: dict[str, str] = {
 
 
 # stderr of Slurm commands when the controller (or its database) is briefly out of reach.
-_TRANSIENT = re.compile(
-    r"Unable to contact slurm controller|Socket timed out|temporarily unavailable|Slurm temporarily unable"
-    r"|Connection refused|Transport endpoint|Zero Bytes were transmitted|Communication connection failure",
-    re.IGNORECASE,
-)
 
 
 def is_transient(exc: CommandError) -> bool:
-    return exc.returncode is None and "could not be started" not in exc.reason or bool(_TRANSIENT.search(exc.stderr))
+    return exc.returncode is None and "could not be started" not in exc.reason or bool(TRANSIENT_TEXT.search(exc.stderr))
 
 
 def sbatch_test_only(run: Runner, script: str, timeout: float, *, backend: str = "") -> str:

@@ -37,7 +37,7 @@ from types import ModuleType
 from typing import Any
 
 from gateway.process import Runner, run_command
-from gateway.slurm.backend import SchedulerError, SlurmJobInfo
+from gateway.slurm.backend import TRANSIENT_ERRNOS, SchedulerError, SlurmJobInfo
 from gateway.slurm.cli import sbatch_test_only
 from gateway.slurm.directives import job_environment, map_directives
 from gateway.slurm.states import SlurmState
@@ -45,8 +45,6 @@ from gateway.slurm.times import format_elapsed, format_time
 
 log = logging.getLogger(__name__)
 
-# Slurm errnos (slurm_errno.h) that mean "try again later".
-_TRANSIENT_ERRNOS = frozenset({1001, 1002, 1003, 1004, 1800, 1801, 1802, 1803, 5004, 7000})
 
 
 def _text(value: str) -> str:
@@ -198,7 +196,7 @@ class PyslurmBackend:
         return SchedulerError(
             f"pyslurm {what} failed: {message}{detail}",
             stderr=str(message),
-            transient=isinstance(errno, int) and errno in _TRANSIENT_ERRNOS,
+            transient=isinstance(errno, int) and errno in TRANSIENT_ERRNOS,
         )
 
     # -- SchedulerBackend -------------------------------------------------------------------------

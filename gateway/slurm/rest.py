@@ -50,7 +50,7 @@ from typing import Any
 import requests
 
 from gateway.process import CommandError, Runner, run_command
-from gateway.slurm.backend import SchedulerError, SlurmJobInfo
+from gateway.slurm.backend import TRANSIENT_ERRNOS, TRANSIENT_TEXT, SchedulerError, SlurmJobInfo
 from gateway.slurm.cli import sbatch_test_only
 from gateway.slurm.directives import (
     SBATCH_FLAGS,
@@ -68,14 +68,6 @@ log = logging.getLogger(__name__)
 DEFAULT_API_VERSION = "v0.0.38"
 DEFAULT_URL = "http://127.0.0.1:6820"
 
-# Slurm error numbers that mean "try again later" (slurm_errno.h): communication with slurmctld
-# or slurmdbd failed, or a socket timed out.
-_TRANSIENT_ERRNOS = frozenset({1001, 1002, 1003, 1004, 1800, 1801, 1802, 1803, 5004, 7000})
-_TRANSIENT_TEXT = re.compile(
-    r"Unable to contact slurm controller|Socket timed out|temporarily unavailable|Connection refused"
-    r"|Communication connection failure|Zero Bytes were transmitted",
-    re.IGNORECASE,
-)
 _INVALID_JOB_ID = 2017  # ESLURM_INVALID_JOB_ID
 _ALREADY_DONE = 2021  # ESLURM_ALREADY_DONE
 _UNSPECIFIED = -1  # what 22.05 answers for a rejected (bad or expired) token
@@ -192,7 +184,7 @@ class TokenProvider:
                 f"scontrol token failed ({exc.reason}): {exc.stderr.strip() or exc.stdout.strip()}",
                 argv=exc.argv,
                 stderr=exc.stderr,
-                transient=exc.returncode is None or bool(_TRANSIENT_TEXT.search(exc.stderr)),
+                transient=exc.returncode is None or bool(TRANSIENT_TEXT.search(exc.stderr)),
             ) from exc
         log.debug("minted a slurmrestd token for %s (lifespan %d s)", self.user, self.lifespan)
         return parse_scontrol_token(out)
@@ -332,8 +324,8 @@ class SlurmRestBackend:
                     log.info("slurmrestd %s %s: HTTP %d, retrying with a fresh token", method, url, status)
                     continue
             detail = _error_text(errors) or (response.text or "").strip()[:300]
-            transient = status in (502, 503, 504) or any(_errno(e) in _TRANSIENT_ERRNOS for e in errors) or bool(
-                _TRANSIENT_TEXT.search(detail)
+            transient = status in (502, 503, 504) or any(_errno(e) in TRANSIENT_ERRNOS for e in errors) or bool(
+                TRANSIENT_TEXT.search(detail)
             )
             raise SlurmRestError(
                 f"slurmrestd {method} {url}: HTTP {status}" + (f": {detail}" if detail else ""),
