@@ -125,7 +125,7 @@ packed = pack_and_upload(storage, Path(root), member, S3Location(bucket, key))
 print(json.dumps({"seconds": time.perf_counter() - started, "bytes": packed["bytes"], "boto3_loaded": "boto3" in sys.modules}))
 """
 # What a job-side process imports before it moves a byte (the archive driver's modules).
-IMPORT_FLOOR = HWM_AT_EXIT + "import gateway.jobside.commands, gateway.jobside.archive, gateway.jobside.stage_in, gateway.jobside.brokered, requests"
+IMPORT_FLOOR = HWM_AT_EXIT + "import gateway.jobside.program, gateway.jobside.archive, gateway.jobside.stage_in, gateway.jobside.brokered, requests"
 
 
 # -- the dataset -------------------------------------------------------------------------------

@@ -9,11 +9,11 @@ from gateway.maintenance import archive_retry_command, janitor_command
 from gateway.auth import token_group
 from gateway.client_cli import CLIENT_COMMANDS
 from gateway.demo import demo_command
-from gateway.jobside.commands import job_group
+from gateway.jobside.program import job_group
 from gateway.relion.dataset import make_dataset_command
 from gateway.sbatch.dry_run import render_command
 from gateway.serve import serve_command
-from gateway.stack.commands import stack_group
+from gateway.stack.control import stack_group
 
 
 @click.group()

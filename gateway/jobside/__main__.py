@@ -4,6 +4,6 @@ The sbatch templates use this form, not ``python -m gateway job``, so a process 
 node does not import the gateway's server side (Flask, SQLAlchemy, gunicorn, Prometheus) into
 the job's memory.
 """
-from gateway.jobside.commands import job_group
+from gateway.jobside.program import job_group
 
 job_group(prog_name="python -m gateway.jobside")

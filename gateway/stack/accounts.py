@@ -39,7 +39,7 @@ def ensure_job_accounts() -> list[str]:
 def _can_run_jobside(account: str, python: str) -> str:
     """'' if ``account`` can import the job side with ``python``, else why not."""
     try:
-        run_command(["runuser", "-u", account, "--", python, "-I", "-c", "import gateway.jobside.commands"], timeout=60)
+        run_command(["runuser", "-u", account, "--", python, "-I", "-c", "import gateway.jobside.program"], timeout=60)
     except CommandError as exc:
         return (exc.stderr or exc.stdout or exc.reason).strip().splitlines()[-1] if (exc.stderr or exc.stdout) else exc.reason
     return ""

@@ -26,7 +26,7 @@ pytestmark = [
 ]
 
 REPO = Path(__file__).resolve().parents[2]
-ENTRY = "from gateway.stack.commands import stack_group; stack_group()"
+ENTRY = "from gateway.stack.control import stack_group; stack_group()"
 
 
 def stack_cli(*args: str, timeout: float = 1800.0) -> subprocess.CompletedProcess[str]:

@@ -189,8 +189,8 @@ def test_hostile_values_reach_relion_intact_and_execute_nothing(tmp_path: Path) 
     ("imports", "forbidden"),
     [
         # What `python -m gateway.jobside watch` loads: it lives as long as RELION, inside the job's --mem.
-        ("gateway.jobside.commands gateway.jobside.watch gateway.callbacks", ("flask", "sqlalchemy", "gunicorn", "prometheus_client", "boto3")),
-        ("gateway.jobside.commands gateway.jobside.stage_in gateway.relion.inputs gateway.storage.s3", ("flask", "sqlalchemy", "gunicorn", "prometheus_client")),
+        ("gateway.jobside.program gateway.jobside.watch gateway.callbacks", ("flask", "sqlalchemy", "gunicorn", "prometheus_client", "boto3")),
+        ("gateway.jobside.program gateway.jobside.stage_in gateway.relion.inputs gateway.storage.s3", ("flask", "sqlalchemy", "gunicorn", "prometheus_client")),
     ],
 )
 def test_job_side_steps_import_no_server_code(imports: str, forbidden: tuple[str, ...]) -> None:

@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 from click.testing import CliRunner
 
-from gateway.stack import commands, manager
+from gateway.stack import control, manager
 from gateway.stack.credentials import load_or_create_secrets, load_secrets
 from gateway.stack.daemons import (
     Daemon,
@@ -463,7 +463,7 @@ def test_status_dict_shape() -> None:
 
 
 def test_human_status_is_evaluable_by_a_shell() -> None:
-    text = commands.format_status(_status(True))
+    text = control.format_status(_status(True))
     out = subprocess.run(
         ["bash", "-c", text + '\nprintf "%s|%s" "$AWS_SECRET_ACCESS_KEY" "$GATEWAY_PATHS_STATE_DIR"'],
         capture_output=True, text=True, check=True, timeout=10,
@@ -479,12 +479,12 @@ def test_status_cli_json_and_exit_code(monkeypatch: pytest.MonkeyPatch, all_up: 
         seen.append(state_dir)
         return _status(all_up)
 
-    monkeypatch.setattr(commands, "stack_status", fake_status)
-    result = CliRunner().invoke(commands.stack_group, ["--state-dir", "/tmp/sd", "status", "--json"])
+    monkeypatch.setattr(control, "stack_status", fake_status)
+    result = CliRunner().invoke(control.stack_group, ["--state-dir", "/tmp/sd", "status", "--json"])
     assert result.exit_code == code, result.output
     assert json.loads(result.output)["all_up"] is all_up
     assert seen == ["/tmp/sd"]
-    result = CliRunner().invoke(commands.stack_group, ["status", "--state-dir", "/tmp/other"])
+    result = CliRunner().invoke(control.stack_group, ["status", "--state-dir", "/tmp/other"])
     assert result.exit_code == code
     assert "export AWS_ACCESS_KEY_ID=AK" in result.output
     assert seen[-1] == "/tmp/other"
