@@ -46,7 +46,8 @@ def make_scheduler(config: Mapping[str, Any], **overrides: Any) -> SchedulerBack
 
         return SlurmCliBackend(timeout=timeout, **overrides)
     if name == "rest":
-        from gateway.slurm.rest import SlurmRestBackend, TokenProvider
+        from gateway.slurm.rest import SlurmRestBackend
+        from gateway.slurm.tokens import TokenProvider
 
         user = str(_get(config, "SLURM_REST_USER"))
         lifespan = int(_get(config, "SLURM_REST_TOKEN_LIFESPAN"))

@@ -4,7 +4,7 @@ Split like the CLI backend: ``SlurmRestBackend`` does HTTP through a ``requests.
 (a fake in unit tests) and gateway.slurm.rest_json turns JSON into ``SlurmJobInfo`` objects by
 field name; the #SBATCH lines are read by gateway.slurm.directives, shared with the pyslurm
 backend. Authentication is slurmrestd's JWT pass-through: the ``X-SLURM-USER-NAME`` and
-``X-SLURM-USER-TOKEN`` headers, with tokens minted by ``scontrol token`` (``TokenProvider``).
+``X-SLURM-USER-TOKEN`` headers, with tokens minted by ``scontrol token`` (gateway.slurm.tokens).
 
 What slurmrestd 22.05.8 does, measured on the local stack (tests/fixtures/slurmrestd/ holds the
 recorded answers):
@@ -40,7 +40,6 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 import threading
 import time
 from collections import OrderedDict
@@ -49,7 +48,7 @@ from typing import Any
 
 import requests
 
-from gateway.process import CommandError, Runner, run_command
+from gateway.process import Runner, run_command
 from gateway.slurm.backend import TRANSIENT_ERRNOS, TRANSIENT_TEXT, SchedulerError, SlurmJobInfo
 from gateway.slurm.cli import sbatch_test_only
 from gateway.slurm.directives import (
@@ -62,6 +61,7 @@ from gateway.slurm.directives import (
 from gateway.slurm.rest_json import parse_slurm_jobs, parse_slurmdb_jobs
 from gateway.slurm.states import SlurmState
 from gateway.slurm.times import NO_VAL
+from gateway.slurm.tokens import TokenProvider
 
 log = logging.getLogger(__name__)
 
@@ -111,83 +111,6 @@ def _error_text(errors: Iterable[Mapping[str, Any]]) -> str:
         if text:
             parts.append(str(text))
     return "; ".join(parts)
-
-
-# --- tokens ---------------------------------------------------------------------------------------
-
-_JWT_LINE = re.compile(r"^SLURM_JWT=(\S+)\s*$", re.MULTILINE)
-
-
-def parse_scontrol_token(stdout: str) -> str:
-    """`scontrol token` prints `SLURM_JWT=<token>`."""
-    match = _JWT_LINE.search(stdout)
-    if not match:
-        raise SchedulerError(f"scontrol token printed no SLURM_JWT= line: {stdout.strip()[:200]!r}")
-    return match.group(1)
-
-
-class TokenProvider:
-    """Mint slurmrestd JWTs with `scontrol token` and reuse one until it nears expiry.
-
-    A new token is minted when less than ``refresh_fraction`` of the lifespan remains, so a
-    request never goes out with a token about to expire (22.05 answers an expired token with an
-    opaque HTTP 500). `scontrol token username=<u>` for a user other than the caller needs root or
-    SlurmUser, and slurm.conf must list `AuthAltTypes=auth/jwt`.
-    """
-
-    def __init__(
-        self,
-        user: str,
-        *,
-        lifespan: int = 3600,
-        runner: Runner = run_command,
-        clock: Callable[[], float] = time.monotonic,
-        refresh_fraction: float = 0.2,
-        timeout: float = 30.0,
-    ) -> None:
-        if lifespan <= 0:
-            raise ValueError("token lifespan must be positive")
-        if not 0.0 <= refresh_fraction < 1.0:
-            raise ValueError("refresh_fraction must be in [0, 1)")
-        self.user = user
-        self.lifespan = int(lifespan)
-        self._run = runner
-        self._clock = clock
-        self._refresh_fraction = refresh_fraction
-        self._timeout = timeout
-        self._token: str | None = None
-        self._expires = 0.0
-        # The poller thread and request threads share one provider: mint once, not per thread.
-        self._lock = threading.Lock()
-
-    def token(self) -> str:
-        """Return a token with at least ``refresh_fraction`` of its lifespan left."""
-        with self._lock:
-            now = self._clock()
-            if self._token is None or self._expires - now < self.lifespan * self._refresh_fraction:
-                self._token = self._mint()
-                # Counted from before the call: slurmctld sets the token's exp during it.
-                self._expires = now + self.lifespan
-            return self._token
-
-    def invalidate(self) -> None:
-        """Forget the token (slurmrestd rejected it, e.g. after the JWT key changed)."""
-        with self._lock:
-            self._token = None
-
-    def _mint(self) -> str:
-        argv = ["scontrol", "token", f"username={self.user}", f"lifespan={self.lifespan}"]
-        try:
-            out = self._run(argv, timeout=self._timeout)
-        except CommandError as exc:
-            raise SchedulerError(
-                f"scontrol token failed ({exc.reason}): {exc.stderr.strip() or exc.stdout.strip()}",
-                argv=exc.argv,
-                stderr=exc.stderr,
-                transient=exc.returncode is None or bool(TRANSIENT_TEXT.search(exc.stderr)),
-            ) from exc
-        log.debug("minted a slurmrestd token for %s (lifespan %d s)", self.user, self.lifespan)
-        return parse_scontrol_token(out)
 
 
 # --- #SBATCH lines -> job description (read by gateway.slurm.directives) ----------------------------
@@ -279,8 +202,7 @@ class SlurmRestBackend:
     def _tokens_for(self, user: str) -> TokenProvider:
         with self._lock:
             if user not in self._user_tokens:
-                own = self.tokens
-                self._user_tokens[user] = TokenProvider(user, lifespan=own.lifespan, runner=own._run, timeout=own._timeout)
+                self._user_tokens[user] = self.tokens.for_user(user)
             return self._user_tokens[user]
 
     def _request(

@@ -22,7 +22,7 @@ from typing import Any
 import requests
 
 from gateway.process import run_command
-from gateway.slurm.rest import TokenProvider
+from gateway.slurm.tokens import TokenProvider
 from gateway.stack.daemons import Daemon
 from gateway.stack.layout import StackPaths
 from gateway.stack.packages import ensure_rest_packages

@@ -11,8 +11,9 @@ import pytest
 import requests
 
 from gateway.slurm.backend import SlurmJobInfo
-from gateway.slurm.rest import SlurmRestBackend, TokenProvider
+from gateway.slurm.rest import SlurmRestBackend
 from gateway.slurm.states import SlurmState
+from gateway.slurm.tokens import TokenProvider
 
 pytestmark = pytest.mark.integration
 

@@ -18,13 +18,7 @@ from gateway.slurm.cli import SlurmCliBackend
 from gateway.slurm.directives import SBATCH_OPTIONS, parse_memory_mb, sbatch_directives
 from gateway.slurm.factory import BACKENDS, DEFAULTS, make_scheduler
 from gateway.slurm.pyslurm_backend import PyslurmBackend
-from gateway.slurm.rest import (
-    SlurmRestBackend,
-    SlurmRestError,
-    TokenProvider,
-    job_description,
-    parse_scontrol_token,
-)
+from gateway.slurm.rest import SlurmRestBackend, SlurmRestError, job_description
 from gateway.slurm.rest_json import (
     decode_db_exit_code,
     decode_wait_status,
@@ -33,6 +27,7 @@ from gateway.slurm.rest_json import (
 )
 from gateway.slurm.states import SlurmState
 from gateway.slurm.times import parse_time_limit
+from gateway.slurm.tokens import TokenProvider, parse_scontrol_token
 
 ROOT = Path(__file__).resolve().parents[2]
 FIXTURES = ROOT / "tests" / "fixtures" / "slurmrestd"
