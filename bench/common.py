@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from gateway.process import CommandError, run_command
+from gateway.process import run_command
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS_DIR = ROOT / "bench" / "results"
@@ -309,27 +309,8 @@ def run_attributed(
     if MEASURE_USER is None or Path(argv[0]).name not in CTLD_QUERY_COMMANDS:
         return run_command(argv, timeout=timeout, input=input, env=env, merge_stderr=merge_stderr, **kwargs)
     _, uid, gid = MEASURE_USER
-    try:
-        completed = subprocess.run(
-            list(argv),
-            input=input,
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-            env=dict(env) if env is not None else None,
-            cwd="/",
-            user=uid,
-            group=gid,
-            extra_groups=[],
-            check=False,
-        )
-    except subprocess.TimeoutExpired as exc:
-        raise CommandError(argv, None, "", "", f"timed out after {timeout:g} s") from exc
-    except OSError as exc:
-        raise CommandError(argv, None, "", str(exc), "could not be started") from exc
-    if completed.returncode != 0:
-        raise CommandError(argv, completed.returncode, completed.stdout, completed.stderr)
-    return completed.stdout + (completed.stderr if merge_stderr else "")
+    # From /: nobody may not be allowed into the caller's directory (so a cwd keyword is not passed on).
+    return run_command(argv, timeout=timeout, input=input, env=env, merge_stderr=merge_stderr, cwd="/", run_as=(uid, gid))
 
 
 class CountingRunner:

@@ -56,10 +56,14 @@ def run_command(
     env: Mapping[str, str] | None = None,
     cwd: str | None = None,
     merge_stderr: bool = False,
+    run_as: tuple[int, int] | None = None,
 ) -> str:
     """Run argv, return its stdout (with stderr appended if ``merge_stderr``); raise CommandError
-    on a non-zero exit, a timeout or a missing binary."""
+    on a non-zero exit, a timeout or a missing binary.
+
+    ``run_as`` (uid, gid): run as that user and group with no supplementary groups (needs root)."""
     log.debug("run %s", argv)
+    identity = {} if run_as is None else {"user": run_as[0], "group": run_as[1], "extra_groups": []}
     try:
         completed = subprocess.run(
             list(argv),
@@ -70,6 +74,7 @@ def run_command(
             env=dict(env) if env is not None else None,
             cwd=cwd,
             check=False,
+            **identity,
         )
     except subprocess.TimeoutExpired as exc:
         raise CommandError(argv, None, _text(exc.stdout), _text(exc.stderr), f"timed out after {timeout:g} s") from exc
