@@ -12,13 +12,14 @@ import os
 import pwd
 import shutil
 import socket
+from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
 
 from gateway.process import run_command
 from gateway.stack import s3_server
 from gateway.stack.credentials import StackSecrets
-from gateway.stack.daemons import Daemon, command_ok
+from gateway.stack.daemons import Daemon, Probe, command_ok
 from gateway.stack.layout import StackPaths
 from gateway.stack.slurm_conf import (
     ACCT_DB_NAME,
@@ -286,6 +287,22 @@ def build_daemons(paths: StackPaths, secrets: StackSecrets | None, node: str) ->
         s3_server.ensure_nanio_venv(paths.nanio_venv)
         paths.s3_data_dir.mkdir(parents=True, exist_ok=True)
 
+    def slurm_daemon(
+        name: str, probe: Probe, prestart: Callable[[], None], repair: Callable[[], None] | None = None
+    ) -> Daemon:
+        # Slurm's daemons run in the foreground (-D) and log to <log_dir>/<name>.log (slurm_conf.py).
+        return Daemon(
+            name=name,
+            argv=[f"/usr/sbin/{name}", "-D"],
+            pid_file=run(name),
+            log_file=out(name),
+            names=(name,),
+            probe=probe,
+            prestart=prestart,
+            repair=repair,
+            extra_logs=(paths.log_dir / f"{name}.log",),
+        )
+
     nanio_env = (
         s3_server.nanio_env(secrets.s3_access_key, secrets.s3_secret_key) if secrets is not None else {}
     )
@@ -314,36 +331,10 @@ def build_daemons(paths: StackPaths, secrets: StackSecrets | None, node: str) ->
             ready_timeout=120.0,  # crash recovery after a SIGKILL can take a while
             stop_timeout=60.0,
         ),
-        Daemon(
-            name="slurmdbd",
-            argv=["/usr/sbin/slurmdbd", "-D"],
-            pid_file=run("slurmdbd"),
-            log_file=out("slurmdbd"),
-            names=("slurmdbd",),
-            probe=lambda _since: port_open("127.0.0.1", SLURMDBD_PORT),
-            prestart=slurmdbd_prestart,
-            extra_logs=(paths.log_dir / "slurmdbd.log",),
-        ),
-        Daemon(
-            name="slurmctld",
-            argv=["/usr/sbin/slurmctld", "-D"],
-            pid_file=run("slurmctld"),
-            log_file=out("slurmctld"),
-            names=("slurmctld",),
-            probe=_slurmctld_probe,
-            prestart=slurmctld_prestart,
-            extra_logs=(paths.log_dir / "slurmctld.log",),
-        ),
-        Daemon(
-            name="slurmd",
-            argv=["/usr/sbin/slurmd", "-D"],
-            pid_file=run("slurmd"),
-            log_file=out("slurmd"),
-            names=("slurmd",),
-            probe=slurmd_probe,
-            repair=slurmd_probe.repair,
-            prestart=lambda: ensure_dir(paths.slurmd_spool_dir),
-            extra_logs=(paths.log_dir / "slurmd.log",),
+        slurm_daemon("slurmdbd", lambda _since: port_open("127.0.0.1", SLURMDBD_PORT), slurmdbd_prestart),
+        slurm_daemon("slurmctld", _slurmctld_probe, slurmctld_prestart),
+        slurm_daemon(
+            "slurmd", slurmd_probe, lambda: ensure_dir(paths.slurmd_spool_dir), repair=slurmd_probe.repair
         ),
         Daemon(
             name="nanio",
