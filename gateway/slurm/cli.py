@@ -90,21 +90,29 @@ def _rows(stdout: str, names: Sequence[str]) -> list[dict[str, str]]:
     return rows
 
 
+def _job_info(row: Mapping[str, str], source: str) -> SlurmJobInfo:
+    """One row of squeue's or sacct's fields, which SQUEUE_FIELDS and SACCT_FIELDS name alike
+    (squeue prints no exit code, end or elapsed time)."""
+    exit_code, signal = _parse_exit_code(row["exit_code"]) if "exit_code" in row else (None, None)
+    return SlurmJobInfo(
+        job_id=row["job_id"],
+        state=SlurmState.parse(row["state"]),
+        raw_state=row["state"],
+        reason=row["reason"],
+        exit_code=exit_code,
+        signal=signal,
+        name=row["name"],
+        comment=row["comment"],
+        start=row["start"],
+        end=row.get("end", ""),
+        elapsed=row.get("elapsed", ""),
+        source=source,
+    )
+
+
 def parse_squeue(stdout: str) -> dict[str, SlurmJobInfo]:
     """Parse `squeue --noheader --format` output built from SQUEUE_FIELDS."""
-    jobs = {}
-    for row in _rows(stdout, list(SQUEUE_FIELDS)):
-        jobs[row["job_id"]] = SlurmJobInfo(
-            job_id=row["job_id"],
-            state=SlurmState.parse(row["state"]),
-            raw_state=row["state"],
-            reason=row["reason"],
-            name=row["name"],
-            comment=row["comment"],
-            start=row["start"],
-            source="squeue",
-        )
-    return jobs
+    return {row["job_id"]: _job_info(row, "squeue") for row in _rows(stdout, list(SQUEUE_FIELDS))}
 
 
 def _parse_exit_code(raw: str) -> tuple[int | None, int | None]:
@@ -119,24 +127,7 @@ def parse_sacct(stdout: str) -> dict[str, SlurmJobInfo]:
 
     A requeued job has several records with one id; the last one is the current one.
     """
-    jobs = {}
-    for row in _rows(stdout, list(SACCT_FIELDS)):
-        exit_code, signal = _parse_exit_code(row["exit_code"])
-        jobs[row["job_id"]] = SlurmJobInfo(
-            job_id=row["job_id"],
-            state=SlurmState.parse(row["state"]),
-            raw_state=row["state"],
-            reason=row["reason"],
-            exit_code=exit_code,
-            signal=signal,
-            name=row["name"],
-            comment=row["comment"],
-            start=row["start"],
-            end=row["end"],
-            elapsed=row["elapsed"],
-            source="sacct",
-        )
-    return jobs
+    return {row["job_id"]: _job_info(row, "sacct") for row in _rows(stdout, list(SACCT_FIELDS))}
 
 
 class SlurmCliBackend:
