@@ -125,6 +125,15 @@ def _normalise(args: list[str]) -> list[tuple[str, str | None]]:
     """Turn --opt=value, --opt value, -o value, -ovalue into (long name, value or None for flags)."""
     out: list[tuple[str, str | None]] = []
     i = 0
+
+    def next_value(arg: str) -> str:
+        # The option's value is the next argument (`--opt value`, `-o value`).
+        nonlocal i
+        if i >= len(args):
+            raise SchedulerError(f"#SBATCH {arg}: missing value")
+        i += 1
+        return args[i - 1]
+
     while i < len(args):
         arg = args[i]
         i += 1
@@ -141,24 +150,13 @@ def _normalise(args: list[str]) -> list[tuple[str, str | None]]:
                 continue
             if name not in SBATCH_OPTIONS:
                 raise SchedulerError(f"#SBATCH {arg}: {UNSUPPORTED}")
-            if not eq:
-                if i >= len(args):
-                    raise SchedulerError(f"#SBATCH {arg}: missing value")
-                value = args[i]
-                i += 1
-            out.append((name, value))
+            out.append((name, value if eq else next_value(arg)))
         elif arg.startswith("-") and len(arg) >= 2 and arg[1] in SHORT_OPTIONS:
             name = SHORT_OPTIONS[arg[1]]
             if name == "hold":
                 out.append(("hold", None))
                 continue
-            value = arg[2:].lstrip("=")
-            if not value:
-                if i >= len(args):
-                    raise SchedulerError(f"#SBATCH {arg}: missing value")
-                value = args[i]
-                i += 1
-            out.append((name, value))
+            out.append((name, arg[2:].lstrip("=") or next_value(arg)))
         else:
             raise SchedulerError(f"#SBATCH {arg}: {UNSUPPORTED}")
     return out
