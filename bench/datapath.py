@@ -58,7 +58,7 @@ from gateway.jobside.extract import extract_stream
 from gateway.jobside.stage_in import stage_in
 from gateway.storage.base import PARTS_IN_MEMORY, part_size_for
 from gateway.storage.s3 import HashingReader, S3Location, S3Storage, make_s3_client
-from gateway.store import JobRecord
+from gateway.database import JobRecord
 
 T = TypeVar("T")
 

@@ -47,11 +47,11 @@ from gateway.auth import create_token
 
 BENCH_TOKEN = ""  # an admin token in the store of the served gateway (throughput phase)
 from gateway.config import build_config
-from gateway.poller import Poller
+from gateway.jobs.poller import Poller
 from gateway.sbatch.render import ScriptRenderer
-from gateway.service import JobService
+from gateway.jobs.service import JobService
 from gateway.slurm.cli import SlurmCliBackend
-from gateway.store import JobRecord, JobStore, make_engine
+from gateway.database import JobRecord, JobStore, make_engine
 
 NAME = "tracking"
 TITLE = "Tracking that never floods slurmctld"

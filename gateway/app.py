@@ -14,17 +14,17 @@ from flask_smorest import Api
 from gateway import __version__
 from gateway import auth
 from gateway.audit import Auditor
-from gateway.jobdirs import secure_state
+from gateway.jobs.dirs import secure_state
 from gateway.api.docs import register_docs
 from gateway.api.errors import MAX_BODY_BYTES, RequestLimits, error_response
 from gateway.config import build_config
 from gateway.observability import CachedReadiness, instrumented, render_metrics
 from gateway.storage.s3 import S3Storage
-from gateway.poller import Poller
-from gateway.service import build_service
+from gateway.jobs.poller import Poller
+from gateway.jobs.service import build_service
 from gateway.slurm.backend import SchedulerBackend
 from gateway.slurm.factory import make_scheduler
-from gateway.store import JobStore
+from gateway.database import JobStore
 from gateway.textrules import text_problem
 
 log = logging.getLogger(__name__)

@@ -31,8 +31,8 @@ import click
 from flask import Flask, g, request
 
 from gateway.audit import Actor, Auditor
-from gateway.ratelimit import LimitExceeded
-from gateway.store import JobStore, TokenRecord
+from gateway.errors import LimitExceeded
+from gateway.database import JobStore, TokenRecord
 
 log = logging.getLogger(__name__)
 
@@ -319,6 +319,12 @@ class Authenticator:
         return Principal(user, admin=user in self.proxy_admins, via="proxy")
 
 
+def list_tokens(app: Flask) -> list[dict[str, Any]]:
+    """Every token's summary (never a secret or hash), from the store the app authenticates against."""
+    authenticator: Authenticator = app.extensions[AUTH_KEY]
+    return [token_summary(t) for t in authenticator.store.list_tokens()]
+
+
 def init_app(app: Flask, store: JobStore, auditor: Auditor) -> Authenticator:
     """Authenticate every request whose view is not public; keep the principal in ``g``."""
     authenticator = Authenticator(app.config, store, auditor)
@@ -409,7 +415,7 @@ def authorize_user(principal: Actor, user_id: str) -> None:
 
 def _store_and_auditor() -> tuple[JobStore, Auditor, dict[str, Any]]:
     from gateway.config import build_config
-    from gateway.store import make_engine
+    from gateway.database import make_engine
 
     config = build_config()
     return JobStore(make_engine(config["STORE_DATABASE_URL"])), Auditor(config["AUDIT_FILE"]), config

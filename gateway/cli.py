@@ -11,7 +11,7 @@ from gateway.client_cli import CLIENT_COMMANDS
 from gateway.demo import demo_command
 from gateway.jobside.program import job_group
 from gateway.relion.dataset import make_dataset_command
-from gateway.sbatch.dry_run import render_command
+from gateway.dry_run import render_command
 from gateway.serve import serve_command
 from gateway.stack.control import stack_group
 

@@ -110,6 +110,25 @@ def finish(job: dict[str, Any], as_json: bool, save_metadata: Path | None) -> No
         sys.exit(EXIT_JOB_FAILED)
 
 
+def request_from_command_line(
+    ctx: click.Context, user_id: str, workspace_id: str, dataset_s3_url: str, output_s3_prefix: str, mode: str, num_mpi: int
+) -> dict[str, Any]:
+    """A job request from a command's options, relion_refine's own options following them (submit and render)."""
+    try:
+        flags = parse_command_line(list(ctx.args))
+    except FlagError as exc:
+        raise click.UsageError(exc.message) from exc
+    return {
+        "user_id": user_id,
+        "workspace_id": workspace_id,
+        "dataset_s3_url": dataset_s3_url,
+        "output_s3_prefix": output_s3_prefix,
+        "mode": mode,
+        "num_mpi": num_mpi,
+        "flags": flags,
+    }
+
+
 @click.command("submit", context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
 @connection_options
 @click.option("--user-id", required=True)
@@ -145,19 +164,7 @@ def submit_command(
     save_metadata: Path | None,
 ) -> None:
     """Submit a RELION job; relion_refine options follow, e.g. --i particles.star --o Class2D/run --K 50 --ctf."""
-    try:
-        flags = parse_command_line(list(ctx.args))
-    except FlagError as exc:
-        raise click.UsageError(exc.message) from exc
-    request: dict[str, Any] = {
-        "user_id": user_id,
-        "workspace_id": workspace_id,
-        "dataset_s3_url": dataset_s3_url,
-        "output_s3_prefix": output_s3_prefix,
-        "mode": mode,
-        "num_mpi": num_mpi,
-        "flags": flags,
-    }
+    request = request_from_command_line(ctx, user_id, workspace_id, dataset_s3_url, output_s3_prefix, mode, num_mpi)
     if partition:
         request["partition"] = partition
     if time_limit:

@@ -214,7 +214,7 @@ def build_config(
 
 def _time_limit(where: str, value: Any) -> str:
     """A Slurm time limit from config, as text; ValueError naming the key otherwise."""
-    from gateway.resources import parse_slurm_time  # resources reads config: import it late
+    from gateway.slurm.times import parse_slurm_time  # the one reader of Slurm time limits
 
     # TOML, or an environment variable parsed as TOML, turns a bare 90 (minutes) into an integer.
     text = str(value) if isinstance(value, int) and not isinstance(value, bool) else value
@@ -229,7 +229,7 @@ def _time_limit(where: str, value: Any) -> str:
 
 def validate(config: dict[str, Any]) -> None:
     """Refuse at load what would otherwise fail every request: a config error names its key."""
-    from gateway.resources import parse_slurm_time
+    from gateway.slurm.times import parse_slurm_time
 
     config["SLURM_TIME_LIMIT"] = _time_limit("[slurm] time_limit", config["SLURM_TIME_LIMIT"])
     config["SLURM_ARCHIVE_TIME_LIMIT"] = _time_limit("[slurm] archive_time_limit", config["SLURM_ARCHIVE_TIME_LIMIT"])

@@ -90,7 +90,7 @@ def demo_token(env: dict[str, str]) -> tuple[str, str]:
     """A fresh bearer token for user `demo` in the store the gateway uses (`token create --user demo`)."""
     from gateway.audit import Auditor
     from gateway.auth import create_token
-    from gateway.store import JobStore, make_engine
+    from gateway.database import JobStore, make_engine
 
     config = build_config(environ=env)
     record, token = create_token(
@@ -102,7 +102,7 @@ def demo_token(env: dict[str, str]) -> tuple[str, str]:
 def revoke_demo_token(env: dict[str, str], token_id: str) -> None:
     from gateway.audit import Auditor
     from gateway.auth import revoke_token
-    from gateway.store import JobStore, make_engine
+    from gateway.database import JobStore, make_engine
 
     config = build_config(environ=env)
     revoke_token(JobStore(make_engine(config["STORE_DATABASE_URL"])), token_id, auditor=Auditor(config["AUDIT_FILE"]))

@@ -10,3 +10,13 @@ class RequestError(ValueError):
         self.field = field
         self.message = message
         self.status = status
+
+
+class LimitExceeded(Exception):
+    """A limit is reached: a 429 with Retry-After; ``limit`` names the config key."""
+
+    def __init__(self, limit: str, message: str, retry_after: int) -> None:
+        super().__init__(message)
+        self.limit = limit
+        self.message = message
+        self.retry_after = max(1, int(retry_after))

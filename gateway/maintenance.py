@@ -10,10 +10,10 @@ from pathlib import Path
 import click
 
 from gateway.jobs.signed import output_archive_location
-from gateway.service import JobService, build_service
+from gateway.jobs.service import JobService, build_service
 from gateway.jobs.states import TERMINAL_VALUES, JobState
 from gateway.storage.s3 import StorageError
-from gateway.store import JobNotFound
+from gateway.database import JobNotFound
 
 log = logging.getLogger(__name__)
 

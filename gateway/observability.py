@@ -68,7 +68,7 @@ class JobsByStateCollector(Collector):
         self.engine = engine
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
-        from gateway.store import jobs_table
+        from gateway.database import jobs_table
 
         gauge = GaugeMetricFamily("relion_gateway_jobs", "Jobs in the store by gateway state", labels=["state"])
         with self.engine.connect() as conn:

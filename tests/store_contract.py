@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 
-from gateway.store import (
+from gateway.database import (
     DuplicateIdempotencyKey,
     JobNotFound,
     JobRecord,

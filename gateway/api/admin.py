@@ -10,8 +10,7 @@ from flask_smorest.error_handler import ErrorSchema
 
 from gateway.api.parser import StrictJSONParser
 from gateway.api.schemas import TokenSchema
-from gateway.auth import admin_required, token_summary
-from gateway.service import JobService
+from gateway.auth import admin_required, list_tokens
 
 blp = Blueprint("admin", __name__, description="Administration (admin tokens only)")
 blp.ARGUMENTS_PARSER = StrictJSONParser()
@@ -25,5 +24,4 @@ class Tokens(MethodView):
     @admin_required
     def get(self) -> list[dict[str, Any]]:
         """Every bearer token (ids, users, dates; never a secret or hash). Create and revoke them with `relion-gateway token`."""
-        service: JobService = current_app.extensions["relion_gateway"]
-        return [token_summary(t) for t in service.store.list_tokens()]
+        return list_tokens(current_app)

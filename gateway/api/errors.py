@@ -21,11 +21,11 @@ from werkzeug.wrappers import Response
 
 from gateway.auth import Forbidden, Unauthenticated
 from gateway.errors import RequestError
-from gateway.ratelimit import LimitExceeded
+from gateway.errors import LimitExceeded
 from gateway.slurm.backend import SchedulerError
 from gateway.jobs.signed import EventRefused
 from gateway.storage.s3 import StorageError
-from gateway.store import JobNotFound
+from gateway.database import JobNotFound
 
 log = logging.getLogger(__name__)
 

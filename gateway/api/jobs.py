@@ -24,15 +24,16 @@ from gateway.api.schemas import (
     RenderArgsSchema,
     RenderSchema,
     ScriptArgsSchema,
-    job_to_dict,
+    PortalJob,
 )
 from gateway.auth import Forbidden, authorize_user, current_principal, public
 from gateway.callbacks import SIGNATURE_HEADER
 from gateway.errors import RequestError
-from gateway.poller import Poller
-from gateway.service import DRY_RUN_MAIN_ID, JobService, next_poll_seconds
+from gateway.jobs.poller import Poller
+from gateway.jobs.scripts import DRY_RUN_MAIN_ID
+from gateway.jobs.service import JobService
 from gateway.slurm.backend import SchedulerRefused
-from gateway.store import JobNotFound, JobRecord
+from gateway.database import JobNotFound, JobRecord
 
 blp = Blueprint("jobs", __name__, description="Submit and follow RELION jobs")
 blp.ARGUMENTS_PARSER = StrictJSONParser()
@@ -59,8 +60,8 @@ def poller() -> Poller:
     return current_app.extensions["relion_gateway_poller"]  # type: ignore[no-any-return]
 
 
-def shaped(record: JobRecord) -> dict[str, Any]:
-    return job_to_dict(record, next_poll_seconds(record, service().config))
+def shaped(record: JobRecord) -> PortalJob:
+    return PortalJob(record, service().next_poll_seconds(record))
 
 
 def idempotency_key() -> str | None:
@@ -86,7 +87,7 @@ class Jobs(MethodView):
     @blp.alt_response(429, **RATE_LIMITED)
     @blp.doc(parameters=[{"in": "header", "name": "Idempotency-Key", "schema": {"type": "string", "maxLength": 128},
                           "description": "the same key from the same user always returns the same job"}])
-    def post(self, job_request: dict[str, Any]) -> dict[str, Any]:
+    def post(self, job_request: dict[str, Any]) -> PortalJob:
         """Submit a RELION job: it is stored, then its main and archive Slurm jobs are submitted."""
         record = service().submit(
             job_request, idempotency_key=idempotency_key(), principal=current_principal(), enforce_limits=True
@@ -109,7 +110,7 @@ class Jobs(MethodView):
                 raise Forbidden("user_id", f"the user_id filter is for admins; you see your own jobs ({principal.user})")
             user_id = principal.user
         size = args["page_size"]
-        records, total = service().store.list(
+        records, total = service().list_jobs(
             user_id=user_id,
             states=args.get("state"),
             mode=args.get("mode"),
@@ -127,14 +128,14 @@ class JobById(MethodView):
     def get(self, job_id: str) -> Any:
         """A job's state, Slurm's view of it and, once it has ended, its metadata. Reads the store only."""
         body = shaped(service().get(job_id, principal=current_principal()))
-        headers = {"Retry-After": str(int(body["next_poll_s"]))} if body["next_poll_s"] else {}
+        headers = {"Retry-After": str(int(body.next_poll_s))} if body.next_poll_s else {}
         return body, 200, headers
 
     @blp.response(202, JobSchema)
     @blp.alt_response(401, **UNAUTHORIZED)
     @blp.alt_response(404, **NOT_FOUND)
     @blp.alt_response(409, schema=ErrorSchema, description="The job has already ended")
-    def delete(self, job_id: str) -> dict[str, Any]:
+    def delete(self, job_id: str) -> PortalJob:
         """Cancel a job; its archive hook still runs and saves whatever was produced. Repeating is harmless."""
         record = service().cancel(job_id, principal=current_principal())
         poller().wake()
@@ -177,7 +178,7 @@ class JobArchive(MethodView):
     @blp.alt_response(401, **UNAUTHORIZED)
     @blp.alt_response(404, **NOT_FOUND)
     @blp.alt_response(409, schema=ErrorSchema, description="The job is not archive_failed")
-    def post(self, job_id: str) -> dict[str, Any]:
+    def post(self, job_id: str) -> PortalJob:
         """Run the completion hook again for a job whose archive failed (its workspace was kept)."""
         record = service().retry_archive(job_id, principal=current_principal())
         poller().wake()
@@ -264,7 +265,7 @@ class Render(MethodView):
         jobs = service()
         prepared = jobs.prepare(job_request, principal=current_principal())
         try:
-            verdict = jobs.scheduler.test_only(prepared.main_script) if args["slurm_test"] else None
+            verdict = jobs.test_only(prepared.main_script) if args["slurm_test"] else None
         except SchedulerRefused as exc:
             # Slurm answered no: the request is at fault (a 422 with Slurm's reason). Slurm not
             # answering stays a SchedulerError, the 503 "Slurm is not answering".
@@ -273,9 +274,9 @@ class Render(MethodView):
             "job_id": prepared.job_id,
             "main_script": prepared.main_script,
             "archive_script": jobs.render_archive(prepared, DRY_RUN_MAIN_ID),
-            "relion_command": prepared.job["relion_command"],
-            "command_line": shlex.join(prepared.job["relion_command"]),
-            "resources": prepared.job["resources"],
+            "relion_command": list(prepared.spec.relion_command),
+            "command_line": shlex.join(prepared.spec.relion_command),
+            "resources": prepared.spec.resources.as_dict() if prepared.spec.resources else None,
             "warnings": prepared.warnings,
             "slurm_test": verdict,
         }

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import base64
 import json
+from dataclasses import dataclass
 from typing import Any
 
 from marshmallow import RAISE, Schema, ValidationError, fields, validate, validates
@@ -154,37 +155,47 @@ class JobListSchema(Schema):
 IDEMPOTENCY_KEY = FullMatch(r"^[\x21-\x7e]{1,128}$", error="must be 1-128 printable ASCII characters without spaces")
 
 
-def job_to_dict(record: Any, next_poll_s: float | None = None) -> dict[str, Any]:
-    """Shape a JobRecord for JobSchema."""
-    request = record.request
-    metadata = record.metadata
-    return {
-        "job_id": record.job_id,
-        "status": record.state,
-        "message": record.message,
-        "user_id": record.user_id,
-        "workspace_id": record.workspace_id,
-        "mode": record.mode,
-        "num_mpi": request.get("num_mpi"),
-        "partition": request.get("partition"),
-        "time_limit": request.get("time_limit"),
-        "flags": request.get("flags", {}),
-        "slurm": {
-            "main_job_id": record.main_slurm_id,
-            "archive_job_id": record.archive_slurm_id,
-            "state": record.slurm_state,
-            "exit_code": record.exit_code,
-        },
-        "output_url": record.output_url,
-        "accepted_at": record.accepted_at,
-        "submitted_at": record.submitted_at,
-        "ended_at": record.ended_at,
-        "started_at": record.started_at,
-        "next_poll_s": next_poll_s,
-        "progress": record.progress,
-        "metadata": metadata,
-        "metadata_b64": base64.b64encode(json.dumps(metadata, sort_keys=True).encode()).decode() if metadata else None,
-    }
+@dataclass(frozen=True)
+class PortalJob:
+    """A JobRecord as JobSchema reads it: the schema takes every field it shares with the record
+    from the record itself (``status`` is its ``state``); only what the record does not hold as a
+    field (the request's values, Slurm's ids, the next poll, the seed's base64 copy) is named here."""
+
+    record: Any
+    next_poll_s: float | None = None
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.record, name)
+
+    @property
+    def status(self) -> str:
+        return str(self.record.state)
+
+    @property
+    def num_mpi(self) -> Any:
+        return self.record.request.get("num_mpi")
+
+    @property
+    def partition(self) -> Any:
+        return self.record.request.get("partition")
+
+    @property
+    def time_limit(self) -> Any:
+        return self.record.request.get("time_limit")
+
+    @property
+    def flags(self) -> Any:
+        return self.record.request.get("flags", {})
+
+    @property
+    def slurm(self) -> dict[str, Any]:
+        record = self.record
+        return {"main_job_id": record.main_slurm_id, "archive_job_id": record.archive_slurm_id, "state": record.slurm_state, "exit_code": record.exit_code}
+
+    @property
+    def metadata_b64(self) -> str | None:
+        metadata = self.record.metadata
+        return base64.b64encode(json.dumps(metadata, sort_keys=True).encode()).decode() if metadata else None
 
 
 class RenderArgsSchema(Schema):

@@ -1,1 +1,2 @@
-"""The job lifecycle: the portal's job states (and, as issue 13 proceeds, prepare, submit and track)."""
+"""The job lifecycle: prepare (validate, plan, render), submit (idempotent), track (reconcile Slurm's
+answers), the portal's job states, the typed job record; JobService ties them together."""

@@ -25,10 +25,11 @@ from gateway.callbacks import (
     signing_role,
 )
 from gateway.errors import RequestError
+from gateway.jobs.spec import JobSpec
 from gateway.jobs.states import TERMINAL_VALUES
 from gateway.storage.base import S3Location, StorageError, check_s3_url, parse_s3_url
 from gateway.storage.s3 import S3Storage
-from gateway.store import JobRecord, JobStore
+from gateway.database import JobRecord, JobStore
 
 log = logging.getLogger(__name__)
 
@@ -132,7 +133,7 @@ def storage_answer(storage: S3Storage | None, record: JobRecord, role: str, even
     if storage is None:
         raise StorageError(str(op), "", "", "the gateway has no S3 storage configured")
     if op == "dataset":
-        location = parse_s3_url(record.job["dataset_s3_url"])
+        location = parse_s3_url(JobSpec.from_json(record.job_json).dataset_s3_url)
         try:
             info = storage.head(location)
         except StorageError as exc:

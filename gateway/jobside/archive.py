@@ -16,6 +16,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable, TypeVar
 
+from gateway.jobs.phases import Phases
+from gateway.jobs.spec import JobSpec
 from gateway.process import CommandError
 from gateway.relion.logs import error_line
 from gateway.slurm.backend import SchedulerBackend, SlurmJobInfo
@@ -112,26 +114,11 @@ def wait_for_final_state(scheduler: SchedulerBackend, slurm_id: str, *, timeout:
         time.sleep(1.0)
 
 
-def read_phases(log_dir: Path) -> list[tuple[str, float]]:
-    path = log_dir / "phases"
-    if not path.exists():
-        return []
-    phases = []
-    for line in path.read_text().splitlines():
-        name, _, stamp = line.partition(" ")
-        try:
-            phases.append((name, float(stamp)))
-        except ValueError:
-            continue
-    return phases
-
-
-def phase_timings(accepted_at: float, phases: list[tuple[str, float]], archive_started: float, archive_ended: float) -> dict[str, float | None]:
-    """Seconds spent queued, staging, running and archiving."""
-    stamps = dict(phases)
-    staging = stamps.get("staging")
-    running = stamps.get("running")
-    finished = stamps.get("finished")
+def phase_timings(accepted_at: float, phases: Phases, archive_started: float, archive_ended: float) -> dict[str, float | None]:
+    """Seconds spent queued, staging, running and archiving (the latest run's, if Slurm requeued the job)."""
+    staging = phases.last_time("staging")
+    running = phases.last_time("running")
+    finished = phases.last_time("finished")
 
     def span(a: float | None, b: float | None) -> float | None:
         return round(b - a, 3) if a is not None and b is not None else None
@@ -149,7 +136,7 @@ def _iso(epoch: float) -> str:
 
 
 def run_archive(
-    job: dict[str, Any],
+    job: JobSpec,
     main_slurm_id: str,
     *,
     storage: JobStorage,
@@ -162,26 +149,26 @@ def run_archive(
 ) -> dict[str, Any]:
     """Archive one job's output; return metadata.json's content. Raise ArchiveError if not safe."""
     started = time.time()
-    log_dir = Path(job["log_dir"])
-    workspace = Path(job["workspace_dir"])
+    log_dir = Path(job.log_dir)
+    workspace = Path(job.workspace_dir)
     dataset_dir = workspace / "dataset"
-    destination = parse_s3_url(job["output_url"])
+    destination = parse_s3_url(job.output_url)
 
     main = wait_for_final_state(scheduler, main_slurm_id)
     results: dict[str, Any] = {}
     if summarize is not None and dataset_dir.is_dir():
         try:
-            results = summarize(dataset_dir, job["output_prefix"], job["mode"])
+            results = summarize(dataset_dir, job.output_prefix, job.mode)
         except Exception as exc:  # a corrupt STAR file must not stop the output from being saved
             log.exception("could not parse RELION results")
             results = {"error": str(exc)}
 
     output: dict[str, Any] | None = None
-    output_root = dataset_dir / job["output_dir"]
+    output_root = dataset_dir / job.output_dir
     if output_root.is_dir():
         archive_location = destination.child("output.tar.gz")
         packed = retry(
-            lambda: pack_and_upload(storage, dataset_dir, job["output_dir"], archive_location, compressor=compressor),
+            lambda: pack_and_upload(storage, dataset_dir, job.output_dir, archive_location, compressor=compressor),
             what="output upload",
             first_delay=retry_delay,
         )
@@ -204,7 +191,7 @@ def run_archive(
         logs.append(location.url)
 
     input_record_path = log_dir / "input.json"
-    input_record = json.loads(input_record_path.read_text()) if input_record_path.exists() else {"url": job["dataset_s3_url"]}
+    input_record = json.loads(input_record_path.read_text()) if input_record_path.exists() else {"url": job.dataset_s3_url}
     usage: dict[str, str] = {}
     if accounting is not None:
         try:
@@ -214,27 +201,27 @@ def run_archive(
     error = ""
     if main is None or main.state.value != "COMPLETED":
         error = error_line(log_dir / f"main-{main_slurm_id}.err")
-    flags = job["request"].get("flags", {})
+    flags = job.flags
     ended = time.time()
     metadata: dict[str, Any] = {
         "schema_version": METADATA_SCHEMA_VERSION,
         "job": {
-            "job_id": job["job_id"],
-            "user_id": job["user_id"],
-            "workspace_id": job["workspace_id"],
-            "mode": job["mode"],
-            "accepted_at": _iso(job["accepted_at"]),
+            "job_id": job.job_id,
+            "user_id": job.user_id,
+            "workspace_id": job.workspace_id,
+            "mode": job.mode,
+            "accepted_at": _iso(job.accepted_at),
         },
-        "request": job["request"],
+        "request": job.request,
         "resources": {
-            **job["resources"],
+            **(job.resources.as_dict() if job.resources else {}),
             "pool": flags.get("pool"),
             "nodes": usage.get("nodes"),
             "node_list": usage.get("node_list"),
         },
         "slurm": {
             "main_job_id": main_slurm_id,
-            "archive_job_id": job.get("archive_slurm_id"),
+            "archive_job_id": job.archive_slurm_id,
             "state": main.raw_state if main else None,
             "exit_code": main.exit_code if main else None,
             "signal": main.signal if main else None,
@@ -246,14 +233,14 @@ def run_archive(
         },
         "relion": {
             "version": results.get("relion_version"),
-            "command": job["relion_command"],
+            "command": list(job.relion_command),
             "error": error or None,
             "results": results,
         },
         "input": input_record,
         "output": output,
         "logs": logs,
-        "timings": phase_timings(job["accepted_at"], read_phases(log_dir), started, ended),
+        "timings": phase_timings(job.accepted_at, Phases.read(log_dir), started, ended),
     }
     (log_dir / "metadata.json").write_text(json.dumps(metadata, indent=2, sort_keys=True) + "\n")
     retry(lambda: storage.put_json(metadata, destination.child("metadata.json")), what="metadata upload", first_delay=retry_delay)
@@ -262,5 +249,5 @@ def run_archive(
         report(metadata)  # the gateway hears of it at once; the poller would find it anyway
     # Only now, with the archive verified and metadata stored, is the workspace disposable.
     shutil.rmtree(workspace, ignore_errors=True)
-    log.info("archived %s to %s", job["job_id"], destination.url)
+    log.info("archived %s to %s", job.job_id, destination.url)
     return metadata

@@ -8,7 +8,7 @@ The templates run these commands isolated (``python -I``) and from ``/``.
 """
 from __future__ import annotations
 
-import json
+import dataclasses
 import logging
 import os
 import sys
@@ -124,17 +124,18 @@ def watch_command(
 def archive_command(job_file: Path, main_slurm_id: str, compressor: str, callback_url: str) -> None:
     """Pack and upload the output, write metadata.json, then delete the workspace."""
     from gateway.callbacks import post_event
+    from gateway.jobs.spec import JobSpec
     from gateway.jobside.archive import ArchiveError, run_archive
     from gateway.process import CommandError
     from gateway.relion.results import summarize_results
     from gateway.slurm.cli import SlurmCliBackend
     from gateway.storage.base import StorageError
 
-    job = json.loads(job_file.read_text())
-    job["archive_slurm_id"] = os.environ.get("SLURM_JOB_ID")
+    # The record as written at submit, read by attribute; this hook's own Slurm id is known only here.
+    job = dataclasses.replace(JobSpec.load(job_file), archive_slurm_id=os.environ.get("SLURM_JOB_ID"))
     scheduler = SlurmCliBackend()
     try:
-        storage = _gateway_storage(callback_url, job["job_id"], job["output_url"])
+        storage = _gateway_storage(callback_url, job.job_id, job.output_url)
         run_archive(
             job,
             main_slurm_id,
@@ -143,7 +144,7 @@ def archive_command(job_file: Path, main_slurm_id: str, compressor: str, callbac
             compressor=compressor,
             summarize=summarize_results,
             accounting=scheduler.accounting,
-            report=lambda metadata: post_event(callback_url, job["job_id"], "metadata", metadata),
+            report=lambda metadata: post_event(callback_url, job.job_id, "metadata", metadata),
         )
     except (StorageError, ArchiveError, CommandError, OSError) as exc:
         click.echo(f"archive failed, workspace kept: {exc}", err=True)

@@ -2,7 +2,7 @@
 sacct writes them.
 
 One reading of a time spec (``time_spec_seconds``) serves both callers, each with its own rules:
-``parse_slurm_time`` (gateway.resources, gateway.config: seconds, and a ValueError for "no limit"
+``parse_slurm_time`` (gateway.jobs.resources, gateway.config: seconds, and a ValueError for "no limit"
 or anything Slurm could not read) and ``parse_time_limit`` (the #SBATCH reader: minutes for the
 job description, as slurmrestd's ``time_limit`` wants them).
 """

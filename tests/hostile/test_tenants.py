@@ -23,7 +23,7 @@ from werkzeug.serving import make_server
 from gateway import create_app
 from gateway.auth import create_token
 from gateway.callbacks import ROLE_ARCHIVE, SIGNATURE_HEADER, job_token, sign, signed_body
-from gateway.jobdirs import make_job_dirs
+from gateway.jobs.dirs import make_job_dirs
 from gateway.relion.presets import TINY_FLAGS
 from gateway.storage.s3 import S3Storage, parse_s3_url
 from tests.hostile.conftest import record

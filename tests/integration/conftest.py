@@ -26,7 +26,7 @@ from gateway import create_app
 from gateway.auth import create_token
 from gateway.config import build_config
 from gateway.storage.s3 import S3Location, S3Storage, make_s3_client
-from gateway.store import JobStore, TokenRecord, make_engine
+from gateway.database import JobStore, TokenRecord, make_engine
 
 ROOT = Path(__file__).resolve().parents[2]
 TERMINAL = {"succeeded", "failed", "cancelled", "timeout", "out_of_memory", "node_fail", "submit_failed", "archive_failed", "lost"}

@@ -14,7 +14,7 @@ import requests
 from click.testing import CliRunner
 
 from gateway.cli import cli
-from gateway.store import JobStore, make_engine
+from gateway.database import JobStore, make_engine
 
 
 def client(url: str, token: str, *args: str) -> tuple[int, str]:

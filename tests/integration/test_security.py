@@ -18,7 +18,7 @@ from gateway.auth import create_token
 from gateway.callbacks import job_token, load_or_create_secret
 from gateway.relion.presets import TINY_FLAGS
 from gateway.storage.s3 import S3Storage, parse_s3_url
-from gateway.store import JobStore, make_engine
+from gateway.database import JobStore, make_engine
 from tests.integration.conftest import wait_for_end
 
 JOBS = "/v1/relion/jobs"

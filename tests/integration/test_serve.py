@@ -13,7 +13,7 @@ import requests
 import sqlalchemy as sa
 
 from gateway.auth import create_token
-from gateway.store import JobStore, leases_table, make_engine
+from gateway.database import JobStore, leases_table, make_engine
 from tests.integration.conftest import ROOT, free_port
 
 

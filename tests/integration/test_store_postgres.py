@@ -21,10 +21,10 @@ import pytest
 import sqlalchemy as sa
 
 from gateway.config import build_config
-from gateway.poller import LEASE_NAME, Poller
+from gateway.jobs.poller import LEASE_NAME, Poller
 from gateway.sbatch.render import ScriptRenderer
-from gateway.service import JobService
-from gateway.store import DuplicateIdempotencyKey, JobStore, leases_table, make_engine
+from gateway.jobs.service import JobService
+from gateway.database import DuplicateIdempotencyKey, JobStore, leases_table, make_engine
 from tests.conftest import valid_request
 from tests.fakes import FakeScheduler
 from tests.store_contract import contract_params, make_record

@@ -19,7 +19,7 @@ from werkzeug.serving import make_server
 from gateway import create_app
 from gateway.process import run_command
 from gateway.relion.presets import TINY_FLAGS
-from gateway.store import JobRecord
+from gateway.database import JobRecord
 from tests.integration.conftest import allow_admin, free_port, wait_for_end
 
 JOBS = "/v1/relion/jobs"

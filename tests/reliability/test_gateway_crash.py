@@ -21,7 +21,7 @@ import requests
 
 from gateway.auth import create_token
 from gateway.process import run_command
-from gateway.store import JobStore, make_engine
+from gateway.database import JobStore, make_engine
 from tests.integration.conftest import ROOT, free_port
 from tests.reliability.conftest import JOBS, Tally, job_request, slurm_jobs_named, wait_until
 

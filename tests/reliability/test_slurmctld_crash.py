@@ -19,7 +19,7 @@ from pathlib import Path
 import requests
 
 from gateway.process import run_command
-from gateway.service import Phases
+from gateway.jobs.phases import Phases
 from tests.reliability.conftest import SEP, Tally, get, job_request, post, slurm_jobs_named, wait_for_all, wait_until
 
 PER_BATCH = 3

@@ -351,8 +351,9 @@ def test_the_hook_gets_its_own_memory_whatever_relion_was_given(client: FlaskCli
     assert "#SBATCH --mem=1024M" in archive_script and "--mem-per-cpu" not in archive_script
     # A record stored before [slurm] archive_memory_mb existed is still archived again on retry.
     record = jobs.store.get(job["job_id"])
-    old = record.job
-    del old["archive_context"]["archive_memory_mb"]
+    old = record.job  # as a gateway before the typed record stored it: template variables, one missing
+    del old["schema_version"]
+    old["archive_context"] = {"job_id": job["job_id"], "after_main": True, "archive_cpus": 2}
     jobs.store.update(job["job_id"], job_json=json.dumps(old))
     scheduler.set_state("1001", "COMPLETED", exit_code=0)
     scheduler.set_state("1002", "FAILED", exit_code=3)

@@ -14,6 +14,7 @@ import pytest
 import gateway.jobside
 from moto import mock_aws
 
+from gateway.jobs.spec import JobSpec
 from gateway.jobside.archive import run_archive
 from gateway.jobside.stage_in import stage_in
 from gateway.storage.s3 import S3Storage, StorageError
@@ -70,7 +71,7 @@ def finished_scheduler() -> FakeScheduler:
 def test_archive_uploads_verified_output_metadata_and_logs_then_deletes_workspace(tmp_path: Path, storage: S3Storage) -> None:
     job = make_job(tmp_path)
     metadata = run_archive(
-        job, "1001", storage=storage, scheduler=finished_scheduler(), compressor="gzip",
+        JobSpec.from_dict(job), "1001", storage=storage, scheduler=finished_scheduler(), compressor="gzip",
         summarize=lambda d, prefix, mode: {"iterations_run": 2, "prefix": prefix, "mode": mode},
         accounting=lambda job_id: {"total_cpu": "00:13.439", "nodes": "1", "node_list": "vm"},
     )
@@ -101,7 +102,7 @@ def test_archive_keeps_the_workspace_when_s3_fails(tmp_path: Path, storage: S3St
     job = make_job(tmp_path)
     job["output_url"] = "s3://no-such-bucket/results/job/"
     with pytest.raises(StorageError, match="no-such-bucket"):
-        run_archive(job, "1001", storage=storage, scheduler=finished_scheduler(), compressor="gzip", retry_delay=0.01)
+        run_archive(JobSpec.from_dict(job), "1001", storage=storage, scheduler=finished_scheduler(), compressor="gzip", retry_delay=0.01)
     assert (Path(job["workspace_dir"]) / "dataset" / "Class2D" / "run_it002_model.star").exists()
 
 
@@ -113,7 +114,7 @@ def test_archive_of_a_job_that_produced_nothing_still_records_metadata(tmp_path:
     scheduler = FakeScheduler()
     scheduler.set_state("1001", "FAILED", exit_code=2)
     (Path(job["log_dir"]) / "main-1001.err").write_text("ERROR: \nMetaDataTable::read: File nonexist.star does not exist\n  backtrace...\n")
-    metadata = run_archive(job, "1001", storage=storage, scheduler=scheduler, compressor="gzip")
+    metadata = run_archive(JobSpec.from_dict(job), "1001", storage=storage, scheduler=scheduler, compressor="gzip")
     validate_metadata(metadata)
     assert metadata["relion"]["error"] == "ERROR: MetaDataTable::read: File nonexist.star does not exist"
     assert metadata["output"] is None

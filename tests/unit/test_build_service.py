@@ -9,7 +9,7 @@ from click.testing import CliRunner
 
 from gateway.cli import cli
 from gateway.config import build_config
-from gateway.service import JobService, build_service
+from gateway.jobs.service import JobService, build_service
 
 
 def test_an_offline_render_starts_no_thread_and_writes_no_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -21,7 +21,7 @@ import pytest
 
 from gateway.api.errors import MAX_BODY_BYTES, MAX_HEADER_BYTES, MAX_HEADER_FIELDS, MAX_URI_BYTES
 from gateway.auth import create_token
-from gateway.store import JobStore, make_engine
+from gateway.database import JobStore, make_engine
 from tests.fakes import FakeScheduler, FakeStorage
 
 ROOT = Path(__file__).resolve().parents[2]

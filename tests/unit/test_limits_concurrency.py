@@ -15,10 +15,10 @@ import pytest
 from flask import Flask
 
 from gateway.config import build_config
-from gateway.ratelimit import LimitExceeded
+from gateway.jobs.limits import LimitExceeded
 from gateway.sbatch.render import ScriptRenderer
-from gateway.service import JobService
-from gateway.store import DuplicateIdempotencyKey, JobStore, make_engine, user_lock_key
+from gateway.jobs.service import JobService
+from gateway.database import DuplicateIdempotencyKey, JobStore, make_engine, user_lock_key
 from gateway.jobs.states import TERMINAL_VALUES
 from tests.conftest import valid_request
 from tests.fakes import FakeScheduler

@@ -12,7 +12,7 @@ import pytest
 from flask import Flask
 
 from gateway import create_app
-from gateway.service import DRY_RUN_MAIN_ID
+from gateway.jobs.scripts import DRY_RUN_MAIN_ID
 from tests.conftest import valid_request
 from tests.fakes import FakeScheduler
 
@@ -44,7 +44,7 @@ def golden_app(tmp_path: Path, **overrides: object) -> Flask:
 
 @pytest.fixture
 def fixed_job_id(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr("gateway.service.secrets.token_hex", lambda n: "0123abcd")
+    monkeypatch.setattr("gateway.jobs.prepare.secrets.token_hex", lambda n: "0123abcd")
 
 
 @pytest.mark.parametrize("mode", sorted(MODES))

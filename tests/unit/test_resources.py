@@ -7,7 +7,7 @@ from flask.testing import FlaskClient
 from gateway.config import build_config
 from gateway.errors import RequestError
 from gateway.process import CommandError
-from gateway.resources import parse_slurm_time, plan_resources
+from gateway.jobs.resources import parse_slurm_time, plan_resources
 from gateway.slurm.backend import SchedulerError, SchedulerRefused
 from gateway.slurm.cli import SlurmCliBackend
 from tests.conftest import valid_request

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from gateway.store import JobStore, make_engine
+from gateway.database import JobStore, make_engine
 from tests.store_contract import contract_params
 
 

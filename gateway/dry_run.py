@@ -5,11 +5,12 @@ import json
 
 import click
 
-from gateway.relion.flags import FlagError, parse_command_line
+from gateway.client_cli import request_from_command_line
 from gateway.errors import RequestError
 from gateway.config import build_config
 from gateway.relion.modes import MODES
-from gateway.service import DRY_RUN_MAIN_ID, build_service
+from gateway.jobs.scripts import DRY_RUN_MAIN_ID
+from gateway.jobs.service import build_service
 
 
 @click.command("render", context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
@@ -34,19 +35,7 @@ def render_command(
     as_json: bool,
 ) -> None:
     """Print the sbatch script the gateway would submit; relion_refine options follow, e.g. --i p.star --K 3 --ctf."""
-    try:
-        flags = parse_command_line(list(ctx.args))
-    except FlagError as exc:
-        raise click.UsageError(exc.message) from exc
-    request = {
-        "user_id": user_id,
-        "workspace_id": workspace_id,
-        "dataset_s3_url": dataset_s3_url,
-        "output_s3_prefix": output_s3_prefix,
-        "mode": mode,
-        "num_mpi": num_mpi,
-        "flags": flags,
-    }
+    request = request_from_command_line(ctx, user_id, workspace_id, dataset_s3_url, output_s3_prefix, mode, num_mpi)
     # A dry run: no app, no poller thread, an in-memory store, no key file; nothing is written.
     service = build_service(build_config(), offline=True)
     try:
@@ -55,7 +44,7 @@ def render_command(
         raise click.UsageError(f"{exc.field}: {exc.message}") from exc
     archive = service.render_archive(prepared, DRY_RUN_MAIN_ID)
     if as_json:
-        click.echo(json.dumps({"main_script": prepared.main_script, "archive_script": archive, "relion_command": prepared.job["relion_command"]}, indent=2))
+        click.echo(json.dumps({"main_script": prepared.main_script, "archive_script": archive, "relion_command": list(prepared.spec.relion_command)}, indent=2))
         return
     click.echo(prepared.main_script, nl=False)
     if show_archive:

@@ -2,31 +2,11 @@
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
 from typing import Any, Mapping
 
 from gateway.errors import RequestError
+from gateway.jobs.spec import Resources
 from gateway.slurm.times import parse_slurm_time  # the one reader of Slurm time limits
-
-
-@dataclass(frozen=True)
-class Resources:
-    partition: str
-    ntasks: int
-    cpus_per_task: int
-    mem_per_cpu_mb: int
-    time_limit: str
-
-    @property
-    def total_cpus(self) -> int:
-        return self.ntasks * self.cpus_per_task
-
-    @property
-    def total_memory_mb(self) -> int:
-        return self.total_cpus * self.mem_per_cpu_mb
-
-    def as_dict(self) -> dict[str, Any]:
-        return {**asdict(self), "total_cpus": self.total_cpus, "total_memory_mb": self.total_memory_mb}
 
 
 def memory_per_cpu_mb(config: Mapping[str, Any], mode: str, threads: int) -> int:

@@ -12,23 +12,14 @@ import math
 import time
 from typing import Any
 
+from gateway.errors import LimitExceeded  # noqa: F401  (raised here; defined with the other domain errors)
 from gateway.jobs.states import TERMINAL_VALUES
-from gateway.store import JobRecord, JobStore
+from gateway.database import JobRecord, JobStore
 
 WINDOW_S = 60.0
 # When a user at the active-jobs limit may try again: jobs end on the poller's schedule, so a
 # client polling faster than this learns nothing new.
 ACTIVE_RETRY_AFTER_S = 30
-
-
-class LimitExceeded(Exception):
-    """A limit is reached: a 429 with Retry-After; ``limit`` names the config key."""
-
-    def __init__(self, limit: str, message: str, retry_after: int) -> None:
-        super().__init__(message)
-        self.limit = limit
-        self.message = message
-        self.retry_after = max(1, int(retry_after))
 
 
 def judge_submission(config: dict[str, Any], user_id: str, active: int, recent: list[float], now: float) -> None:

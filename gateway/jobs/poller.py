@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from gateway.observability import POLL_CYCLE, POLL_ERRORS
-from gateway.service import JobService
+from gateway.jobs.service import JobService
 from gateway.slurm.backend import SchedulerError
 from gateway.jobs.states import TERMINAL_VALUES, JobState
 

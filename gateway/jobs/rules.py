@@ -1,0 +1,113 @@
+"""The rules a job request must meet beyond its schema: the one owner of each.
+
+The marshmallow schema checks shapes (types, lengths, patterns); these check what needs the
+configuration or several fields at once. Each raises ``RequestError`` naming the field and the rule.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+from gateway.errors import RequestError
+from gateway.relion.catalogue import CATALOGUE
+from gateway.relion.flags import NormalisedFlags
+from gateway.storage.s3 import check_s3_url, parse_s3_url
+from gateway.textrules import text_problem
+
+# Every number a request passes to RELION, whatever the option's own bounds.
+MAX_NUMBER = 1e9
+# A file name (one path component) no common file system takes beyond this (NAME_MAX).
+MAX_NAME_BYTES = 255
+
+
+def request_hash(request: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(request, sort_keys=True).encode()).hexdigest()
+
+
+def check_bucket(config: dict[str, Any], field_name: str, url: str) -> None:
+    try:
+        check_s3_url(url)
+        location = parse_s3_url(url)
+    except ValueError as exc:
+        raise RequestError(field_name, str(exc)) from exc
+    allowed = config["S3_ALLOWED_BUCKETS"]
+    if allowed and location.bucket not in allowed:
+        raise RequestError(field_name, f"bucket {location.bucket!r} is not one of the allowed buckets {allowed}")
+    if field_name == "dataset_s3_url" and not location.key.endswith((".tar.gz", ".tgz")):
+        raise RequestError(field_name, "must name a .tar.gz (or .tgz) object")
+
+
+def mode_flags(mode: str, flags: NormalisedFlags, num_mpi: int) -> NormalisedFlags:
+    """What each mode needs and refuses; autorefine gets the two switches it always needs."""
+    options = dict(flags.options)
+    if mode == "2d" and "ref" in options:
+        raise RequestError("flags.ref", "mode 2d (2D classification) takes no --ref")
+    if mode in ("3d", "autorefine") and "ref" not in options:
+        raise RequestError("flags.ref", f"mode {mode} needs --ref (a reference map in the dataset)")
+    if mode == "autorefine":
+        # RELION's gold-standard refinement: the gateway adds the two switches it needs.
+        options.setdefault("auto_refine", True)
+        options.setdefault("split_random_halves", True)
+        if num_mpi < 3 or num_mpi % 2 == 0:
+            raise RequestError(
+                "num_mpi",
+                "autorefine needs an odd number of MPI ranks, at least 3 (1 leader + 2 equal halves); "
+                f"got {num_mpi}",
+            )
+    elif "auto_refine" in options:
+        raise RequestError("flags.auto_refine", f"--auto_refine belongs to mode autorefine, not {mode}")
+    return NormalisedFlags(options)
+
+
+def partition_has_gpus(config: dict[str, Any], partition: str | None) -> bool:
+    chosen = partition or config["SLURM_PARTITION"]
+    limits = config["SLURM_PARTITIONS"].get(chosen, {})
+    return int(limits.get("gpus", 0)) > 0
+
+
+def check_threads(config: dict[str, Any], flags: NormalisedFlags, num_mpi: int) -> int:
+    """The threads per rank (--j), within [limits] max_cores_per_job for all ranks together."""
+    threads = flags.options.get("j", 1)
+    if not isinstance(threads, int) or isinstance(threads, bool) or threads < 1:
+        raise RequestError("flags.j", "--j (threads per rank) must be a whole number >= 1")
+    max_cores = int(config["LIMITS_MAX_CORES_PER_JOB"])
+    if max_cores > 0 and num_mpi * threads > max_cores:
+        raise RequestError(
+            "num_mpi",
+            f"{num_mpi} ranks x {threads} threads = {num_mpi * threads} cores; "
+            f"the limit ([limits] max_cores_per_job) is {max_cores}",
+        )
+    return threads
+
+
+def check_values(flags: NormalisedFlags) -> None:
+    """Bounds every option shares: finite numbers of at most MAX_NUMBER, text that cannot read as an option."""
+    for key, value in flags.options.items():
+        if isinstance(value, bool):
+            continue
+        if isinstance(value, (int, float)):
+            if isinstance(value, float) and not math.isfinite(value):
+                raise RequestError(f"flags.{key}", f"--{key} must be a finite number")
+            if abs(value) > MAX_NUMBER:
+                raise RequestError(f"flags.{key}", f"--{key} must be between -{MAX_NUMBER:g} and {MAX_NUMBER:g}, got {value!r}")
+        elif isinstance(value, str):
+            problem = text_problem(value)
+            if problem is not None:
+                raise RequestError(f"flags.{key}", f"--{key} must not contain {problem}")
+            if value.startswith("-"):
+                raise RequestError(f"flags.{key}", f"--{key} must not start with '-' (it would read as an option): {value!r}")
+            spec = CATALOGUE.get(key)
+            if spec is not None and spec.kind == "path" and any(len(part.encode()) > MAX_NAME_BYTES for part in value.split("/")):
+                raise RequestError(f"flags.{key}", f"--{key} has a path component longer than {MAX_NAME_BYTES} bytes")
+
+
+def inside(root: Path, *parts: str) -> Path:
+    """``root/parts...``, refused unless it resolves inside ``root`` (symlinks followed)."""
+    path = root.joinpath(*parts)
+    resolved_root = root.resolve()
+    if not path.resolve().is_relative_to(resolved_root) or path.resolve() == resolved_root:
+        raise RequestError("workspace_id", f"the job's directory {str(path)!r} would leave {str(root)!r}")
+    return path

@@ -1,0 +1,117 @@
+"""The typed job record: what the gateway decided about one job at submit time.
+
+It crosses two boundaries: the ``jobs.job_json`` column (read back by the poller, retries and
+replacements) and ``job.json`` in the job's log directory (read by the job side, which imports
+this module under ``python -I``: it must stay standard library only).
+
+``schema_version`` tells the shapes apart. Version 1 is the untyped dict an earlier gateway wrote
+(it also carried ``archive_context``, the archive template's variables, which are now derived from
+the record and the configuration, so renaming a template variable is no longer a data migration).
+The reader is tolerant: a missing field takes its default and an unknown one is ignored, so every
+record an earlier gateway stored still loads.
+"""
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+JOB_SPEC_VERSION = 2
+# Records written before the spec was typed have no schema_version at all.
+LEGACY_JOB_SPEC_VERSION = 1
+
+
+@dataclass(frozen=True)
+class Resources:
+    """The Slurm allocation planned for the main job (gateway.jobs.resources plans it)."""
+
+    partition: str
+    ntasks: int
+    cpus_per_task: int
+    mem_per_cpu_mb: int
+    time_limit: str
+
+    @property
+    def total_cpus(self) -> int:
+        return self.ntasks * self.cpus_per_task
+
+    @property
+    def total_memory_mb(self) -> int:
+        return self.total_cpus * self.mem_per_cpu_mb
+
+    def as_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "total_cpus": self.total_cpus, "total_memory_mb": self.total_memory_mb}
+
+    @classmethod
+    def from_dict(cls, data: Any) -> "Resources | None":
+        if not isinstance(data, dict):
+            return None
+        try:
+            return cls(**{f.name: data[f.name] for f in fields(cls)})
+        except (KeyError, TypeError):
+            return None
+
+
+@dataclass(frozen=True)
+class JobSpec:
+    job_id: str = ""
+    user_id: str = ""
+    workspace_id: str = ""
+    mode: str = ""
+    # The request as accepted, flags normalised: echoed in metadata.json, never re-read for rules.
+    request: dict[str, Any] = field(default_factory=dict)
+    request_sha256: str = ""
+    resources: Resources | None = None
+    relion_command: tuple[str, ...] = ()
+    dataset_s3_url: str = ""
+    output_url: str = ""
+    log_dir: str = ""
+    workspace_dir: str = ""
+    output_prefix: str = ""
+    output_dir: str = ""
+    accepted_at: float = 0.0
+    # The local account the job runs as ([job] run_as), None for the gateway's own.
+    run_as: str | None = None
+    main_slurm_id: str | None = None
+    archive_slurm_id: str | None = None
+    schema_version: int = JOB_SPEC_VERSION
+
+    @property
+    def flags(self) -> dict[str, Any]:
+        return dict(self.request.get("flags") or {})
+
+    def to_dict(self) -> dict[str, Any]:
+        data = {f.name: getattr(self, f.name) for f in fields(self)}
+        data["resources"] = self.resources.as_dict() if self.resources else None
+        data["relion_command"] = list(self.relion_command)
+        data["schema_version"] = JOB_SPEC_VERSION  # what is written is always the current shape
+        return data
+
+    def to_json(self, *, indent: int | None = None) -> str:
+        return json.dumps(self.to_dict(), indent=indent, sort_keys=True) + ("\n" if indent else "")
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "JobSpec":
+        known = {f.name for f in fields(cls)}
+        ignored = sorted(set(data) - known)
+        if ignored:
+            log.debug("job record %s: ignoring fields %s", data.get("job_id"), ignored)
+        values = {k: v for k, v in data.items() if k in known}
+        values["schema_version"] = int(data.get("schema_version", LEGACY_JOB_SPEC_VERSION))
+        values["resources"] = Resources.from_dict(data.get("resources"))
+        values["relion_command"] = tuple(str(a) for a in data.get("relion_command") or ())
+        values["request"] = dict(data.get("request") or {})
+        values["accepted_at"] = float(data.get("accepted_at") or 0.0)
+        return cls(**values)
+
+    @classmethod
+    def from_json(cls, text: str) -> "JobSpec":
+        return cls.from_dict(dict(json.loads(text)))
+
+    @classmethod
+    def load(cls, path: Path) -> "JobSpec":
+        return cls.from_json(path.read_text())
