@@ -18,8 +18,9 @@ from typing import Any, Callable, TypeVar
 
 from gateway.jobs.phases import Phases
 from gateway.jobs.spec import JobSpec
+from gateway.jobside.gpus import RECORD_NAME as GPU_RECORD_NAME
 from gateway.process import CommandError
-from gateway.relion.logs import error_line
+from gateway.relion.logs import error_line, rank_hosts_in
 from gateway.slurm.backend import SchedulerBackend, SlurmJobInfo
 from gateway.storage.base import HashingReader, JobStorage, S3Location, StorageError, parse_s3_url
 
@@ -131,6 +132,17 @@ def phase_timings(accepted_at: float, phases: Phases, archive_started: float, ar
     }
 
 
+def _read_json(path: Path) -> Any:
+    """A job-side record such as gpus.json, or None: a missing or torn one never stops the archive."""
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as exc:
+        log.warning("ignoring %s: %s", path, exc)
+        return None
+
+
 def _iso(epoch: float) -> str:
     return datetime.fromtimestamp(epoch, timezone.utc).isoformat(timespec="seconds")
 
@@ -198,6 +210,7 @@ def run_archive(
             usage = accounting(main_slurm_id)
         except Exception as exc:  # accounting is nice to have; never a reason to lose the output
             log.warning("no accounting for %s: %s", main_slurm_id, exc)
+    hosts = rank_hosts_in(log_dir / f"main-{main_slurm_id}.out")
     error = ""
     if main is None or main.state.value != "COMPLETED":
         error = error_line(log_dir / f"main-{main_slurm_id}.err")
@@ -218,6 +231,9 @@ def run_archive(
             "pool": flags.get("pool"),
             "nodes": usage.get("nodes"),
             "node_list": usage.get("node_list"),
+            "gpus": _read_json(log_dir / GPU_RECORD_NAME),
+            "rank_hosts": [{"rank": h.rank, "host": h.host} for h in hosts],
+            "hosts": sorted({h.host for h in hosts}),
         },
         "slurm": {
             "main_job_id": main_slurm_id,

@@ -116,6 +116,24 @@ def watch_command(
     )
 
 
+@job_group.command("gpu-layout")
+@click.option("--mode", required=True, type=click.Choice(MODES))
+@click.option("--ranks", required=True, type=click.IntRange(min=1), help="the job's MPI ranks (1: sequential relion_refine)")
+@click.option("--log-dir", required=True, type=click.Path(file_okay=False, path_type=Path), help="where gpus.json is written")
+def gpu_layout_command(mode: str, ranks: int, log_dir: Path) -> None:
+    """Print RELION's --gpu device string for the GPUs Slurm assigned this job; record it in gpus.json."""
+    from gateway.jobside.gpus import NoGpuError, current_layout
+
+    try:
+        layout = current_layout(ranks=ranks, mode=mode, log_dir=log_dir)
+    except (NoGpuError, OSError) as exc:
+        click.echo(f"gpu-layout failed: {exc}", err=True)
+        sys.exit(2)
+    for warning in layout.warnings:
+        click.echo(f"gpu-layout: {warning}", err=True)
+    click.echo(layout.device_string)
+
+
 @job_group.command("archive")
 @click.option("--job-file", required=True, type=click.Path(exists=True, path_type=Path), help="job.json written at submit")
 @click.option("--main-slurm-id", required=True)
