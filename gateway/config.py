@@ -64,8 +64,9 @@ def default_config() -> dict[str, Any]:
         "SLURM_COMMAND_TIMEOUT": 30.0,
         # Per-partition limits checked at submit time, so a request Slurm would refuse (or leave
         # pending forever) gets a 4xx that names the limit. Keys: max_ranks, max_threads,
-        # max_cpus (ranks x threads), max_memory_mb (whole job), max_time ("D-HH:MM:SS"), gpus.
-        # A partition not listed here has no gateway-side limits.
+        # max_cpus (ranks x threads), max_memory_mb (whole job), max_time ("D-HH:MM:SS"), gpus
+        # (GPUs per node). Multi-node planning: cpus_per_node (then --nodes is worked out),
+        # max_nodes, memory_per_node_mb. A partition not listed here has no gateway-side limits.
         "SLURM_PARTITIONS": {},
         "SLURM_SUBMIT_ATTEMPTS": 4,  # sbatch tries on transient errors (controller unreachable, timeout)
         "SLURM_SUBMIT_RETRY_DELAY": 1.0,  # seconds before the first retry; doubles each time
@@ -91,6 +92,10 @@ def default_config() -> dict[str, Any]:
         "RELION_SETUP_LINES": [],  # e.g. ["module load relion/3.1.3"]
         # [s3]
         "S3_ENDPOINT_URL": "",  # empty: boto3's default (AWS)
+        # Where jobs on the compute nodes reach S3, when not at endpoint_url (a service node may
+        # use an internal name the nodes cannot resolve): the presigned URLs for jobs carry it.
+        # Empty: endpoint_url.
+        "S3_JOB_ENDPOINT_URL": "",
         "S3_REGION": "us-east-1",
         "S3_ALLOWED_BUCKETS": [],  # empty: any bucket
         # Per-user data boundaries: s3:// prefixes a user may name as a dataset (reading) and as an
@@ -227,6 +232,29 @@ def _time_limit(where: str, value: Any) -> str:
     return text
 
 
+# Per-partition counts: each must be a whole number of at least this (gpus 0: no GPUs).
+PARTITION_COUNTS = {"max_nodes": 1, "cpus_per_node": 1, "memory_per_node_mb": 1, "gpus": 0}
+# Keys that mean something only per node, which the gateway knows only from cpus_per_node: without
+# it Slurm may spread the tasks over nodes as it likes, so a per-node check would refuse wrongly.
+NEEDS_CPUS_PER_NODE = ("max_nodes", "memory_per_node_mb")
+
+
+def _partition_counts(name: str, limits: Mapping[str, Any]) -> dict[str, int]:
+    """The partition's node and GPU counts, checked; ValueError naming the key otherwise."""
+    counts: dict[str, int] = {}
+    for key, minimum in PARTITION_COUNTS.items():
+        if key not in limits:
+            continue
+        value = limits[key]
+        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+            raise ValueError(f"[slurm.partitions.{name}] {key}: must be a whole number >= {minimum}, not {value!r}")
+        counts[key] = value
+    for key in NEEDS_CPUS_PER_NODE:
+        if key in counts and "cpus_per_node" not in counts:
+            raise ValueError(f"[slurm.partitions.{name}] {key}: needs cpus_per_node (the gateway plans nodes from it)")
+    return counts
+
+
 def validate(config: dict[str, Any]) -> None:
     """Refuse at load what would otherwise fail every request: a config error names its key."""
     from gateway.slurm.times import parse_slurm_time
@@ -240,7 +268,7 @@ def validate(config: dict[str, Any]) -> None:
     for name, limits in partitions.items():
         if not isinstance(limits, Mapping):
             raise ValueError(f"[slurm.partitions.{name}]: must be a table of limits, not {limits!r}")
-        checked[name] = dict(limits)
+        checked[name] = {**limits, **_partition_counts(name, limits)}
         if "max_time" in limits:
             # Leave max_time out for no gateway-side limit: an "UNLIMITED" here would let a request
             # ask Slurm for none.

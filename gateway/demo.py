@@ -16,6 +16,7 @@ import requests
 
 from gateway.config import CONFIG_FILE_ENV, DEFAULT_STATE_DIR, build_config
 from gateway.relion.presets import TINY_FLAGS
+from gateway.stack.nodes import HEAD_NAME
 from gateway.storage.s3 import S3Location, S3Storage, make_s3_client, parse_s3_url
 
 log = logging.getLogger(__name__)
@@ -51,7 +52,8 @@ def start_gateway(state_dir: Path, env: dict[str, str], port: int = 9012) -> str
 
     A gateway left running by an earlier demo may be another checkout's code: replace it.
     """
-    url = f"http://127.0.0.1:{port}"
+    # The head's name, where `serve` listens with config/local.toml: jobs on the nodes post here too.
+    url = f"http://{HEAD_NAME}:{port}"
     run_dir = state_dir / "stack" / "run"
     log_dir = state_dir / "stack" / "log"
     run_dir.mkdir(parents=True, exist_ok=True)

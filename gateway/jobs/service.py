@@ -218,7 +218,6 @@ def build_service(
     from gateway.callbacks import load_or_create_secret
     from gateway.database import make_engine
     from gateway.slurm.factory import make_scheduler
-    from gateway.storage.s3 import make_s3_client
 
     renderer = ScriptRenderer(config["PATHS_TEMPLATE_DIR"] or None)
     if offline:
@@ -235,7 +234,15 @@ def build_service(
         store=store or JobStore(make_engine(config["STORE_DATABASE_URL"])),
         scheduler=scheduler or make_scheduler(config),
         renderer=renderer,
-        storage=storage if storage is not None else S3Storage(make_s3_client(config["S3_ENDPOINT_URL"], config["S3_REGION"])),
+        storage=storage if storage is not None else _s3_storage(config),
         callback_secret=load_or_create_secret(config["SERVER_CALLBACK_SECRET"], config["PATHS_STATE_DIR"]),
         auditor=auditor,
     )
+
+
+def _s3_storage(config: dict[str, Any]) -> S3Storage:
+    from gateway.storage.s3 import make_s3_client
+
+    job_endpoint = config["S3_JOB_ENDPOINT_URL"]
+    job_client = make_s3_client(job_endpoint, config["S3_REGION"]) if job_endpoint and job_endpoint != config["S3_ENDPOINT_URL"] else None
+    return S3Storage(make_s3_client(config["S3_ENDPOINT_URL"], config["S3_REGION"]), job_client=job_client)

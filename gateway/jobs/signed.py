@@ -140,7 +140,7 @@ def storage_answer(storage: S3Storage | None, record: JobRecord, role: str, even
             if exc.code in NOT_FOUND_CODES:  # the job's fault, not S3's: no retry helps
                 raise RequestError("dataset_s3_url", f"{location.url} does not exist (NoSuchKey)") from exc
             raise
-        url = storage.presigned_get(location, PRESIGNED_URL_S)
+        url = storage.presigned_get(location, PRESIGNED_URL_S, for_job=True)
         return {"url": url, "dataset_s3_url": location.url, "size": info.size, "etag": info.etag}
     location = job_output_location(record, event.get("key"))
     if op == "head":

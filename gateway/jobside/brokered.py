@@ -18,6 +18,9 @@ import time
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from typing import IO, Any
 
+import socket
+from urllib.parse import urlsplit
+
 import requests
 
 from gateway.callbacks import SIGNATURE_HEADER, sign, signed_body
@@ -30,6 +33,8 @@ PART_URL_BATCH = 16
 # Seconds to connect and between bytes, for the gateway and for S3.
 CONNECT_TIMEOUT_S = 30.0
 READ_TIMEOUT_S = 300.0
+# A first TCP connect to the gateway: a healthy one answers in milliseconds.
+PREFLIGHT_TIMEOUT_S = 10.0
 
 
 class GatewayLink:
@@ -57,6 +62,24 @@ class GatewayLink:
         self.session = session or requests.Session()
         self.attempts = attempts
         self.first_delay = first_delay
+
+    def preflight(self, timeout: float = PREFLIGHT_TIMEOUT_S) -> None:
+        """Fail at once, naming the address, when this node cannot reach the gateway at all.
+
+        On a cluster the job runs on a compute node that reaches services only through real
+        addresses: a loopback or unresolvable callback URL would otherwise cost every retry of the
+        first request before the job said anything.
+        """
+        parts = urlsplit(self.url)
+        host, port = parts.hostname or "", parts.port or (443 if parts.scheme == "https" else 80)
+        try:
+            with socket.create_connection((host, port), timeout=timeout):
+                return
+        except OSError as exc:
+            raise StorageError(
+                "connect", "", "",
+                f"this node ({socket.gethostname()}) cannot reach the gateway at {host}:{port} ({self.url}): {exc}",
+            ) from exc
 
     def call(self, op: str, **fields: Any) -> dict[str, Any]:
         delay = self.first_delay

@@ -36,7 +36,9 @@ def _gateway_storage(callback_url: str, job_id: str, output_url: str = "") -> "B
     from gateway.callbacks import TOKEN_ENV
     from gateway.jobside.brokered import BrokeredStorage, GatewayLink
 
-    return BrokeredStorage(GatewayLink(callback_url, job_id, os.environ.get(TOKEN_ENV, "")), output_url)
+    link = GatewayLink(callback_url, job_id, os.environ.get(TOKEN_ENV, ""))
+    link.preflight()  # the job's first step: an unreachable gateway is said at once, by address
+    return BrokeredStorage(link, output_url)
 
 
 @job_group.command("stage-in")

@@ -1,6 +1,6 @@
 """Choose the scheduler backend from config: `SLURM_BACKEND` = cli | rest | pyslurm.
 
-Config keys (defaults in DEFAULTS; gateway/config.py holds the same values):
+Config keys (their defaults are gateway/config.py's, the one owner; DEFAULTS reads them there):
 
 - SLURM_BACKEND: "cli" (sbatch/squeue/sacct), "rest" (slurmrestd), "pyslurm" (Slurm >= 25.11 only)
 - SLURM_COMMAND_TIMEOUT: seconds for each command, HTTP request or token mint
@@ -12,19 +12,17 @@ import logging
 from collections.abc import Mapping
 from typing import Any
 
+from gateway.config import default_config
 from gateway.slurm.backend import SchedulerBackend
 
 log = logging.getLogger(__name__)
 
 BACKENDS = ("cli", "rest", "pyslurm")
 
+# For a config mapping that lacks a key (tests, embedding code): the code defaults of gateway/config.py.
 DEFAULTS: dict[str, Any] = {
-    "SLURM_BACKEND": "cli",
-    "SLURM_COMMAND_TIMEOUT": 30.0,
-    "SLURM_REST_URL": "http://127.0.0.1:6820",
-    "SLURM_REST_USER": "root",
-    "SLURM_REST_API_VERSION": "v0.0.38",
-    "SLURM_REST_TOKEN_LIFESPAN": 3600,
+    key: value for key, value in default_config().items()
+    if key in ("SLURM_BACKEND", "SLURM_COMMAND_TIMEOUT") or key.startswith("SLURM_REST_")
 }
 
 

@@ -48,8 +48,14 @@ from typing import Any
 
 import requests
 
+from gateway.config import default_config
 from gateway.process import Runner, run_command
-from gateway.slurm.backend import TRANSIENT_ERRNOS, TRANSIENT_TEXT, SchedulerError, SlurmJobInfo
+from gateway.slurm.backend import (
+    TRANSIENT_ERRNOS,
+    TRANSIENT_TEXT,
+    SchedulerError,
+    SlurmJobInfo,
+)
 from gateway.slurm.cli import sbatch_test_only
 from gateway.slurm.directives import (
     SBATCH_FLAGS,
@@ -65,8 +71,8 @@ from gateway.slurm.tokens import TokenProvider
 
 log = logging.getLogger(__name__)
 
-DEFAULT_API_VERSION = "v0.0.38"
-DEFAULT_URL = "http://127.0.0.1:6820"
+# The API version slurmrestd is asked for unless [slurm] rest_api_version says otherwise (config owns it).
+DEFAULT_API_VERSION = str(default_config()["SLURM_REST_API_VERSION"])
 
 _INVALID_JOB_ID = 2017  # ESLURM_INVALID_JOB_ID
 _ALREADY_DONE = 2021  # ESLURM_ALREADY_DONE

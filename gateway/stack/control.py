@@ -45,11 +45,18 @@ def stack_group(ctx: click.Context, state_dir: str | None) -> None:
     "--with-postgres", is_flag=True,
     help="Also run PostgreSQL on 127.0.0.1:5433 for the job store (kept by later `up` runs once enabled).",
 )
+@click.option(
+    "--nodes", "node_count", type=click.IntRange(1, 8), default=None,
+    help="Compute nodes, each a slurmd in its own network namespace (default: as the last `up` left them, "
+    "else 2); 1 keeps slurmd on this host (the layout for machines without network namespaces).",
+)
 @click.pass_context
-def up_command(ctx: click.Context, state_dir: str | None, with_rest: bool, with_postgres: bool) -> None:
+def up_command(ctx: click.Context, state_dir: str | None, with_rest: bool, with_postgres: bool, node_count: int | None) -> None:
     """Start whatever is not running (installs missing packages first); a no-op when all is up."""
     try:
-        stack_up(_resolve(ctx, state_dir), report=click.echo, with_rest=with_rest, with_postgres=with_postgres)
+        stack_up(
+            _resolve(ctx, state_dir), report=click.echo, with_rest=with_rest, with_postgres=with_postgres, node_count=node_count
+        )
     except (DaemonError, CommandError, RuntimeError, OSError, ValueError) as exc:
         raise click.ClickException(str(exc)) from exc
 
@@ -90,6 +97,13 @@ def format_status(status: dict[str, Any]) -> str:
     # Every line but the exports is a shell comment, so `eval "$(relion-gateway stack status)"` works.
     lines = ["# " + "  ".join(cell.ljust(width[i]) for i, cell in enumerate(row)).rstrip() for row in rows]
     s3 = status["s3"]
+    head = status.get("head") or {}
+    lines += ["#", f"# head: {head.get('name')} = {head.get('address')}" + ("" if status.get("multinode") else "  (one-node layout)")]
+    if status.get("fallback_reason"):
+        lines.append(f"# one node only: {status['fallback_reason']}")
+    for node in status.get("nodes") or []:
+        gpus = f"  gpus {node['gpus']}" if node["gpus"] else ""
+        lines.append(f"# node {node['name']:<10} {node['address']:<12} {node['state'] or '-':<8} cpus {node['cpus']}  mem {node['memory_mb']} MB{gpus}")
     lines += [
         "#",
         f"# S3 endpoint: {s3['endpoint_url']}  bucket: {s3['bucket']}  region: {s3['region']}",

@@ -41,12 +41,37 @@ import json, os, subprocess, sys
 spec = json.load(sys.stdin)
 os.umask(0o022)
 out = os.open(spec["log_file"], os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+node = spec.get("node")
+
+def enter_node():
+    # A compute node of the local cluster (gateway/stack/nodes.py): join its network namespace only
+    # (setns, as `nsenter --net` does; `ip netns exec` would remount /sys), then a UTS namespace of
+    # its own with its hostname. In the child before exec, so the pid we record is the daemon's.
+    import ctypes, socket
+    libc = ctypes.CDLL(None, use_errno=True)
+    fd = os.open(node["netns"], os.O_RDONLY)
+    if libc.setns(fd, 0x40000000) != 0:  # CLONE_NEWNET
+        raise OSError(ctypes.get_errno(), "setns " + node["netns"])
+    os.close(fd)
+    if libc.unshare(0x04000000) != 0:  # CLONE_NEWUTS
+        raise OSError(ctypes.get_errno(), "unshare(CLONE_NEWUTS)")
+    socket.sethostname(node["hostname"])
+
 child = subprocess.Popen(
     spec["argv"], stdin=subprocess.DEVNULL, stdout=out, stderr=out, env=spec["env"], cwd=spec["cwd"],
     start_new_session=True, user=spec["user"], group=spec["group"], extra_groups=spec["extra_groups"],
+    preexec_fn=enter_node if node else None,
 )
 sys.stdout.write(str(child.pid))
 """
+
+
+@dataclass(frozen=True)
+class NodeEntry:
+    """Where a node's daemon runs: the node's network namespace (a /run/netns path) and hostname."""
+
+    netns: Path
+    hostname: str
 
 
 class DaemonError(Exception):
@@ -223,8 +248,9 @@ def spawn(
     env: Mapping[str, str] | None = None,
     user: str | None = None,
     cwd: str = "/",
+    node: "NodeEntry | None" = None,
 ) -> int:
-    """Start argv detached (new session, re-parented to PID 1) and return its pid."""
+    """Start argv detached (new session, re-parented to PID 1) and return its pid; inside ``node`` if given."""
     group: int | None = None
     extra_groups: list[int] | None = None
     if user is not None:
@@ -238,6 +264,7 @@ def spawn(
         "user": user,
         "group": group,
         "extra_groups": extra_groups,
+        "node": {"netns": str(node.netns), "hostname": node.hostname} if node else None,
     }
     # -I -S: an isolated interpreter without site-packages starts in ~15 ms and ignores PYTHON* vars.
     out = run_command([sys.executable, "-I", "-S", "-c", _LAUNCHER], input=json.dumps(spec), timeout=30)
@@ -325,11 +352,23 @@ class Daemon:
     stop_timeout: float = 30.0
     extra_logs: tuple[Path, ...] = ()
     proc_root: Path = PROC
+    node: NodeEntry | None = None
+    # A word its argv must hold besides a name in ``names``: several slurmd (one per node) share a name.
+    marker: str | None = None
 
     def live_pid(self) -> int | None:
         """Return the pid from our pid file if that process is alive and is this daemon."""
         pid, alive = pid_from_file(self.pid_file, self.names, self.proc_root)
-        return pid if alive else None
+        return pid if alive and pid is not None and self._marked(pid) else None
+
+    def _runs_argv(self, pid: int) -> bool:
+        """True when the process runs our argv (a script's interpreter may stand in front of it)."""
+        actual = process_argv(pid, self.proc_root)
+        wanted = [os.path.basename(self.argv[0]), *self.argv[1:]]
+        return len(actual) >= len(wanted) and [os.path.basename(actual[-len(wanted)]), *actual[len(actual) - len(wanted) + 1:]] == wanted
+
+    def _marked(self, pid: int) -> bool:
+        return self.marker is None or self.marker in process_argv(pid, self.proc_root)
 
     def ready(self, since: float | None = None) -> bool:
         try:
@@ -341,7 +380,7 @@ class Daemon:
     def external_pids(self) -> list[int]:
         """Processes of this daemon that are not the one in our pid file."""
         ours = read_pid_file(self.pid_file)
-        return [pid for pid in find_processes(self.names, self.proc_root) if pid != ours]
+        return [pid for pid in find_processes(self.names, self.proc_root) if pid != ours and self._marked(pid)]
 
     def inspect(self) -> tuple[State, int | None]:
         """Return the daemon's state and pid without changing anything."""
@@ -358,6 +397,12 @@ class Daemon:
     def ensure(self) -> tuple[str, int]:
         """Bring the daemon up; return (what was done, pid): started / already up / external."""
         pid = self.live_pid()
+        if pid is not None and not self._runs_argv(pid):
+            # Started with other arguments by an earlier `up` (another bind address, another node
+            # layout): it would never become what this `up` asks for.
+            log.info("%s (pid %d) runs with other arguments: restarting it", self.name, pid)
+            self.stop()
+            pid = None
         if pid is not None:
             if self.ready():
                 return "already up", pid
@@ -381,7 +426,7 @@ class Daemon:
         if self.prestart is not None:
             self.prestart()
         spawned_at = time.time()
-        pid = spawn(self.argv, log_file=self.log_file, env=self.env, user=self.user)
+        pid = spawn(self.argv, log_file=self.log_file, env=self.env, user=self.user, node=self.node)
         write_pid_file(self.pid_file, pid)
         log.debug("%s started as pid %d", self.name, pid)
         self._wait_ready(pid, spawned_at, self.ready_timeout)

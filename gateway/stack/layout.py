@@ -24,6 +24,7 @@ log = logging.getLogger(__name__)
 STATE_DIR_ENV = "GATEWAY_PATHS_STATE_DIR"
 SLURM_CONF = Path("/etc/slurm/slurm.conf")
 SLURMDBD_CONF = Path("/etc/slurm/slurmdbd.conf")
+GRES_CONF = Path("/etc/slurm/gres.conf")
 
 
 def resolve_state_dir(state_dir: str | os.PathLike[str] | None = None) -> Path:

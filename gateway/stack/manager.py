@@ -11,17 +11,18 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from gateway.stack import accounts, s3_server, slurmrestd
+from gateway.stack import accounts, nodes, s3_server, slurmrestd
 from gateway.stack import postgres
 from gateway.stack.credentials import StackSecrets, load_or_create_secrets, load_secrets
 from gateway.stack.daemons import State, pid_from_file, terminate
-from gateway.stack.layout import SLURM_CONF, SLURMDBD_CONF, StackPaths
+from gateway.stack.layout import GRES_CONF, SLURM_CONF, SLURMDBD_CONF, StackPaths
 from gateway.stack.packages import ensure_packages
-from gateway.stack.services import DAEMON_ORDER, S3Probe, build_daemons, make_slurm_dirs, short_hostname
+from gateway.stack.services import S3Probe, build_daemons, make_slurm_dirs, node_state, short_hostname
 from gateway.stack.slurm_conf import (
     CLUSTER_NAME,
     SLURM_USER,
     SlurmSettings,
+    render_gres_conf,
     render_slurm_conf,
     render_slurmdbd_conf,
     write_managed_file,
@@ -32,7 +33,28 @@ log = logging.getLogger(__name__)
 Report = Callable[[str], None]
 
 # Which daemons read which config: they must be restarted when it changes under them.
-_READERS = {SLURM_CONF: ("slurmctld", "slurmd", "slurmrestd"), SLURMDBD_CONF: ("slurmdbd",)}
+_READERS = {SLURM_CONF: ("slurmctld", "slurmd", "slurmrestd"), SLURMDBD_CONF: ("slurmdbd",), GRES_CONF: ("slurmctld", "slurmd")}
+
+
+def _reads(daemon_name: str, readers: set[str]) -> bool:
+    # One slurmd per node ("slurmd-rgnode1"): each reads what "slurmd" reads.
+    return daemon_name in readers or (daemon_name.startswith("slurmd-") and "slurmd" in readers)
+
+
+def choose_topology(paths: StackPaths, requested: int | None, report: Report) -> nodes.Topology:
+    """The nodes to run: as asked, else as the last `up` left them, else DEFAULT_NODES.
+
+    More than one node needs network namespaces; where they cannot be made the one-node layout is
+    used, and the reason said, rather than failing the whole stack.
+    """
+    saved = nodes.load_topology(paths)
+    count = requested if requested is not None else (len(saved.nodes) if saved and saved.multinode else None)
+    if count is None:
+        count = 1 if saved is not None and not saved.multinode and not saved.fallback_reason else nodes.DEFAULT_NODES
+    reason = nodes.namespaces_unavailable() if count > 1 else None
+    if reason:
+        report(f"warning: {count} nodes asked for, but {reason}: using the one-node layout (slurmd on this host)")
+    return nodes.plan_topology(count, short_hostname(), reason)
 
 
 def _log_report(line: str) -> None:
@@ -45,7 +67,7 @@ def _daemon_line(name: str, state: str, pid: int | None, note: str) -> str:
 
 def stack_up(
     state_dir: str | os.PathLike[str] | None = None, report: Report | None = None, *, with_rest: bool = False,
-    with_postgres: bool = False,
+    with_postgres: bool = False, node_count: int | None = None,
 ) -> dict[str, Any]:
     """Bring every daemon of the stack up; return the status dict plus `actions` and `elapsed_s`.
 
@@ -66,7 +88,23 @@ def stack_up(
         secrets = load_or_create_secrets(paths.secrets_file)
         for line in [*accounts.ensure_job_accounts(), *accounts.ensure_jobside_reachable()]:
             report(line)
-        node = short_hostname()
+        topology = choose_topology(paths, node_count, report)
+        previous = nodes.load_topology(paths)
+        if previous is not None and previous != topology:
+            # Another layout: its slurmds and namespaces go before the new ones come up.
+            report(f"nodes change from {[n.name for n in previous.nodes]} to {[n.name for n in topology.nodes]}")
+            for daemon in build_daemons(paths, secrets, previous):
+                if daemon.name.startswith("slurmd"):
+                    daemon.stop()
+            if previous.multinode:
+                for line in nodes.remove_network(previous):
+                    report(line)
+        network_done, rebuilt = nodes.ensure_network(topology)
+        for line in network_done:
+            report(line)
+        if nodes.write_hosts(topology):
+            report(f"wrote {nodes.HEAD_NAME} and the node names to {nodes.HOSTS_FILE}")
+        nodes.save_topology(paths, topology)
         make_slurm_dirs(paths)
         with_rest = with_rest or slurmrestd.rest_enabled(paths)
         if with_rest:
@@ -77,25 +115,27 @@ def stack_up(
             for line in postgres.prepare(paths):
                 report(line)
         settings = SlurmSettings.for_stack(
-            paths, node, secrets.mariadb_slurm_password, jwt_key=slurmrestd.jwt_key_path(paths) if with_rest else None
+            paths, short_hostname(), topology, secrets.mariadb_slurm_password,
+            jwt_key=slurmrestd.jwt_key_path(paths) if with_rest else None,
         )
-        restart: set[str] = set()
+        restart: set[str] = {f"slurmd-{name}" for name in rebuilt}
         for path, text, mode, owner in (
             (SLURM_CONF, render_slurm_conf(settings), 0o644, None),
             # slurmdbd refuses a config that is not owned by SlurmUser with mode 600.
             (SLURMDBD_CONF, render_slurmdbd_conf(settings), 0o600, SLURM_USER),
+            (GRES_CONF, render_gres_conf(settings), 0o644, None),
         ):
             if write_managed_file(path, text, mode=mode, owner=owner):
                 restart.update(_READERS[path])
-        daemons = [*build_daemons(paths, secrets, node), *slurmrestd.rest_daemons(paths, with_rest)]
+        daemons = [*build_daemons(paths, secrets, topology), *slurmrestd.rest_daemons(paths, with_rest)]
         daemons += postgres.postgres_daemons(paths, with_postgres)
         states: dict[str, tuple[State, int | None]] = {}
         actions: dict[str, str] = {}
         for daemon in daemons:
             t0 = time.monotonic()
-            if daemon.name in restart:
+            if _reads(daemon.name, restart):
                 if daemon.live_pid() is not None:
-                    report(f"{daemon.name}: its config changed, restarting it")
+                    report(f"{daemon.name}: its config or its node changed, restarting it")
                     daemon.stop()
                 elif daemon.external_pids():
                     report(f"warning: {daemon.name}'s config changed but it was not started by us: restart it")
@@ -105,14 +145,14 @@ def stack_up(
             actions[daemon.name] = action
             report(_daemon_line(daemon.name, state.value, pid, f"{action} ({time.monotonic() - t0:.2f} s)"))
         # Reuse the readiness probe's client: building a second boto3 client costs ~50 ms.
-        probe = daemons[DAEMON_ORDER.index("nanio")].probe
+        probe = next(d for d in daemons if d.name == "nanio").probe
         client = probe.client() if isinstance(probe, S3Probe) else _s3_client(secrets)
         if s3_server.ensure_bucket(client, s3_server.S3_BUCKET):
             report(f"created bucket {s3_server.S3_BUCKET}")
         if with_postgres:
             for line in postgres.provision(paths):
                 report(line)
-    status = _status_dict(paths, states, secrets, node)
+    status = _status_dict(paths, states, secrets, topology)
     status["actions"] = actions
     status["elapsed_s"] = round(time.monotonic() - started, 3)
     report(f"stack up in {status['elapsed_s']:.2f} s")
@@ -128,8 +168,9 @@ def stack_down(state_dir: str | os.PathLike[str] | None = None, report: Report |
         return
     with paths.lock():
         report(f"{'gateway':<10} {_stop_gateway(paths)}")
+        topology = nodes.load_topology(paths) or nodes.plan_topology(1, short_hostname())
         daemons = [
-            *build_daemons(paths, load_secrets(paths.secrets_file), short_hostname()),
+            *build_daemons(paths, load_secrets(paths.secrets_file), topology),
             *slurmrestd.rest_daemons(paths, slurmrestd.rest_enabled(paths)),
         ]
         daemons += postgres.postgres_daemons(paths, postgres.postgres_enabled(paths))
@@ -137,17 +178,25 @@ def stack_down(state_dir: str | os.PathLike[str] | None = None, report: Report |
             pid = daemon.live_pid()
             result = daemon.stop()
             report(f"{daemon.name:<10} {result}" + (f" (pid {pid})" if pid is not None else ""))
+        # What `up` made outside the state dir: the nodes' namespaces and links, the bridge, the
+        # mount `ip netns` made, our /etc/hosts lines. topology.json stays: the next `up` brings
+        # back the same nodes.
+        if topology.multinode:
+            for line in nodes.remove_network(topology):
+                report(line)
+        if nodes.write_hosts(None):
+            report(f"removed our lines from {nodes.HOSTS_FILE}")
 
 
 def stack_status(state_dir: str | os.PathLike[str] | None = None) -> dict[str, Any]:
     """Return the state of every daemon and what a client needs (S3 endpoint and keys, env)."""
     paths = StackPaths.for_state_dir(state_dir)
     secrets = load_secrets(paths.secrets_file)
-    node = short_hostname()
-    daemons = [*build_daemons(paths, secrets, node), *slurmrestd.rest_daemons(paths, slurmrestd.rest_enabled(paths))]
+    topology = nodes.load_topology(paths) or nodes.plan_topology(1, short_hostname())
+    daemons = [*build_daemons(paths, secrets, topology), *slurmrestd.rest_daemons(paths, slurmrestd.rest_enabled(paths))]
     daemons += postgres.postgres_daemons(paths, postgres.postgres_enabled(paths))
     states = {daemon.name: daemon.inspect() for daemon in daemons}
-    return _status_dict(paths, states, secrets, node)
+    return _status_dict(paths, states, secrets, topology)
 
 
 def _stop_gateway(paths: StackPaths) -> str:
@@ -188,7 +237,7 @@ def _status_dict(
     paths: StackPaths,
     states: dict[str, tuple[State, int | None]],
     secrets: StackSecrets | None,
-    node: str,
+    topology: nodes.Topology,
 ) -> dict[str, Any]:
     g_state, g_pid, g_url = gateway_status(paths)
     access_key = secrets.s3_access_key if secrets else None
@@ -218,7 +267,21 @@ def _status_dict(
             "GATEWAY_S3_ENDPOINT_URL": s3_server.S3_ENDPOINT_URL,
             "GATEWAY_PATHS_STATE_DIR": str(paths.state_dir),
         },
-        "slurm": {"cluster": CLUSTER_NAME, "node": node, "partitions": ["debug", "long"]},
+        "slurm": {
+            "cluster": CLUSTER_NAME,
+            "node": topology.nodes[0].name,
+            "partitions": ["debug", "long", *(["gpu"] if topology.gpu_nodes else [])],
+        },
+        "head": {"name": nodes.HEAD_NAME, "address": topology.head_address},
+        "multinode": topology.multinode,
+        "fallback_reason": topology.fallback_reason,
+        "nodes": [
+            {
+                "name": n.name, "address": n.address, "cpus": n.cpus, "memory_mb": n.memory_mb, "gpus": n.gpus,
+                "state": node_state(n.name) if states.get("slurmctld", (None,))[0] in (State.UP, State.EXTERNAL) else None,
+            }
+            for n in topology.nodes
+        ],
         "slurm_conf": str(SLURM_CONF),
         "slurmdbd_conf": str(SLURMDBD_CONF),
         "slurmrestd": slurmrestd.rest_status(paths),

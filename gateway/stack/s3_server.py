@@ -11,16 +11,19 @@ from pathlib import Path
 from typing import Any
 
 from gateway.process import run_command
+from gateway.stack.nodes import HEAD_NAME
 
 S3Client = Any  # boto3 clients are built at run time; there are no stubs installed
+
 
 log = logging.getLogger(__name__)
 
 # 0.1.7 is the version measured in notes/s3.md; nanio is alpha, so do not float to a newer one.
 NANIO_REQUIREMENT = "nanio==0.1.7"
-S3_HOST = "127.0.0.1"  # nanio binds 0.0.0.0 unless told otherwise
 S3_PORT = 9010
-S3_ENDPOINT_URL = f"http://{S3_HOST}:{S3_PORT}"
+# Jobs on the nodes and the gateway both address S3 by the head's name (nodes.py): it resolves to
+# the bridge address, where nanio listens, or to 127.0.0.1 in the one-node layout.
+S3_ENDPOINT_URL = f"http://{HEAD_NAME}:{S3_PORT}"
 S3_REGION = "us-east-1"
 S3_BUCKET = "relion-local"
 
@@ -52,14 +55,15 @@ def ensure_nanio_venv(venv: Path) -> Path:
     return binary
 
 
-def nanio_argv(venv: Path, data_dir: Path) -> list[str]:
+def nanio_argv(venv: Path, data_dir: Path, host: str) -> list[str]:
+    """nanio on ``host`` only (it binds 0.0.0.0 unless told otherwise): the head's address."""
     return [
         str(nanio_binary(venv)),
         "serve",
         "--data-dir",
         str(data_dir),
         "--host",
-        S3_HOST,
+        host,
         "--port",
         str(S3_PORT),
         "--no-access-log",

@@ -19,8 +19,9 @@ from pathlib import Path
 from gateway.process import run_command
 from gateway.stack import s3_server
 from gateway.stack.credentials import StackSecrets
-from gateway.stack.daemons import Daemon, Probe, command_ok
+from gateway.stack.daemons import Daemon, NodeEntry, Probe, command_ok
 from gateway.stack.layout import StackPaths
+from gateway.stack.nodes import Node, Topology, ensure_gpu_devices, ensure_node_dirs
 from gateway.stack.slurm_conf import (
     ACCT_DB_NAME,
     ACCT_DB_USER,
@@ -245,8 +246,9 @@ class SlurmdProbe:
 class S3Probe:
     """Ready when an authenticated list_buckets succeeds; the boto3 client is built on first use."""
 
-    def __init__(self, secrets: StackSecrets | None) -> None:
+    def __init__(self, secrets: StackSecrets | None, host: str) -> None:
         self.secrets = secrets
+        self.host = host
         self._client: s3_server.S3Client | None = None
 
     def client(self) -> s3_server.S3Client:
@@ -260,7 +262,7 @@ class S3Probe:
 
     def __call__(self, _since: float | None) -> bool:
         # A closed port answers in microseconds; boto3 would spend its timeout and retries.
-        if self.secrets is None or not port_open(s3_server.S3_HOST, s3_server.S3_PORT):
+        if self.secrets is None or not port_open(self.host, s3_server.S3_PORT):
             return False
         return s3_server.s3_ready(self.client())
 
@@ -268,11 +270,10 @@ class S3Probe:
 # --- the list -----------------------------------------------------------------------------------
 
 
-def build_daemons(paths: StackPaths, secrets: StackSecrets | None, node: str) -> list[Daemon]:
-    """Return the stack's daemons in start order (stop in reverse)."""
+def build_daemons(paths: StackPaths, secrets: StackSecrets | None, topology: Topology) -> list[Daemon]:
+    """Return the stack's daemons in start order (stop in reverse): one slurmd per node."""
     run, out = paths.pid_file, paths.out_file
-    slurmd_probe = SlurmdProbe(node)
-    s3_probe = S3Probe(secrets)
+    s3_probe = S3Probe(secrets, topology.head_address)
 
     def slurmdbd_prestart() -> None:
         if secrets is None:
@@ -333,12 +334,10 @@ def build_daemons(paths: StackPaths, secrets: StackSecrets | None, node: str) ->
         ),
         slurm_daemon("slurmdbd", lambda _since: port_open("127.0.0.1", SLURMDBD_PORT), slurmdbd_prestart),
         slurm_daemon("slurmctld", _slurmctld_probe, slurmctld_prestart),
-        slurm_daemon(
-            "slurmd", slurmd_probe, lambda: ensure_dir(paths.slurmd_spool_dir), repair=slurmd_probe.repair
-        ),
+        *[slurmd_daemon(paths, topology, node) for node in topology.nodes],
         Daemon(
             name="nanio",
-            argv=s3_server.nanio_argv(paths.nanio_venv, paths.s3_data_dir),
+            argv=s3_server.nanio_argv(paths.nanio_venv, paths.s3_data_dir, topology.head_address),
             pid_file=run("nanio"),
             log_file=out("nanio"),
             names=("nanio",),
@@ -348,3 +347,37 @@ def build_daemons(paths: StackPaths, secrets: StackSecrets | None, node: str) ->
             ready_timeout=30.0,
         ),
     ]
+
+
+def slurmd_daemon(paths: StackPaths, topology: Topology, node: Node) -> Daemon:
+    """The slurmd of one node: on the host in the one-node layout, else inside the node's namespaces."""
+    probe = SlurmdProbe(node.name)
+
+    def prestart() -> None:
+        ensure_dir(paths.slurmd_spool_dir)
+        if topology.multinode:
+            ensure_node_dirs(paths, topology)
+            ensure_gpu_devices(paths, topology)
+
+    if not topology.multinode:
+        # As before the multi-node layout, so an upgrade adopts a running one-node slurmd.
+        return Daemon(
+            name="slurmd", argv=["/usr/sbin/slurmd", "-D"], pid_file=paths.pid_file("slurmd"),
+            log_file=paths.out_file("slurmd"), names=("slurmd",), probe=probe, prestart=prestart,
+            repair=probe.repair, extra_logs=(paths.log_dir / "slurmd.log",),
+        )
+    name = f"slurmd-{node.name}"
+    return Daemon(
+        name=name,
+        # -N: which NodeName line this slurmd is (every node runs the same binary and config).
+        argv=["/usr/sbin/slurmd", "-D", "-N", node.name],
+        pid_file=paths.pid_file(name),
+        log_file=paths.out_file(name),
+        names=("slurmd",),
+        probe=probe,
+        prestart=prestart,
+        repair=probe.repair,
+        extra_logs=(paths.log_dir / f"slurmd.{node.name}.log",),
+        node=NodeEntry(node.netns_path, node.name),
+        marker=node.name,
+    )

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from gateway.stack.layout import StackPaths
+from gateway.stack.nodes import Topology
 
 log = logging.getLogger(__name__)
 
@@ -25,9 +26,8 @@ SLURMD_PORT = 6818
 SLURMDBD_PORT = 6819
 ACCT_DB_NAME = "slurm_acct_db"
 ACCT_DB_USER = "slurm"
-NODE_CPUS = 16
-NODE_MEMORY_MB = 16000
 DEF_MEM_PER_CPU_MB = 1000
+GPU_PARTITION = "gpu"
 
 # Slurm's config parser splits on whitespace and treats "#" as a comment: a value holding either
 # would silently change the meaning of the line, so refuse it instead of writing a broken config.
@@ -39,6 +39,9 @@ class SlurmSettings:
     """What the rendered configs depend on."""
 
     hostname: str
+    topology: Topology
+    # Per-node directories (TmpFS, stand-in GPUs): <nodes_dir>/<node>/...
+    nodes_dir: Path
     ctld_state_dir: Path
     slurmd_spool_dir: Path
     slurm_run_dir: Path
@@ -49,10 +52,12 @@ class SlurmSettings:
 
     @classmethod
     def for_stack(
-        cls, paths: StackPaths, hostname: str, db_password: str, jwt_key: Path | None = None
+        cls, paths: StackPaths, hostname: str, topology: Topology, db_password: str, jwt_key: Path | None = None
     ) -> SlurmSettings:
         return cls(
             hostname=hostname,
+            topology=topology,
+            nodes_dir=paths.slurm_dir / "nodes",
             ctld_state_dir=paths.ctld_state_dir,
             slurmd_spool_dir=paths.slurmd_spool_dir,
             slurm_run_dir=paths.slurm_run_dir,
@@ -81,13 +86,64 @@ def _jwt_lines(s: SlurmSettings) -> str:
     )
 
 
+def _node_lines(s: SlurmSettings) -> str:
+    topology = s.topology
+    if not topology.multinode:
+        node = topology.nodes[0]
+        return (
+            f"NodeName={_v(node.name)} NodeAddr=127.0.0.1 CPUs={node.cpus} RealMemory={node.memory_mb} State=UNKNOWN\n"
+            "PartitionName=debug Nodes=ALL Default=YES MaxTime=04:00:00 State=UP\n"
+            "PartitionName=long Nodes=ALL MaxTime=2-00:00:00 State=UP\n"
+        )
+    lines = []
+    for node in topology.nodes:
+        gres = f" Gres=gpu:{node.gpus}" if node.gpus else ""
+        # NodeHostname: each slurmd has its own UTS namespace and hostname (nodes.py says why).
+        lines.append(
+            f"NodeName={_v(node.name)} NodeAddr={_v(node.address)} NodeHostname={_v(node.name)} "
+            f"CPUs={node.cpus} RealMemory={node.memory_mb}{gres} State=UNKNOWN"
+        )
+    gpu_nodes = ",".join(n.name for n in topology.gpu_nodes)
+    lines += [
+        "PartitionName=debug Nodes=ALL Default=YES MaxTime=04:00:00 State=UP",
+        "PartitionName=long Nodes=ALL MaxTime=2-00:00:00 State=UP",
+    ]
+    if gpu_nodes:
+        lines.append(f"PartitionName={GPU_PARTITION} Nodes={_v(gpu_nodes)} MaxTime=04:00:00 State=UP")
+    return "\n".join(lines) + "\n"
+
+
+def _topology_lines(s: SlurmSettings) -> str:
+    """Keys a multi-node stack needs (each found by a failure: notes/multinode.md)."""
+    if not s.topology.multinode:
+        return ""
+    gres = (
+        "# Stand-in GPUs (notes/gpus.md): gres.conf names character devices; sacct counts gres/gpu.\n"
+        "GresTypes=gpu\n"
+        "AccountingStorageTRES=gres/gpu\n"
+    ) if s.topology.gpu_nodes else ""
+    return (
+        "# Nodes share one file system: the pmix plugin mkdir()s its dir below TmpFS and fails if it exists.\n"
+        f"TmpFS={_v(s.nodes_dir)}/%n/tmp\n"
+        f"{gres}"
+    )
+
+
 def render_slurm_conf(s: SlurmSettings) -> str:
     """Return the text of /etc/slurm/slurm.conf."""
     host = _v(s.hostname)
+    topology = s.topology
+    # The nodes reach slurmctld (and slurmdbd, for sacct in jobs) at the head's bridge address;
+    # %n (the node name) keeps each slurmd's spool, pid and log files apart on the shared disk.
+    head = _v(topology.head_address)
+    per_node = "/%n" if topology.multinode else ""
+    pid_name = "slurmd.%n.pid" if topology.multinode else "slurmd.pid"
+    log_name = "slurmd.%n.log" if topology.multinode else "slurmd.log"
+    layout = f"{len(topology.nodes)}-node" if topology.multinode else "One-machine"
     return f"""{MANAGED_HEADER}
-# One-machine cluster for relion-gateway; rewritten by every `stack up`, local edits are lost.
+# {layout} cluster for relion-gateway; rewritten by every `stack up`, local edits are lost.
 ClusterName={CLUSTER_NAME}
-SlurmctldHost={host}(127.0.0.1)
+SlurmctldHost={host}({head})
 SlurmUser={SLURM_USER}
 SlurmdUser=root
 AuthType=auth/munge
@@ -95,12 +151,12 @@ CredType=cred/munge
 {_jwt_lines(s)}SlurmctldPort={SLURMCTLD_PORT}
 SlurmdPort={SLURMD_PORT}
 StateSaveLocation={_v(s.ctld_state_dir)}
-SlurmdSpoolDir={_v(s.slurmd_spool_dir)}
+SlurmdSpoolDir={_v(s.slurmd_spool_dir)}{per_node}
 SlurmctldPidFile={_v(s.slurm_run_dir / "slurmctld.pid")}
-SlurmdPidFile={_v(s.slurm_run_dir / "slurmd.pid")}
+SlurmdPidFile={_v(s.slurm_run_dir / pid_name)}
 SlurmctldLogFile={_v(s.log_dir / "slurmctld.log")}
-SlurmdLogFile={_v(s.log_dir / "slurmd.log")}
-# A node that was DOWN (e.g. slurmd killed) returns to service when its slurmd registers again.
+SlurmdLogFile={_v(s.log_dir / log_name)}
+{_topology_lines(s)}# A node that was DOWN (e.g. slurmd killed) returns to service when its slurmd registers again.
 ReturnToService=2
 MpiDefault=none
 # No cgroups on this machine: plain /proc process tracking and no task binding.
@@ -112,7 +168,7 @@ SelectTypeParameters=CR_CPU_Memory
 # Without a default, a job that asks for no memory would be given the whole node's memory
 # and run alone.
 DefMemPerCPU={DEF_MEM_PER_CPU_MB}
-# The node declares more CPUs than the machine has; config_overrides keeps it from draining.
+# The nodes declare more CPUs than the machine has; config_overrides keeps them from draining.
 SlurmdParameters=config_overrides
 # Reject at submit time what can never run, instead of pending forever (Reason=PartitionConfig).
 EnforcePartLimits=ALL
@@ -122,7 +178,7 @@ MailProg=/bin/true
 MinJobAge=300
 KillWait=5
 AccountingStorageType=accounting_storage/slurmdbd
-AccountingStorageHost=localhost
+AccountingStorageHost={"localhost" if not topology.multinode else head}
 AccountingStoragePort={SLURMDBD_PORT}
 # Needed for `sacct -o Comment` (the gateway tags its jobs with --comment).
 AccountingStoreFlags=job_comment
@@ -132,10 +188,16 @@ JobAcctGatherType=jobacct_gather/linux
 # job that overruns within seconds (a real site would use task/cgroup with ConstrainRAMSpace).
 JobAcctGatherParams=OverMemoryKill
 JobAcctGatherFrequency=task=2
-NodeName={host} NodeAddr=127.0.0.1 CPUs={NODE_CPUS} RealMemory={NODE_MEMORY_MB} State=UNKNOWN
-PartitionName=debug Nodes=ALL Default=YES MaxTime=04:00:00 State=UP
-PartitionName=long Nodes=ALL MaxTime=2-00:00:00 State=UP
-"""
+{_node_lines(s)}"""
+
+
+def render_gres_conf(s: SlurmSettings) -> str:
+    """/etc/slurm/gres.conf: the stand-in GPUs (AutoDetect off: there is no NVML to ask)."""
+    lines = [MANAGED_HEADER, "AutoDetect=off"]
+    for node in s.topology.gpu_nodes:
+        devices = s.nodes_dir / node.name / "dev"
+        lines.append(f"NodeName={_v(node.name)} Name=gpu File={_v(devices)}/nvidia[0-{node.gpus - 1}]")
+    return "\n".join(lines) + "\n"
 
 
 def render_slurmdbd_conf(s: SlurmSettings) -> str:

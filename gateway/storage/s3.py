@@ -65,8 +65,11 @@ def transfer_config_for(size_hint: int | None = None) -> TransferConfig:
 class S3Storage:
     """The few S3 operations the gateway and its jobs use."""
 
-    def __init__(self, client: Any) -> None:
+    def __init__(self, client: Any, *, job_client: Any | None = None) -> None:
         self.client = client
+        # Signs the URLs handed to jobs ([s3] job_endpoint_url): a presigned URL names its host,
+        # and the nodes may reach S3 by another address than the gateway does.
+        self.job_client = job_client or client
 
     def _call(self, operation: str, location: S3Location, fn: Callable[[], T]) -> T:
         try:
@@ -106,31 +109,24 @@ class S3Storage:
     def put_json(self, document: Any, location: S3Location) -> None:
         self.put_bytes(json.dumps(document, indent=2, sort_keys=True).encode(), location, "application/json")
 
-    def presigned_get(self, location: S3Location, expires_s: int = 3600) -> str:
+    def presigned_get(self, location: S3Location, expires_s: int = 3600, *, for_job: bool = False) -> str:
         """A URL anyone holding it can GET for ``expires_s`` seconds (no S3 credentials needed)."""
-        return str(
-            self._call(
-                "PRESIGN",
-                location,
-                lambda: self.client.generate_presigned_url(
-                    "get_object", Params={"Bucket": location.bucket, "Key": location.key}, ExpiresIn=expires_s
-                ),
-            )
-        )
+        return self._presign("get_object", location, expires_s, for_job=for_job)
 
-    def _presign(self, method: str, location: S3Location, expires_s: int, **params: Any) -> str:
+    def _presign(self, method: str, location: S3Location, expires_s: int, *, for_job: bool = True, **params: Any) -> str:
+        client = self.job_client if for_job else self.client
         return str(
             self._call(
                 "PRESIGN",
                 location,
-                lambda: self.client.generate_presigned_url(
+                lambda: client.generate_presigned_url(
                     method, Params={"Bucket": location.bucket, "Key": location.key, **params}, ExpiresIn=expires_s
                 ),
             )
         )
 
     def presigned_put(self, location: S3Location, expires_s: int) -> str:
-        """A URL that lets its holder PUT this one object, for ``expires_s`` seconds."""
+        """A URL that lets its holder (a job) PUT this one object, for ``expires_s`` seconds."""
         return self._presign("put_object", location, expires_s)
 
     def start_multipart(self, location: S3Location) -> str:

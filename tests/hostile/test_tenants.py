@@ -26,6 +26,7 @@ from gateway.callbacks import ROLE_ARCHIVE, SIGNATURE_HEADER, job_token, sign, s
 from gateway.jobs.dirs import make_job_dirs
 from gateway.relion.presets import TINY_FLAGS
 from gateway.storage.s3 import S3Storage, parse_s3_url
+from gateway.stack.nodes import HEAD_NAME  # jobs reach the services at the head, never at loopback
 from tests.hostile.conftest import record
 from tests.integration.conftest import allow_admin, free_port, wait_for_end
 
@@ -72,7 +73,7 @@ def tenants(gateway_config: dict[str, Any], admin_token: Any, tmp_path_factory: 
     probe.chmod(0o755)
     targets.write_text(json.dumps({"attacker_account": ATTACKER_ACCOUNT}))  # the full list comes later
     port = free_port()
-    url = f"http://127.0.0.1:{port}"
+    url = f"http://{HEAD_NAME}:{port}"
     config = {
         **gateway_config,
         "PATHS_STATE_DIR": str(state),
@@ -87,7 +88,7 @@ def tenants(gateway_config: dict[str, Any], admin_token: Any, tmp_path_factory: 
     allow_admin(app, admin_token)
     service = app.extensions["relion_gateway"]
     tokens = {user: create_token(service.store, user, n=16)[1] for user in (ATTACKER, VICTIM)}
-    server = make_server("127.0.0.1", port, app, threaded=True)
+    server = make_server(HEAD_NAME, port, app, threaded=True)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     t = Tenants(url, config, tokens)

@@ -27,6 +27,7 @@ from gateway.auth import create_token
 from gateway.config import build_config
 from gateway.storage.s3 import S3Location, S3Storage, make_s3_client
 from gateway.database import JobStore, TokenRecord, make_engine
+from gateway.stack.nodes import HEAD_NAME  # jobs reach the services at the head, never at loopback
 
 ROOT = Path(__file__).resolve().parents[2]
 TERMINAL = {"succeeded", "failed", "cancelled", "timeout", "out_of_memory", "node_fail", "submit_failed", "archive_failed", "lost"}
@@ -117,11 +118,11 @@ def allow_admin(app: Any, admin_token: tuple[TokenRecord, str]) -> None:
 @pytest.fixture(scope="session")
 def gateway_url(gateway_config: dict[str, Any]) -> Iterator[str]:
     port = free_port()
-    url = f"http://127.0.0.1:{port}"
+    url = f"http://{HEAD_NAME}:{port}"
     # Jobs send their signed events to this URL.
     gateway_config["SERVER_PUBLIC_URL"] = url
     app = create_app(gateway_config)
-    server = make_server("127.0.0.1", port, app, threaded=True)
+    server = make_server(HEAD_NAME, port, app, threaded=True)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     yield url
@@ -131,7 +132,7 @@ def gateway_url(gateway_config: dict[str, Any]) -> Iterator[str]:
 
 def free_port() -> int:
     with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
+        probe.bind((HEAD_NAME, 0))
         return int(probe.getsockname()[1])
 
 

@@ -14,6 +14,7 @@ import requests
 from gateway.demo import DEMO_FLAGS
 from gateway.process import run_command
 from gateway.storage.s3 import S3Storage, parse_s3_url
+from gateway.stack.nodes import HEAD_NAME  # jobs reach the services at the head, never at loopback
 from tests.integration.conftest import allow_admin, wait_for_end
 
 
@@ -113,14 +114,14 @@ def test_2d_classification_through_slurmrestd(
         **gateway_config,
         "SLURM_BACKEND": "rest",
         "SLURM_REST_URL": rest["url"],
-        "SERVER_PUBLIC_URL": f"http://127.0.0.1:{port}",
+        "SERVER_PUBLIC_URL": f"http://{HEAD_NAME}:{port}",
         "STORE_DATABASE_URL": f"sqlite:///{tmp_path / 'rest.sqlite'}",
     }
     app = create_app(config)
     allow_admin(app, admin_token)
-    server = make_server("127.0.0.1", port, app, threaded=True)
+    server = make_server(HEAD_NAME, port, app, threaded=True)
     threading.Thread(target=server.serve_forever, daemon=True).start()
-    url = f"http://127.0.0.1:{port}"
+    url = f"http://{HEAD_NAME}:{port}"
     try:
         job = wait_for_end(http, url, submit(http, url, request_for(dataset_url, bucket, workspace_id="rest"))["job_id"])
     finally:

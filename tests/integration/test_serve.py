@@ -14,6 +14,7 @@ import sqlalchemy as sa
 
 from gateway.auth import create_token
 from gateway.database import JobStore, leases_table, make_engine
+from gateway.stack.nodes import HEAD_NAME  # jobs reach the services at the head, never at loopback
 from tests.integration.conftest import ROOT, free_port
 
 
@@ -27,7 +28,7 @@ def test_gunicorn_serves_with_one_poller(tmp_path: Path, stack: dict[str, Any]) 
     log = open(tmp_path / "serve.log", "w")
     proc = subprocess.Popen([sys.executable, "-m", "gateway", "serve", "--port", str(port), "--workers", "2"], env=env, stdout=log, stderr=subprocess.STDOUT)
     try:
-        url = f"http://127.0.0.1:{port}"
+        url = f"http://{HEAD_NAME}:{port}"
         deadline = time.monotonic() + 60
         while True:
             try:

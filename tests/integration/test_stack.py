@@ -47,7 +47,15 @@ def up() -> tuple[subprocess.CompletedProcess[str], float]:
 
 def daemon_lines(output: str) -> dict[str, str]:
     names = ("munged", "mariadbd", "slurmdbd", "slurmctld", "slurmd", "nanio")
-    return {line.split()[0]: line for line in output.splitlines() if line.split() and line.split()[0] in names}
+    return {
+        line.split()[0]: line for line in output.splitlines()
+        if line.split() and (line.split()[0] in names or line.split()[0].startswith("slurmd-"))
+    }
+
+
+def slurmd_daemons(status: dict[str, Any]) -> list[str]:
+    """One slurmd per node: "slurmd-<node>" on the multi-node stack, "slurmd" on one node."""
+    return sorted(name for name in status["daemons"] if name == "slurmd" or name.startswith("slurmd-"))
 
 
 @pytest.fixture(scope="module")
@@ -119,7 +127,7 @@ def test_second_up_is_a_no_op(running: dict[str, Any]) -> None:
     # How fast it is belongs in a benchmark, not here (a loaded CI machine took 3.6 s once).
     result, _elapsed = up()
     lines = daemon_lines(result.stdout)
-    assert len(lines) == 6, result.stdout
+    assert len(lines) == 5 + len(slurmd_daemons(running)), result.stdout
     for name, line in lines.items():
         assert "already up" in line or "external" in line, line
     assert "started" not in result.stdout
@@ -130,13 +138,14 @@ def test_status_json_all_up(running: dict[str, Any]) -> None:
     assert result.returncode == 0, result.stdout + result.stderr
     status = json.loads(result.stdout)
     assert status["all_up"] is True
-    assert {"munged", "mariadbd", "slurmdbd", "slurmctld", "slurmd", "nanio"} <= set(status["daemons"])
+    assert {"munged", "mariadbd", "slurmdbd", "slurmctld", "nanio"} <= set(status["daemons"])
+    assert len(slurmd_daemons(status)) == len(status["nodes"]) >= 1
     for name, info in status["daemons"].items():
         assert info["state"] in ("up", "external"), (name, info)
         assert isinstance(info["pid"], int)
     env = status["environment"]
     assert env["AWS_DEFAULT_REGION"] == "us-east-1"
-    assert env["GATEWAY_S3_ENDPOINT_URL"] == "http://127.0.0.1:9010"
+    assert env["GATEWAY_S3_ENDPOINT_URL"] == "http://rghead:9010"
     assert env["AWS_ACCESS_KEY_ID"] == status["s3"]["access_key"]
     assert env["GATEWAY_PATHS_STATE_DIR"] == str(stack_dir().parent)
     assert status["slurm_conf"] == "/etc/slurm/slurm.conf"
@@ -170,12 +179,13 @@ def test_s3_put_get_over_http(running: dict[str, Any]) -> None:
 
 
 def test_up_recovers_killed_slurmd(running: dict[str, Any]) -> None:
-    old = kill_9_keep_pid_file("slurmd")
+    slurmd = slurmd_daemons(running)[0]
+    old = kill_9_keep_pid_file(slurmd)
     result, _ = up()
-    assert "started" in daemon_lines(result.stdout)["slurmd"]
+    assert "started" in daemon_lines(result.stdout)[slurmd]
     status = stack_status()
     assert status["all_up"] is True
-    assert status["daemons"]["slurmd"]["pid"] != old
+    assert status["daemons"][slurmd]["pid"] != old
     assert wait_for_sacct_state(submit_true(), "COMPLETED") == "COMPLETED"
 
 
@@ -196,3 +206,61 @@ def test_up_recovers_killed_mariadbd(running: dict[str, Any]) -> None:
     assert stack_status()["all_up"] is True
     # slurmdbd reconnects to the new server: accounting still works end to end.
     assert wait_for_sacct_state(submit_true(), "COMPLETED") == "COMPLETED"
+
+
+multinode = pytest.mark.skipif(not stack_status().get("multinode"), reason="the stack runs the one-node layout")
+
+
+@multinode
+def test_nodes_are_apart_with_their_own_names_and_addresses(running: dict[str, Any]) -> None:
+    nodes = running["nodes"]
+    assert len(nodes) >= 2 and all(node["state"] in ("idle", "mix", "alloc") for node in nodes), nodes
+    # One job over two nodes: each step task reports its node's own hostname and address, and a
+    # node reaches the head's services by name (S3 answers), never at loopback.
+    out = subprocess.run(
+        ["srun", "-N2", "-n2", "--mpi=pmix", "bash", "-c",
+         "echo $(hostname) $(hostname -I) $(curl -s -o /dev/null -w %{http_code} http://rghead:9010/)"],
+        capture_output=True, text=True, timeout=60, check=True,
+    ).stdout.split("\n")
+    seen = sorted(tuple(line.split()) for line in out if line.strip())
+    assert seen == sorted((node["name"], node["address"], "403") for node in nodes[:2])
+
+
+def _half_made_node(node: dict[str, Any]) -> None:
+    """What a killed `up` or a crashed node leaves: no slurmd, no namespace, a dangling link."""
+    name = node["name"]
+    kill_9_keep_pid_file(f"slurmd-{name}")
+    subprocess.run(["ip", "netns", "del", name], check=True, timeout=30)
+
+
+@multinode
+def test_up_rebuilds_a_node_whose_namespace_is_gone(running: dict[str, Any]) -> None:
+    node = running["nodes"][-1]
+    _half_made_node(node)
+    result, _ = up()
+    assert f"created network namespace {node['name']}" in result.stdout, result.stdout
+    status = stack_status()
+    assert status["all_up"] is True
+    job = subprocess.run(
+        ["sbatch", "--parsable", "--output=/dev/null", "-w", node["name"], "--wrap", "true"],
+        capture_output=True, text=True, timeout=30, check=True,
+    ).stdout.strip()
+    assert wait_for_sacct_state(job, "COMPLETED", timeout=60) == "COMPLETED"
+
+
+@multinode
+def test_down_removes_what_up_made_outside_the_state_dir_and_up_brings_it_back(running: dict[str, Any]) -> None:
+    # Last in this module: the other modules find the stack up again.
+    names = [node["name"] for node in running["nodes"]]
+    down = stack_cli("down", timeout=600)
+    assert down.returncode == 0, down.stdout + down.stderr
+    try:
+        netns = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, timeout=30).stdout
+        assert not any(name in netns for name in names), netns
+        assert subprocess.run(["ip", "link", "show", "rgbr0"], capture_output=True, timeout=30).returncode != 0
+        hosts = Path("/etc/hosts").read_text()
+        assert "rghead" not in hosts and "relion-gateway stack" not in hosts
+        assert not os.path.ismount("/run/netns")
+    finally:
+        result, _ = up()
+    assert stack_status()["all_up"] is True and [n["name"] for n in stack_status()["nodes"]] == names

@@ -20,6 +20,7 @@ from gateway import create_app
 from gateway.process import run_command
 from gateway.relion.presets import TINY_FLAGS
 from gateway.database import JobRecord
+from gateway.stack.nodes import HEAD_NAME  # jobs reach the services at the head, never at loopback
 from tests.integration.conftest import allow_admin, free_port, wait_for_end
 
 JOBS = "/v1/relion/jobs"
@@ -57,14 +58,14 @@ def private_gateway(gateway_config: dict, tmp_path: Path, admin_token: Any) -> I
     # One address across restarts: the job asks this gateway (its store knows the job) for its
     # presigned S3 URLs, as jobs of a real deployment ask its one public URL.
     port = free_port()
-    url = f"http://127.0.0.1:{port}"
+    url = f"http://{HEAD_NAME}:{port}"
     config = {**gateway_config, "STORE_DATABASE_URL": f"sqlite:///{tmp_path / 'private.sqlite'}", "SERVER_PUBLIC_URL": url}
     servers: list[Any] = []
 
     def start() -> str:
         app = create_app(config)
         allow_admin(app, admin_token)
-        server = make_server("127.0.0.1", port, app, threaded=True)
+        server = make_server(HEAD_NAME, port, app, threaded=True)
         threading.Thread(target=server.serve_forever, daemon=True).start()
         servers.append((server, app))
         return url

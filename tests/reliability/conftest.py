@@ -20,6 +20,7 @@ from werkzeug.serving import make_server
 from gateway import create_app
 from gateway.process import run_command
 from gateway.relion.presets import TINY_FLAGS
+from gateway.stack.nodes import HEAD_NAME  # jobs reach the services at the head, never at loopback
 from tests.integration.conftest import (  # noqa: F401  (fixtures)
     TERMINAL,
     admin_token,
@@ -157,11 +158,11 @@ class ServedGateway:
 
     def start(self) -> str:
         port = free_port()
-        url = f"http://127.0.0.1:{port}"
+        url = f"http://{HEAD_NAME}:{port}"
         self.config["SERVER_PUBLIC_URL"] = url  # jobs send their signed events here
         app = create_app(self.config)
         allow_admin(app, self.admin_token)
-        server = make_server("127.0.0.1", port, app, threaded=True)
+        server = make_server(HEAD_NAME, port, app, threaded=True)
         threading.Thread(target=server.serve_forever, daemon=True).start()
         self.servers.append((server, app))
         return url

@@ -22,6 +22,7 @@ import requests
 from gateway.auth import create_token
 from gateway.process import run_command
 from gateway.database import JobStore, make_engine
+from gateway.stack.nodes import HEAD_NAME  # jobs reach the services at the head, never at loopback
 from tests.integration.conftest import ROOT, free_port
 from tests.reliability.conftest import JOBS, Tally, job_request, slurm_jobs_named, wait_until
 
@@ -40,7 +41,7 @@ def start_gateway(state: Path, port: int, stack: dict[str, Any], log: Any) -> su
         {
             "GATEWAY_CONFIG": str(ROOT / "config" / "local.toml"),
             "GATEWAY_PATHS_STATE_DIR": str(state),
-            "GATEWAY_SERVER_PUBLIC_URL": f"http://127.0.0.1:{port}",
+            "GATEWAY_SERVER_PUBLIC_URL": f"http://{HEAD_NAME}:{port}",
             "GATEWAY_SLURM_EXTRA_DIRECTIVES": '["--hold"]',
             "GATEWAY_SLURM_COMMAND_TIMEOUT": str(COMMAND_TIMEOUT_S),
             "GATEWAY_LIMITS_MAX_ACTIVE_JOBS": "0",
@@ -59,7 +60,7 @@ def start_gateway(state: Path, port: int, stack: dict[str, Any], log: Any) -> su
         stderr=subprocess.STDOUT,
         start_new_session=True,
     )
-    url = f"http://127.0.0.1:{port}"
+    url = f"http://{HEAD_NAME}:{port}"
 
     def healthy() -> bool:
         assert proc.poll() is None, f"gateway exited: {(state / 'serve.log').read_text()[-3000:]}"
@@ -80,7 +81,7 @@ def test_sigkill_under_200_idempotent_submissions_loses_and_duplicates_nothing(
     store = JobStore(make_engine(f"sqlite:///{state / 'gateway.sqlite'}"))
     token = create_token(store, "crash-admin", admin=True, n=16)[1]
     port = free_port()
-    url = f"http://127.0.0.1:{port}"
+    url = f"http://{HEAD_NAME}:{port}"
     workspace = f"crash{secrets.token_hex(3)}"
     log = open(state / "serve.log", "ab")
     gateway = start_gateway(state, port, stack, log)

@@ -32,7 +32,7 @@ class PresigningStorage(FakeStorage):
             raise StorageError("HEAD", location.bucket, location.key, "404 Not Found", "404")
         return ObjectInfo(len(self.objects[location.url]), "etag")
 
-    def presigned_get(self, location: S3Location, expires_s: int = 3600) -> str:
+    def presigned_get(self, location: S3Location, expires_s: int = 3600, *, for_job: bool = False) -> str:
         self.calls.append(("get", location.url))
         return f"https://s3.example/get/{location.key}"
 
@@ -211,3 +211,25 @@ def test_a_failed_part_aborts_the_upload(monkeypatch: pytest.MonkeyPatch) -> Non
     with pytest.raises(StorageError, match="S3 answered 500"):
         BrokeredStorage(link, "s3://b/r/").upload_stream(io.BytesIO(b"x" * 2500), S3Location("b", "r/o.tgz"))  # type: ignore[arg-type]
     assert [op for op, _ in link.calls][-1] == "multipart_abort"
+
+
+def test_urls_for_jobs_are_signed_for_the_job_endpoint() -> None:
+    # [s3] job_endpoint_url: the nodes may reach S3 by another address than the gateway; a
+    # presigned URL names its host, so jobs' URLs come from a client for that endpoint.
+    import boto3
+    from botocore.config import Config
+
+    from gateway.storage.s3 import S3Storage
+
+    def client(endpoint: str) -> object:
+        return boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1", aws_access_key_id="k",
+                            aws_secret_access_key="s", config=Config(signature_version="s3v4"))
+
+    storage = S3Storage(client("http://s3.internal:9010"), job_client=client("http://rghead:9010"))
+    where = S3Location("b", "results/j/output.tar.gz")
+    assert storage.presigned_put(where, 60).startswith("http://rghead:9010/b/results/j/output.tar.gz?")
+    assert storage.presigned_part(where, "u1", 1, 60).startswith("http://rghead:9010/")
+    assert storage.presigned_get(where, 60, for_job=True).startswith("http://rghead:9010/")
+    # A portal's download link keeps the gateway's own endpoint.
+    assert storage.presigned_get(where, 60).startswith("http://s3.internal:9010/")
+    assert S3Storage(client("http://one:1")).presigned_put(where, 60).startswith("http://one:1/")

@@ -17,6 +17,7 @@ from gateway.slurm.backend import SchedulerError
 from gateway.slurm.cli import SlurmCliBackend
 from gateway.slurm.directives import SBATCH_OPTIONS, parse_memory_mb, sbatch_directives
 from gateway.slurm.factory import BACKENDS, DEFAULTS, make_scheduler
+from gateway.stack.nodes import plan_topology
 from gateway.slurm.pyslurm_backend import PyslurmBackend
 from gateway.slurm.rest import SlurmRestBackend, SlurmRestError, job_description
 from gateway.slurm.rest_json import (
@@ -496,10 +497,10 @@ def test_jwt_lines_only_when_rest_is_enabled(tmp_path: Path) -> None:
     )
 
     paths = StackPaths.for_state_dir(tmp_path)
-    plain = SlurmSettings.for_stack(paths, "vm", "pw")
+    plain = SlurmSettings.for_stack(paths, "vm", plan_topology(1, "vm"), "pw")
     assert "AuthAlt" not in render_slurm_conf(plain) + render_slurmdbd_conf(plain)
     key = tmp_path / "jwt.key"
-    with_rest = SlurmSettings.for_stack(paths, "vm", "pw", jwt_key=key)
+    with_rest = SlurmSettings.for_stack(paths, "vm", plan_topology(1, "vm"), "pw", jwt_key=key)
     for text in (render_slurm_conf(with_rest), render_slurmdbd_conf(with_rest)):
         lines = text.splitlines()
         assert "AuthType=auth/munge" in lines and "AuthAltTypes=auth/jwt" in lines

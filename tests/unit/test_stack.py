@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 from click.testing import CliRunner
 
+from gateway.stack.nodes import plan_topology
 from gateway.stack import control, manager
 from gateway.stack.credentials import load_or_create_secrets, load_secrets
 from gateway.stack.daemons import (
@@ -60,7 +61,7 @@ def test_state_dir_resolution(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -
 
 
 def _settings(tmp_path: Path) -> SlurmSettings:
-    return SlurmSettings.for_stack(StackPaths.for_state_dir(tmp_path), "vm", "pw0123456789")
+    return SlurmSettings.for_stack(StackPaths.for_state_dir(tmp_path), "vm", plan_topology(1, "vm"), "pw0123456789")
 
 
 @pytest.mark.parametrize(
@@ -121,7 +122,7 @@ def test_slurmdbd_conf(tmp_path: Path) -> None:
 @pytest.mark.parametrize("bad", ["/tmp/with space", "/tmp/hash#dir", "/tmp/quote'd"])
 def test_conf_refuses_values_slurm_would_misread(tmp_path: Path, bad: str) -> None:
     with pytest.raises(ValueError):
-        render_slurm_conf(SlurmSettings.for_stack(StackPaths.for_state_dir(bad), "vm", "pw"))
+        render_slurm_conf(SlurmSettings.for_stack(StackPaths.for_state_dir(bad), "vm", plan_topology(1, "vm"), "pw"))
 
 
 def test_write_managed_file_moves_foreign_file_aside_once(tmp_path: Path) -> None:
@@ -441,20 +442,20 @@ def _status(all_up: bool) -> dict[str, Any]:
     paths = StackPaths.for_state_dir("/srv/state dir")
     states = {name: (State.UP if all_up else State.STALE, 42) for name in ("munged", "slurmd")}
     secrets = type("S", (), {"s3_access_key": "AK", "s3_secret_key": "S'K", "mariadb_slurm_password": "x"})()
-    return manager._status_dict(paths, states, secrets, "vm")  # type: ignore[arg-type]
+    return manager._status_dict(paths, states, secrets, plan_topology(1, "vm"))  # type: ignore[arg-type]
 
 
 def test_status_dict_shape() -> None:
     status = _status(True)
     assert status["all_up"] is True
     assert status["daemons"]["slurmd"] == {"state": "up", "pid": 42, "log": status["daemons"]["slurmd"]["log"]}
-    assert status["s3"]["endpoint_url"] == "http://127.0.0.1:9010"
+    assert status["s3"]["endpoint_url"] == "http://rghead:9010"
     assert status["s3"]["bucket"] == "relion-local"
     assert status["environment"] == {
         "AWS_ACCESS_KEY_ID": "AK",
         "AWS_SECRET_ACCESS_KEY": "S'K",
         "AWS_DEFAULT_REGION": "us-east-1",
-        "GATEWAY_S3_ENDPOINT_URL": "http://127.0.0.1:9010",
+        "GATEWAY_S3_ENDPOINT_URL": "http://rghead:9010",
         "GATEWAY_PATHS_STATE_DIR": "/srv/state dir",
     }
     assert status["gateway_url"] is None
