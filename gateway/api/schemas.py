@@ -36,6 +36,8 @@ IDENTIFIER = validate.And(
 
 
 MAX_FLAGS = 200
+# GPUs per node a request may ask (the partition's own count is checked with the config).
+MAX_GPUS = 64
 
 
 class JobRequestSchema(Schema):
@@ -66,6 +68,16 @@ class JobRequestSchema(Schema):
     partition = fields.String(
         validate=FullMatch(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$", error="must be a Slurm partition name"),
         metadata={"description": "Slurm partition (default: [slurm] partition); checked against its limits"},
+    )
+    # No load_default: a request without gpus must keep the request_sha256 it had before the field.
+    gpus = fields.Integer(
+        strict=True,
+        validate=validate.Range(min=0, max=MAX_GPUS),
+        metadata={
+            "description": "GPUs per node (#SBATCH --gres=gpu:<n>); the partition must have them ([slurm.partitions.<name>] gpus). "
+            "The job passes RELION --gpu with the devices Slurm assigned (one group per follower rank; the leader gets none)",
+            "example": 2,
+        },
     )
     time_limit = fields.String(
         validate=validate.And(
@@ -114,6 +126,7 @@ class JobSchema(Schema):
     mode = fields.String()
     num_mpi = fields.Integer()
     partition = fields.String(allow_none=True, metadata={"description": "as requested; null: the configured default"})
+    gpus = fields.Integer(allow_none=True, metadata={"description": "GPUs per node as requested; null: none"})
     time_limit = fields.String(allow_none=True, metadata={"description": "as requested; null: the configured default"})
     flags = fields.Dict()
     slurm = fields.Nested(SlurmInfoSchema)
@@ -178,6 +191,10 @@ class PortalJob:
     @property
     def partition(self) -> Any:
         return self.record.request.get("partition")
+
+    @property
+    def gpus(self) -> Any:
+        return self.record.request.get("gpus")
 
     @property
     def time_limit(self) -> Any:

@@ -11,7 +11,7 @@ from gateway.audit import Actor
 from gateway.errors import RequestError
 from gateway.jobs import rules
 from gateway.jobs.dirs import job_account
-from gateway.jobs.resources import plan_resources
+from gateway.jobs.resources import check_gpus, gpus_per_node, plan_resources
 from gateway.jobs.scripts import JobScripts
 from gateway.jobs.spec import JobSpec
 from gateway.relion.catalogue import validate_options
@@ -62,15 +62,20 @@ class Preparer:
         except FlagError as exc:
             raise RequestError(f"flags.{exc.key}", exc.message) from exc
         flags = rules.mode_flags(mode, flags, num_mpi)
+        gpus = int(request.get("gpus") or 0)
+        # Before the options, so gpus on a partition without GPUs is told so (field gpus) rather than
+        # that a --gpu in its flags needs a GPU partition.
+        check_gpus(config, request.get("partition"), gpus)
         try:
             warnings = validate_options(
                 flags.options,
                 mode=mode,
                 relion_version=str(config["RELION_VERSION"]),
-                gpu_allowed=rules.partition_has_gpus(config, request.get("partition")),
+                gpu_allowed=gpus_per_node(config, request.get("partition")) > 0,
             )
         except FlagError as exc:
             raise RequestError(f"flags.{exc.key}", exc.message) from exc
+        flags = rules.gateway_gpu_flag(flags, gpus)
         rules.check_values(flags)
         threads = rules.check_threads(config, flags, num_mpi)
 
@@ -90,6 +95,7 @@ class Preparer:
             threads=threads,
             partition=request.get("partition"),
             time_limit=request.get("time_limit"),
+            gpus=gpus,
         )
         spec = JobSpec(
             job_id=job_id,

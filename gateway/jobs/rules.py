@@ -62,10 +62,19 @@ def mode_flags(mode: str, flags: NormalisedFlags, num_mpi: int) -> NormalisedFla
     return NormalisedFlags(options)
 
 
-def partition_has_gpus(config: dict[str, Any], partition: str | None) -> bool:
-    chosen = partition or config["SLURM_PARTITION"]
-    limits = config["SLURM_PARTITIONS"].get(chosen, {})
-    return int(limits.get("gpus", 0)) > 0
+def gateway_gpu_flag(flags: NormalisedFlags, gpus: int) -> NormalisedFlags:
+    """With gpus, --gpu is the gateway's: the job side builds its device string from the GPUs Slurm
+    assigns (the ids a request could name are not known before the job runs), and the script adds it."""
+    if gpus <= 0 or "gpu" not in flags.options:
+        return flags
+    value = flags.options["gpu"]
+    if value is not True:
+        raise RequestError(
+            "flags.gpu",
+            f"--gpu {value!r} names devices, but with gpus the job builds the device string from the GPUs "
+            "Slurm assigns it; send --gpu true or leave it out",
+        )
+    return NormalisedFlags({key: v for key, v in flags.options.items() if key != "gpu"})
 
 
 def check_threads(config: dict[str, Any], flags: NormalisedFlags, num_mpi: int) -> int:

@@ -47,6 +47,8 @@ class JobScripts:
             "job_name": spec.job_id,
             "ntasks": resources.ntasks,
             "cpus_per_task": resources.cpus_per_task,
+            "nodes": resources.nodes,
+            "gpus": resources.gpus_per_node,
             "time_limit": resources.time_limit,
             "workspace_dir": spec.workspace_dir,
             "environment": sorted(self.config["RELION_ENVIRONMENT"].items()),

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +34,9 @@ class Resources:
     cpus_per_task: int
     mem_per_cpu_mb: int
     time_limit: str
+    # Records written before multi-node planning have neither: one node, no GPUs.
+    nodes: int = 1  # --nodes, worked out from the partition's cpus_per_node
+    gpus_per_node: int = 0  # --gres=gpu:<n>, the request's gpus
 
     @property
     def total_cpus(self) -> int:
@@ -51,7 +54,7 @@ class Resources:
         if not isinstance(data, dict):
             return None
         try:
-            return cls(**{f.name: data[f.name] for f in fields(cls)})
+            return cls(**{f.name: data[f.name] for f in fields(cls) if f.name in data or f.default is MISSING})
         except (KeyError, TypeError):
             return None
 

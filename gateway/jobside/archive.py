@@ -229,7 +229,9 @@ def run_archive(
         "resources": {
             **(job.resources.as_dict() if job.resources else {}),
             "pool": flags.get("pool"),
+            # What ran, from sacct (text, as sacct prints it); the record's own "nodes" is the plan.
             "nodes": usage.get("nodes"),
+            "planned_nodes": job.resources.nodes if job.resources else None,
             "node_list": usage.get("node_list"),
             "gpus": _read_json(log_dir / GPU_RECORD_NAME),
             "rank_hosts": [{"rank": h.rank, "host": h.host} for h in hosts],
