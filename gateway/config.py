@@ -92,6 +92,10 @@ def default_config() -> dict[str, Any]:
         "RELION_SETUP_LINES": [],  # e.g. ["module load relion/3.1.3"]
         # [s3]
         "S3_ENDPOINT_URL": "",  # empty: boto3's default (AWS)
+        # Where jobs on the compute nodes reach S3, when not at endpoint_url (a service node may
+        # use an internal name the nodes cannot resolve): the presigned URLs for jobs carry it.
+        # Empty: endpoint_url.
+        "S3_JOB_ENDPOINT_URL": "",
         "S3_REGION": "us-east-1",
         "S3_ALLOWED_BUCKETS": [],  # empty: any bucket
         # Per-user data boundaries: s3:// prefixes a user may name as a dataset (reading) and as an
