@@ -23,6 +23,9 @@ log = logging.getLogger(__name__)
 
 # Fast settings measured on the tiny dataset (shared notes): about 5-8 s of RELION with 3 ranks.
 DEMO_FLAGS: dict[str, Any] = TINY_FLAGS["2d"]
+# 3 ranks x 4 threads is more than one node of the local 2-node stack (8 CPUs each): the gateway
+# plans --nodes=2 and the demo shows RELION's ranks on both nodes.
+DEMO_THREADS = 4
 
 
 def local_config_file() -> Path | None:
@@ -183,7 +186,7 @@ def submit_and_follow(
         "output_s3_prefix": f"s3://{bucket}/results/demo",  # the user's own prefix ([s3] output_prefixes)
         "mode": "2d",
         "num_mpi": num_mpi,
-        "flags": DEMO_FLAGS,
+        "flags": {**DEMO_FLAGS, "j": DEMO_THREADS},
     }
     response = session.post(f"{url}/v1/relion/jobs", json=request, timeout=60)
     if response.status_code != 202:
@@ -208,6 +211,11 @@ def print_summary(job: dict[str, Any], storage: S3Storage) -> None:
     if results:
         distribution = ", ".join(f"{x:.3f}" for x in results.get("class_distribution") or [])
         click.echo(f"RELION        iterations {results.get('iterations_run')}, resolution {results.get('resolution_angstrom')} A, classes [{distribution}]")
+    resources = metadata.get("resources") or {}
+    ranks = resources.get("rank_hosts") or []
+    if ranks:
+        where = ", ".join(f"rank {r['rank']} on {r['host']}" for r in ranks)
+        click.echo(f"ranks         {where}  ({len(resources.get('hosts') or [])} nodes, as RELION reported)")
     timings = metadata.get("timings") or {}
     if timings:
         click.echo("timings (s)   " + ", ".join(f"{k} {v}" for k, v in timings.items()))

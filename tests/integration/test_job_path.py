@@ -38,8 +38,12 @@ def request_for(dataset_url: str, bucket: str, **changes: Any) -> dict[str, Any]
     return request
 
 
-def test_2d_classification_runs_end_to_end(http: requests.Session, gateway_url: str, dataset_url: str, bucket: str, storage: S3Storage, gateway_config: dict) -> None:
-    job = submit(http, gateway_url, request_for(dataset_url, bucket))
+def test_2d_classification_runs_end_to_end(
+    http: requests.Session, gateway_url: str, dataset_url: str, bucket: str, storage: S3Storage, gateway_config: dict,
+    stack: dict[str, Any],
+) -> None:
+    # 3 ranks x 4 threads: more than one node of the local stack, so the ranks span two nodes.
+    job = submit(http, gateway_url, request_for(dataset_url, bucket, flags={**DEMO_FLAGS, "j": 4}))
     main_id = job["slurm"]["main_job_id"]
     # An admin at a shell can map the Slurm job back to the gateway job.
     squeue_or_sacct = run_command(["sacct", "-X", "-n", "-P", "-j", main_id, "-o", "JobName"], timeout=30)
@@ -50,6 +54,10 @@ def test_2d_classification_runs_end_to_end(http: requests.Session, gateway_url: 
     metadata = job["metadata"]
     assert metadata["slurm"]["state"] == "COMPLETED" and metadata["slurm"]["exit_code"] == 0
     assert metadata["slurm"]["main_job_id"] == main_id
+    if stack["multinode"]:
+        # RELION's own output says where each rank ran: the leader and a follower on one node, the other follower on the other.
+        assert len(metadata["resources"]["hosts"]) == 2 and len(metadata["resources"]["rank_hosts"]) == 3, metadata["resources"]
+        assert metadata["resources"]["node_list"] and metadata["resources"]["nodes"] == "2"
 
     # The archive in S3 holds RELION's real output.
     output = parse_s3_url(metadata["output"]["url"])

@@ -10,9 +10,12 @@ from gateway.relion.presets import TINY_FLAGS
 from tests.integration.conftest import wait_for_end
 
 RANKS = {"2d": 3, "3d": 3, "autorefine": 3}
+# 3 ranks x 4 threads = 12 CPUs: more than one 8-CPU node of the local stack has, so the gateway
+# plans --nodes=2 and Slurm puts two ranks on one node and one on the other.
+SPANNING_THREADS = 4
 
 
-def request_for(mode: str, dataset_url: str, bucket: str) -> dict[str, Any]:
+def request_for(mode: str, dataset_url: str, bucket: str, threads: int = 1) -> dict[str, Any]:
     return {
         "user_id": "itest",
         "workspace_id": f"modes-{mode}",
@@ -20,8 +23,20 @@ def request_for(mode: str, dataset_url: str, bucket: str) -> dict[str, Any]:
         "output_s3_prefix": f"s3://{bucket}/itest-modes",
         "mode": mode,
         "num_mpi": RANKS[mode],
-        "flags": TINY_FLAGS[mode],
+        "flags": {**TINY_FLAGS[mode], "j": threads},
     }
+
+
+def assert_ranks_spanned_the_nodes(http: requests.Session, gateway_url: str, job: dict[str, Any], stack: dict[str, Any]) -> None:
+    """Where each rank ran, as RELION itself printed it, and nothing addressed as loopback."""
+    resources = job["metadata"]["resources"]
+    if stack["multinode"]:
+        assert resources["planned_nodes"] == 2 and len(resources["hosts"]) == 2, resources
+        assert set(resources["hosts"]) <= {node["name"] for node in stack["nodes"]}
+    assert [r["rank"] for r in resources["rank_hosts"]] == list(range(RANKS[job["mode"]])), resources
+    for which in ("main", "archive"):
+        script = http.get(f"{gateway_url}/v1/relion/jobs/{job['job_id']}/script", params={"which": which}, timeout=30).text
+        assert "127.0.0.1" not in script and "localhost" not in script, which
 
 
 @pytest.mark.parametrize("mode", sorted(TINY_FLAGS))
@@ -39,16 +54,20 @@ def test_sbatch_test_only_refusal_is_reported(http: requests.Session, gateway_ur
     assert "unknown partition 'nonexistent'" in response.json()["message"]
 
 
-def test_3d_classification_and_autorefine_succeed(http: requests.Session, gateway_url: str, dataset_url: str, bucket: str) -> None:
-    # Submitted together: Slurm runs them side by side, which keeps the suite short.
+def test_3d_classification_and_autorefine_succeed(
+    http: requests.Session, gateway_url: str, dataset_url: str, bucket: str, stack: dict[str, Any]
+) -> None:
+    # Submitted together; each spans two nodes, so Slurm runs them one after the other.
     jobs = {}
     for mode in ("3d", "autorefine"):
-        response = http.post(f"{gateway_url}/v1/relion/jobs", json=request_for(mode, dataset_url, bucket), timeout=60)
+        request = request_for(mode, dataset_url, bucket, threads=SPANNING_THREADS)
+        response = http.post(f"{gateway_url}/v1/relion/jobs", json=request, timeout=60)
         assert response.status_code == 202, response.text
         jobs[mode] = response.json()["job_id"]
     ended = {mode: wait_for_end(http, gateway_url, job_id, timeout=600) for mode, job_id in jobs.items()}
     for mode, job in ended.items():
         assert job["status"] == "succeeded", (mode, job["message"])
+        assert_ranks_spanned_the_nodes(http, gateway_url, job, stack)
 
     classes = ended["3d"]["metadata"]["relion"]["results"]
     assert classes["iterations_run"] == 2 and len(classes["class_distribution"]) == 2
