@@ -216,6 +216,7 @@ def run_archive(
         error = error_line(log_dir / f"main-{main_slurm_id}.err")
     flags = job.flags
     ended = time.time()
+    gpus = _read_json(log_dir / GPU_RECORD_NAME)
     metadata: dict[str, Any] = {
         "schema_version": METADATA_SCHEMA_VERSION,
         "job": {
@@ -233,7 +234,7 @@ def run_archive(
             "nodes": usage.get("nodes"),
             "planned_nodes": job.resources.nodes if job.resources else None,
             "node_list": usage.get("node_list"),
-            "gpus": _read_json(log_dir / GPU_RECORD_NAME),
+            "gpus": gpus,
             "rank_hosts": [{"rank": h.rank, "host": h.host} for h in hosts],
             "hosts": sorted({h.host for h in hosts}),
         },
@@ -251,7 +252,8 @@ def run_archive(
         },
         "relion": {
             "version": results.get("relion_version"),
-            "command": list(job.relion_command),
+            # The command RELION ran: the template appends the --gpu string gpu-layout built.
+            "command": [*job.relion_command, *(["--gpu", str(gpus["device_string"])] if gpus and gpus.get("device_string") else [])],
             "error": error or None,
             "results": results,
         },

@@ -23,7 +23,10 @@ from pathlib import Path
 
 REAL = "@REAL@"
 LOG_ROOT = "@LOG_ROOT@"
-VARIABLES = ("CUDA_VISIBLE_DEVICES", "SLURM_JOB_GPUS", "SLURM_STEP_GPUS", "GPU_DEVICE_ORDINAL", "SLURMD_NODENAME", "SLURM_PROCID")
+VARIABLES = (
+    "CUDA_VISIBLE_DEVICES", "SLURM_JOB_GPUS", "SLURM_STEP_GPUS", "GPU_DEVICE_ORDINAL", "SLURMD_NODENAME", "SLURM_PROCID",
+    "RG_RANK_PROBE",  # set by [relion.environment] in the job script: it must reach every srun rank
+)
 
 
 def without_gpu(args: list[str]) -> list[str]:

@@ -68,6 +68,7 @@ def gpu_gateway(
         "STORE_DATABASE_URL": f"sqlite:///{state / 'gpu.sqlite'}",
         "RELION_REFINE": str(wrappers["relion_refine"]),
         "RELION_REFINE_MPI": str(wrappers["relion_refine_mpi"]),
+        "RELION_ENVIRONMENT": {**gateway_config["RELION_ENVIRONMENT"], "RG_RANK_PROBE": "reaches-ranks"},
     }
     app = create_app(config)
     allow_admin(app, admin_token)
@@ -162,12 +163,15 @@ def test_a_gpu_job_gets_its_gpus_and_relion_the_device_string(
         assert record["hostname"] == node and env["SLURMD_NODENAME"] == node, record
         assert env["CUDA_VISIBLE_DEVICES"] == "0,1", record
         assert env["SLURM_JOB_GPUS"] == "0,1" and env["SLURM_STEP_GPUS"] == "0,1", record
+        # What the job script exports reaches srun's ranks (sbatch --export leaves SLURM_EXPORT_ENV behind).
+        assert env["RG_RANK_PROBE"] == "reaches-ranks", record
         argv = record["argv"]
         assert argv[0] == wrapper and argv.count("--gpu") == 1, argv
         assert argv[argv.index("--gpu") + 1] == "0:1", argv
         assert argv[-2:] == ["--gpu", "0:1"], argv
-        # The gateway's own command line, then the job side's --gpu; RELION (CPU build) ran the rest.
-        assert argv[1:-2] == metadata["relion"]["command"][1:], (argv, metadata["relion"]["command"])
+        # The gateway's own command line, then the job side's --gpu, as metadata.json records it;
+        # RELION (CPU build) ran the rest.
+        assert argv[1:] == metadata["relion"]["command"][1:], (argv, metadata["relion"]["command"])
         assert record["exec"] == [real, *argv[1:-2]], record
     assert len({json.dumps(r["argv"]) for r in records}) == 1, "every rank gets the same command line"
 
