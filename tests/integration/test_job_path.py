@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import hashlib
 import io
+import os
+import subprocess
 import json
 import tarfile
 from pathlib import Path
@@ -142,3 +144,24 @@ def test_2d_classification_through_slurmrestd(
     # Slurm saw the job under the gateway's name, with the allocation the script asked for.
     accounted = run_command(["sacct", "-X", "-n", "-P", "-j", job["slurm"]["main_job_id"], "-o", "JobName,NTasks,AllocCPUS"], timeout=30)
     assert accounted.strip().splitlines()[-1].startswith(f"{job['job_id']}|")
+
+
+def test_a_job_that_cannot_reach_the_gateway_fails_at_once_naming_the_address(gateway_config: dict, stack: dict[str, Any]) -> None:
+    # A callback URL on loopback: fine on one host, unreachable from a compute node (its 127.0.0.1
+    # is its own). The job side's first step says so within seconds instead of retrying for minutes.
+    import time
+
+    callback = "http://127.0.0.1:9/v1/relion"
+    started = time.monotonic()
+    result = subprocess.run(
+        ["srun", "-N1", "-n1", "--chdir=/", gateway_config["JOB_PYTHON"], "-I", "-m", "gateway.jobside", "stage-in",
+         "--url", "s3://relion-local/datasets/none.tar.gz", "--dest", "/nonexistent", "--job-id", "job_2d_x_00000000",
+         "--callback-url", callback, "--quota-bytes", "1000", "--max-members", "10"],
+        capture_output=True, text=True, timeout=120, env={**os.environ, "RELION_GATEWAY_JOB_TOKEN": "t"},
+    )
+    elapsed = time.monotonic() - started
+    assert result.returncode != 0
+    assert "stage-in failed" in result.stderr and "cannot reach the gateway at 127.0.0.1:9" in result.stderr, result.stderr
+    if stack["multinode"]:
+        assert "this node (rgnode" in result.stderr, result.stderr
+    assert elapsed < 30, elapsed
