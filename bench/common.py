@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from gateway.process import run_command
+from gateway.stack.nodes import HEAD_NAME
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS_DIR = ROOT / "bench" / "results"
@@ -368,7 +369,7 @@ def machine_cpu_seconds() -> tuple[float, float]:
 
 def free_port() -> int:
     with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
+        sock.bind((HEAD_NAME, 0))  # where the benchmarks' gateways listen: the nodes reach it
         return int(sock.getsockname()[1])
 
 

@@ -52,6 +52,7 @@ from gateway.relion.dataset import make_dataset
 from gateway.relion.flags import normalise_flags
 from gateway.relion.presets import TINY_FLAGS
 from gateway.slurm.cli import SlurmCliBackend, parse_sbatch_parsable
+from gateway.stack.nodes import HEAD_NAME
 from gateway.storage.s3 import S3Location, S3Storage, make_s3_client
 
 NAME = "overhead"
@@ -351,10 +352,11 @@ class Bench:
 
     def serve(self, config: dict[str, Any], **kwargs: Any) -> tuple[Any, Any, str, requests.Session]:
         port = free_port()
-        url = f"http://127.0.0.1:{port}"
-        config["SERVER_PUBLIC_URL"] = url  # where the jobs send their signed events
+        # The head's name: jobs on the compute nodes send their signed events here (never loopback).
+        url = f"http://{HEAD_NAME}:{port}"
+        config["SERVER_PUBLIC_URL"] = url
         app = create_app(config, **kwargs)
-        server = make_server("127.0.0.1", port, app, threaded=True)
+        server = make_server(HEAD_NAME, port, app, threaded=True)
         threading.Thread(target=server.serve_forever, daemon=True).start()
         store = app.extensions["relion_gateway"].store
         self.token = create_token(store, "bench-overhead", admin=True, n=int(config["AUTH_SCRYPT_N"]))[1]

@@ -123,6 +123,9 @@ def _topology_lines(s: SlurmSettings) -> str:
         "AccountingStorageTRES=gres/gpu\n"
     ) if s.topology.gpu_nodes else ""
     return (
+        "# A node whose slurmd stops answering is DOWN after 30 s (Slurm's default, 300 s, suits real\n"
+        "# clusters; the fault tests cut a node's link and must see its jobs end within minutes).\n"
+        "SlurmdTimeout=30\n"
         "# Nodes share one file system: the pmix plugin mkdir()s its dir below TmpFS and fails if it exists.\n"
         f"TmpFS={_v(s.nodes_dir)}/%n/tmp\n"
         f"{gres}"

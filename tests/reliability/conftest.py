@@ -194,3 +194,20 @@ def own_gateway(gateway_config: dict[str, Any], tmp_path: Any, admin_token: Any)
     for gateway in gateways:
         while gateway.servers:
             gateway.stop()
+
+
+def nodes_of(slurm_id: str) -> list[str]:
+    """The nodes a running Slurm job holds (squeue's %N, expanded)."""
+    node_list = run_command(["squeue", "--noheader", "-j", slurm_id, "-o", "%N"], timeout=30).strip()
+    if not node_list or node_list == "(null)":
+        return []
+    return run_command(["scontrol", "show", "hostnames", node_list], timeout=30).split()
+
+
+def slurmd_daemon(status: dict[str, Any], node: str) -> str:
+    """The stack's daemon name for a node's slurmd: "slurmd-<node>", or "slurmd" in the one-node layout."""
+    return f"slurmd-{node}" if f"slurmd-{node}" in status["daemons"] else "slurmd"
+
+
+def node_state(node: str) -> str:
+    return run_command(["sinfo", "--noheader", "-n", node, "-o", "%t"], timeout=30).strip()

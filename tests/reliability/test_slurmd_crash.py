@@ -15,7 +15,9 @@ from pathlib import Path
 
 import requests
 
-from tests.reliability.conftest import Tally, get, job_request, post, slurm_jobs_named, wait_for_all, wait_until
+from tests.reliability.conftest import (
+    Tally, get, job_request, nodes_of, post, slurm_jobs_named, slurmd_daemon, wait_for_all, wait_until,
+)
 
 
 def test_slurmd_killed_mid_run_and_brought_back_reports_the_outcome(
@@ -28,7 +30,10 @@ def test_slurmd_killed_mid_run_and_brought_back_reports_the_outcome(
     job_id = post(http, url, request)["job_id"]
     phases = tmp_path / "logs" / "slurmdcrash" / job_id / "phases"
     wait_until(lambda: phases.exists() and "running" in phases.read_text(), 180, "RELION to start", interval=0.1)
-    os.kill(stack_status()["daemons"]["slurmd"]["pid"], signal.SIGKILL)
+    # The slurmd of a node the job runs on (the first of its nodes on the multi-node stack).
+    status = stack_status()
+    node = nodes_of(get(http, url, job_id)["slurm"]["main_job_id"])[0]
+    os.kill(status["daemons"][slurmd_daemon(status, node)]["pid"], signal.SIGKILL)
     try:
         wait_until(lambda: "finished" in phases.read_text(), 180, "RELION to finish without slurmd")
         seen_while_down = {get(http, url, job_id)["status"] for _ in range(3)}
