@@ -165,6 +165,9 @@ def test_a_gpu_job_gets_its_gpus_and_relion_the_device_string(
         assert env["SLURM_JOB_GPUS"] == "0,1" and env["SLURM_STEP_GPUS"] == "0,1", record
         # What the job script exports reaches srun's ranks (sbatch --export leaves SLURM_EXPORT_ENV behind).
         assert env["RG_RANK_PROBE"] == "reaches-ranks", record
+        # No job environment on the stack names 127.0.0.1 or localhost, but for the PMIx server that
+        # slurmstepd starts on each node for its own ranks (node-local by design).
+        assert [k for k in record["loopback"] if not k.startswith("PMIX_SERVER_URI")] == [], record
         argv = record["argv"]
         assert argv[0] == wrapper and argv.count("--gpu") == 1, argv
         assert argv[argv.index("--gpu") + 1] == "0:1", argv

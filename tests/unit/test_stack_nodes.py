@@ -44,7 +44,7 @@ def test_multinode_slurm_conf_has_what_the_notes_found_necessary(tmp_path: Path)
     assert "NodeName=rgnode1 NodeAddr=10.231.0.11 NodeHostname=rgnode1 CPUs=8 RealMemory=8000 State=UNKNOWN" in lines
     assert "NodeName=rgnode2 NodeAddr=10.231.0.12 NodeHostname=rgnode2 CPUs=8 RealMemory=8000 Gres=gpu:2 State=UNKNOWN" in lines
     assert "PartitionName=gpu Nodes=rgnode2 MaxTime=04:00:00 State=UP" in lines
-    assert {"GresTypes=gpu", "AccountingStorageTRES=gres/gpu", "AccountingStorageHost=10.231.0.1"} <= set(lines)
+    assert {"GresTypes=gpu", "AccountingStorageTRES=gres/gpu", "AccountingStorageHost=10.231.0.1", "SlurmdTimeout=30"} <= set(lines)
     # Nothing a node must reach is addressed as loopback.
     assert "127.0.0.1" not in text and "localhost" not in text
     gres = render_gres_conf(settings(tmp_path, plan_topology(2, "vm"))).splitlines()
