@@ -16,6 +16,7 @@ from gateway import auth
 from gateway.audit import Auditor
 from gateway.jobs.dirs import secure_state
 from gateway.api.docs import register_docs
+from gateway.api.page import register_page
 from gateway.api.errors import MAX_BODY_BYTES, RequestLimits, error_response
 from gateway.config import build_config
 from gateway.observability import CachedReadiness, instrumented, render_metrics
@@ -101,10 +102,13 @@ def create_app(
     api = Api(app, spec_kwargs={"extra_plugins": [_UnsupportedMediaTypeDoc()]})
     from gateway.api.admin import blp as admin_blueprint
     from gateway.api.jobs import blp as jobs_blueprint
+    from gateway.api.previews import blp as previews_blueprint
     from gateway.api.errors import register_error_handlers
 
     api.register_blueprint(jobs_blueprint, url_prefix=base)
+    api.register_blueprint(previews_blueprint, url_prefix=base)
     api.register_blueprint(admin_blueprint, url_prefix=base)
+    register_page(app, base)  # the job page (gateway/api/ui/): public, outside the spec
     register_error_handlers(app)
 
     @app.before_request

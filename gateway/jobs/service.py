@@ -16,6 +16,7 @@ from gateway.database import JobNotFound, JobRecord, JobStore
 from gateway.errors import RequestError
 from gateway.jobs.context import JobContext
 from gateway.jobs.prepare import PreparedJob, Preparer
+from gateway.jobs.previews import Listing, PreviewImage, PreviewReader
 from gateway.jobs.scripts import JobScripts, callback_url
 from gateway.jobs.signed import apply_event, output_archive_location, storage_answer, verify_job_request
 from gateway.jobs.spec import JobSpec
@@ -153,6 +154,17 @@ class JobService:
         # job's metadata event could name any object, and the link would hand it to the owner.
         url = self.storage.presigned_get(output_archive_location(record), expires_s)
         return {"url": url, "expires_in": expires_s, "bytes": output.get("bytes"), "sha256": output.get("sha256")}
+
+    def previews(self, job_id: str, *, principal: Actor | None = None) -> Listing:
+        """The job's preview images: its log dir's index while that exists, else metadata.json's list."""
+        return self._preview_reader().listing(self.get(job_id, principal=principal))
+
+    def preview_image(self, job_id: str, name: str, *, principal: Actor | None = None) -> PreviewImage:
+        """One listed preview (its bytes read on demand: from the log dir, else from the recorded output_url)."""
+        return self._preview_reader().image(self.get(job_id, principal=principal), name)
+
+    def _preview_reader(self) -> PreviewReader:
+        return PreviewReader(self.config["PATHS_LOG_ROOT"], self.storage)
 
     def record_event(self, job_id: str, body: bytes, signature: str) -> None:
         """Take a signed event from a job (progress while it runs, metadata from its hook)."""
