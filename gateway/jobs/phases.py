@@ -10,6 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from gateway.jobfiles import read_job_text
+
 PHASES_FILE = "phases"
 
 
@@ -18,13 +20,15 @@ class Phases:
     stamps: tuple[tuple[str, float | None], ...] = ()
 
     @classmethod
-    def read(cls, log_dir: Path) -> "Phases":
-        try:
-            lines = (log_dir / PHASES_FILE).read_text().splitlines()
-        except OSError:
-            return cls()
+    def read(cls, log_dir: Path, log_root: Path | None = None) -> "Phases":
+        """The phases file of ``log_dir``, read as a job file (the job's account owns it)."""
+        text = read_job_text(log_root, log_dir / PHASES_FILE)
+        return cls.parse(text or "")
+
+    @classmethod
+    def parse(cls, text: str) -> "Phases":
         stamps = []
-        for line in lines:
+        for line in text.splitlines():
             name, _, stamp = line.partition(" ")
             try:
                 stamps.append((name, float(stamp)))

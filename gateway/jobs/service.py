@@ -14,6 +14,7 @@ from typing import Any
 from gateway.audit import Actor, Auditor
 from gateway.database import JobNotFound, JobRecord, JobStore
 from gateway.errors import RequestError
+from gateway.jobfiles import read_job_text
 from gateway.jobs.context import JobContext
 from gateway.jobs.prepare import PreparedJob, Preparer
 from gateway.jobs.previews import Listing, PreviewImage, PreviewReader
@@ -73,6 +74,10 @@ class JobService:
     @storage.setter
     def storage(self, storage: S3Storage | None) -> None:
         self.ctx.storage = storage
+
+    @property
+    def _log_root(self) -> Path | None:
+        return Path(self.config["PATHS_LOG_ROOT"]) if self.config.get("PATHS_LOG_ROOT") else None
 
     @property
     def callback_url(self) -> str:
@@ -139,9 +144,11 @@ class JobService:
         kind = "archive" if stream.startswith("archive") else "main"
         suffix = "err" if stream.endswith("err") else "out"
         path = Path(JobSpec.from_json(record.job_json).log_dir) / f"{kind}-{slurm_id}.{suffix}"
-        if not slurm_id or not path.exists():
+        # The log dir is the job's: a symlink planted there must not hand the caller a gateway file.
+        text = read_job_text(self._log_root, path) if slurm_id else None
+        if text is None:
             raise JobNotFound(f"{job_id} has no {stream} log yet (state {record.state})")
-        lines = path.read_text(errors="replace").splitlines(keepends=True)
+        lines = text.splitlines(keepends=True)
         return "".join(lines[-tail:] if tail else lines)
 
     def output_link(self, job_id: str, *, principal: Actor | None = None, expires_s: int = 3600) -> dict[str, Any]:

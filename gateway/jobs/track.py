@@ -13,6 +13,7 @@ from typing import Any
 
 from gateway.callbacks import ROLE_ARCHIVE
 from gateway.database import JobRecord
+from gateway.jobfiles import read_job_text
 from gateway.jobs.context import JobContext
 from gateway.jobs.phases import Phases
 from gateway.jobs.scripts import JobScripts
@@ -95,7 +96,8 @@ class Tracker:
             # the output would never be archived and a finished RELION run would read as lost.
             self._replace_lost_archive(record, spec, main, " ".join(strangers))
             return
-        phases = Phases.read(log_dir)  # once per job and cycle
+        log_root = self._log_root
+        phases = Phases.read(log_dir, log_root)  # once per job and cycle
         state = gateway_state(
             main.state if main else None,
             archive.state if archive else None,
@@ -116,7 +118,7 @@ class Tracker:
                 changes["exit_code"] = main.exit_code
         if record.started_at is None and state in (JobState.STAGING, JobState.RUNNING, JobState.ARCHIVING):
             changes["started_at"] = now
-        progress = _read_json(log_dir / "progress.json")
+        progress = _read_json(log_root, log_dir / "progress.json")
         if progress is not None and record.progress_json is None or (progress and progress != record.progress):
             changes["progress_json"] = json.dumps(progress, sort_keys=True)
         if state == JobState.QUEUED and record.state in (JobState.STAGING.value, JobState.RUNNING.value):
@@ -171,10 +173,15 @@ class Tracker:
         log.warning("job %s: %s", record.job_id, message)
         self.ctx.store.update(record.job_id, archive_slurm_id=archive_id, archive_script=script, message=message, checked_at=time.time())
 
+    @property
+    def _log_root(self) -> Path | None:
+        return Path(self.ctx.config["PATHS_LOG_ROOT"]) if self.ctx.config.get("PATHS_LOG_ROOT") else None
+
     def _find_metadata(self, record: JobRecord, log_dir: Path) -> str | None:
-        path = log_dir / "metadata.json"
-        if path.exists():
-            return path.read_text()
+        # Read as a job file: the job's account owns the log dir (gateway/jobfiles.py says why).
+        text = read_job_text(self._log_root, log_dir / "metadata.json")
+        if text is not None:
+            return text
         if self.ctx.storage is None:
             return None
         try:
@@ -193,10 +200,11 @@ def next_poll_seconds(record: JobRecord, config: dict[str, Any]) -> float | None
     return float(config["POLLER_INTERVAL_ACTIVE"])
 
 
-def _read_json(path: Path) -> dict[str, Any] | None:
+def _read_json(log_root: Path | None, path: Path) -> dict[str, Any] | None:
+    text = read_job_text(log_root, path)
     try:
-        return dict(json.loads(path.read_text()))
-    except (OSError, ValueError):
+        return dict(json.loads(text)) if text is not None else None
+    except (ValueError, TypeError):
         return None
 
 

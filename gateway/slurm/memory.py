@@ -15,6 +15,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from gateway.jobfiles import read_job_file
+
 # Lower-case fragments of slurmstepd's messages (22.05 and the wording of older releases).
 MEMORY_KILL_MARKERS = (
     "exceeded memory limit",
@@ -30,13 +32,11 @@ TAIL_BYTES = 64 * 1024
 
 def memory_kill_line(stderr: Path) -> str:
     """The first line of a job's stderr in which Slurm reports a memory kill, or ""."""
-    try:
-        with stderr.open("rb") as handle:
-            size = handle.seek(0, 2)
-            handle.seek(max(0, size - TAIL_BYTES))
-            text = handle.read().decode(errors="replace")
-    except OSError:
+    # The job's account owns its log dir: read it as a job file (no symlink followed, bounded).
+    data = read_job_file(None, stderr)
+    if data is None:
         return ""
+    text = data[-TAIL_BYTES:].decode(errors="replace")
     for line in text.splitlines():
         if any(marker in line.lower() for marker in MEMORY_KILL_MARKERS):
             return line.strip()

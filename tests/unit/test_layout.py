@@ -13,7 +13,8 @@ MAX_CLASS_LINES = 300
 # Lowest first. A module may import from its own layer and the ones below, never from above.
 LAYERS: list[tuple[str, ...]] = [
     # gateway.slurm.times is Slurm's time formats only (no client): config checks its time limits with it.
-    ("gateway", "gateway.errors", "gateway.config", "gateway.textrules", "gateway.process", "gateway.slurm.times"),
+    ("gateway", "gateway.errors", "gateway.config", "gateway.textrules", "gateway.process", "gateway.slurm.times",
+     "gateway.jobfiles"),
     (
         "gateway.slurm", "gateway.storage", "gateway.relion", "gateway.sbatch", "gateway.database",
         "gateway.callbacks", "gateway.audit", "gateway.observability", "gateway.auth",
