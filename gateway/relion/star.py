@@ -5,6 +5,11 @@ A STAR file is a sequence of ``data_<name>`` blocks. Each block holds key-value 
 ``_rlnClassDistribution #2``, the ``#2`` being a comment) followed by whitespace-separated rows.
 Values may be quoted with ``"`` or ``'``; by the STAR rules a quote only closes a value when it is
 followed by whitespace or the end of the line. Labels are stored without their leading ``_``.
+
+RELION (1.3 to 5.0, ``MetaDataTable::write``) ends every table, key-value list or loop, with a "white
+line" (``" \n"``). It writes ``model.star`` and ``optimiser.star`` in place, so a reader may see a file
+cut anywhere; a block read up to its white line (or up to the next ``data_``) was written whole, and
+``StarBlock.closed`` says which blocks were.
 """
 from __future__ import annotations
 
@@ -21,6 +26,10 @@ class StarError(ValueError):
     """A STAR file could not be parsed; the message names the file and the line."""
 
 
+class StarIncomplete(StarError):
+    """A STAR file ends inside a block: RELION is still writing it, or was stopped while it did."""
+
+
 @dataclass
 class StarBlock:
     """One ``data_`` block: its key-value pairs and the rows of its loop (if any)."""
@@ -29,6 +38,9 @@ class StarBlock:
     values: dict[str, str] = field(default_factory=dict)
     labels: list[str] = field(default_factory=list)
     loop: list[dict[str, str]] = field(default_factory=list)
+    # True once the block's content was followed by a blank line or the next ``data_``: the whole
+    # block was written (see the module docstring). Not part of equality: it is about the file.
+    closed: bool = field(default=False, compare=False, repr=False)
 
     def column(self, label: str) -> list[str]:
         """Return one loop column as strings; KeyError if the loop has no such label."""
@@ -83,11 +95,31 @@ def read_star(path: str | Path, *, blocks: Collection[str] | None = None) -> dic
         raise StarError(f"{path}: is a directory") from exc
 
 
+def read_whole_blocks(path: str | Path, *, blocks: Collection[str] | None = None) -> dict[str, StarBlock]:
+    """read_star, but only if the blocks read (with ``blocks``: those of them there) were written whole.
+
+    A file cut inside a value (``_rlnCurrentResolution   1`` of ``12.8``), or after a row of a loop
+    whose other rows are still to come, parses; only its missing end line tells. Raise StarIncomplete
+    for such a block, or for a file without any block yet; a wanted block that is simply not there is
+    left to the caller to name.
+    """
+    result = read_star(path, blocks=blocks)
+    if not result:  # RELION opens the file, then writes; a header comment alone is no STAR file yet
+        raise StarIncomplete(f"{path}: no data_ block yet (RELION writes STAR files in place: half-written?)")
+    checked = result if blocks is None else {name: result[name] for name in blocks if name in result}
+    open_blocks = [name for name, block in checked.items() if not block.closed]
+    if open_blocks:
+        raise StarIncomplete(
+            f"{path}: ends inside data_{open_blocks[-1]} (RELION writes STAR files in place: half-written?)"
+        )
+    return result
+
+
 def parse_star(
     text: str | Iterable[str], *, source: str = "<string>", blocks: Collection[str] | None = None
 ) -> dict[str, StarBlock]:
     """Parse STAR text (a string or an iterable of lines); see read_star."""
-    lines = text.splitlines() if isinstance(text, str) else text
+    lines = text.splitlines(keepends=True) if isinstance(text, str) else text
     wanted = set(blocks) if blocks is not None else None
     result: dict[str, StarBlock] = {}
     block: StarBlock | None = None
@@ -108,13 +140,21 @@ def parse_star(
     lineno = 0
     for lineno, raw in enumerate(lines, start=1):
         line = raw.strip()
-        if not line or line.startswith("#"):
-            # RELION ends a loop with a blank line, but the STAR rules let rows run on; keep reading rows.
+        if not line:
+            # RELION ends a table with a white line; the STAR rules let rows run on, so keep reading rows,
+            # but what came before it was written whole. Only a whole line counts: RELION right-aligns
+            # values (setw(10)), so a file cut in a row's leading spaces ends in spaces too.
+            if block is not None and (block.values or block.loop) and raw.endswith(("\n", "\r")):
+                block.closed = True
+            continue
+        if line.startswith("#"):
             continue
         lower = line.lower()
         if lower.startswith("data_"):
             if in_loop:
                 close_loop(lineno)
+            if block is not None:
+                block.closed = True  # RELION writes blocks one after the other
             if wanted is not None and wanted.issubset(result):
                 return result  # every requested block is complete
             name = line.split()[0][5:]
@@ -150,6 +190,7 @@ def parse_star(
             if len(tokens) != 2:
                 raise error(lineno, f"expected '{tokens[0]} value', got {len(tokens) - 1} values")
             block.values[label] = tokens[1]
+            block.closed = False
             continue
         if not in_loop or not block.labels:
             raise error(lineno, f"value outside a loop: {line[:60]!r}")
@@ -157,6 +198,7 @@ def parse_star(
             pending_line = lineno
         pending.extend(tokens)
         width = len(block.labels)
+        block.closed = False
         while len(pending) >= width:
             block.loop.append(dict(zip(block.labels, pending[:width])))
             pending = pending[width:]

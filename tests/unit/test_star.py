@@ -6,7 +6,17 @@ from pathlib import Path
 
 import pytest
 
-from gateway.relion.star import StarBlock, StarError, format_star, loop_block, parse_star, read_star, write_star
+from gateway.relion.star import (
+    StarBlock,
+    StarError,
+    StarIncomplete,
+    format_star,
+    loop_block,
+    parse_star,
+    read_star,
+    read_whole_blocks,
+    write_star,
+)
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "relion"
 
@@ -155,3 +165,34 @@ def test_parse_float_helpers() -> None:
     assert block.get_int("e") == 3
     assert block.get_int("c") is None
     assert not math.isnan(block.get_float("c") or 0.0)
+
+
+def test_every_block_relion_wrote_is_closed_by_its_white_line() -> None:
+    for path in sorted(FIXTURES.rglob("*.star")):
+        assert all(block.closed for block in read_star(path).values()), path
+
+
+@pytest.mark.parametrize(
+    ("anchor", "keep"),
+    [
+        ("_rlnCurrentResolution                      21.333333", 44),  # inside a value: read as 2.0
+        ("_rlnAveragePmax                             0.017236\n", 53),  # every value, not the white line
+        ("0.098259     0.071852 \n", 15),  # inside a row's last value: the row has all its columns
+        ("\n           1     0.007812", 5),  # in the spaces RELION right-aligns a row's first value with
+    ],
+)
+def test_a_file_relion_is_still_writing_is_not_whole(tmp_path: Path, anchor: str, keep: int) -> None:
+    source = (FIXTURES / "2d" / "Class2D" / "run_it002_model.star").read_text()
+    path = tmp_path / "run_it002_model.star"
+    path.write_text(source[: source.index(anchor) + keep])
+    assert read_star(path)  # it parses: only its missing end says it is not whole
+    with pytest.raises(StarIncomplete, match=str(path)):
+        read_whole_blocks(path)
+
+
+def test_whole_blocks_before_the_cut_are_whole() -> None:
+    text = "data_a\n_rlnX 1\n \n\ndata_b\n\nloop_ \n_rlnY #1 \n1 \n2 \n"
+    blocks = parse_star(text)
+    assert blocks["a"].closed and not blocks["b"].closed
+    assert parse_star(text + " \n")["b"].closed
+    assert not parse_star(text + " ")["b"].closed  # a line RELION has not ended yet
