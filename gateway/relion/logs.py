@@ -7,6 +7,8 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from gateway.jobfiles import read_job_text
+
 # relion_refine_mpi prints one line per rank as it starts: " Leader  (0) runs on host = rgnode1",
 # " Follower     1 runs on host = rgnode2"; RELION before 4.0 says Master and Slave. Ranks print
 # concurrently, so a line may carry other output around it: the pattern is searched, not anchored.
@@ -29,10 +31,12 @@ def error_line(path: Path) -> str:
     then the last line with a word in it. Lines the cluster's environment prints in jobs that went well
     too (is_noise) are passed over unless there is nothing else.
     """
-    try:
-        lines = [ln.strip() for ln in path.read_text(errors="replace").splitlines() if ln.strip()]
-    except OSError:
+    # Read as a job file: the job's account owns the log dir, and a planted symlink must not turn a
+    # gateway file into a job's error message (gateway/jobfiles.py).
+    text = read_job_text(None, path)
+    if text is None:
         return ""
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
     signal = [line for line in lines if not is_noise(line)]
     return relion_error(signal) or _telling_line(signal) or _telling_line(lines)
 

@@ -63,3 +63,15 @@ def test_the_log_endpoint_and_the_poller_refuse_a_jobs_symlinks(client: FlaskCli
     service.poll()
     record = service.store.get(job["job_id"])
     assert record.state == "succeeded" and (record.metadata_json is None or "stolen" not in record.metadata_json)
+
+
+def test_error_line_does_not_follow_a_symlink(tmp_path: Path) -> None:
+    from gateway.relion.logs import error_line
+
+    job = tmp_path / "logs" / "alice" / "job_1"
+    job.mkdir(parents=True)
+    (tmp_path / "callback.key").write_text("ERROR: 0123456789abcdef\n")
+    (job / "main-1.err").symlink_to(tmp_path / "callback.key")
+    assert error_line(job / "main-1.err") == ""
+    (job / "main-2.err").write_text("ERROR: \nthe real one\n")
+    assert error_line(job / "main-2.err") == "ERROR: the real one"
