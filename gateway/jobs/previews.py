@@ -17,15 +17,14 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import re
-import stat
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from gateway.database import JobNotFound, JobRecord
+from gateway.jobfiles import read_job_file
 from gateway.jobs.spec import JobSpec
 from gateway.storage.base import StorageError, parse_s3_url
 
@@ -144,38 +143,13 @@ class PreviewReader:
 
     # -- the log dir, opened without following a job's symlinks ---------------------------------
 
-    def _below_root(self, log_dir: Path) -> tuple[Path, tuple[str, ...]]:
-        """The gateway's log root and the job account's components below it (<user>/<job_id>)."""
-        if self.log_root is not None and log_dir.is_relative_to(self.log_root):
-            return self.log_root, log_dir.relative_to(self.log_root).parts
-        return log_dir.parent.parent, log_dir.parts[-2:]  # a record from before a change of log root
-
     def _read_local(self, record: JobRecord, name: str, limit: int) -> bytes | None:
         """``<log_dir>/previews/<name>``'s bytes, or None if it is not there as a regular file of at most ``limit`` bytes."""
         log_dir = JobSpec.from_json(record.job_json).log_dir
         if not log_dir:
             return None
-        root, below = self._below_root(Path(log_dir))
-        fds: list[int] = []
-        try:
-            fds.append(os.open(root, os.O_RDONLY | os.O_DIRECTORY))
-            for part in (*below, PREVIEWS_DIR):
-                fds.append(os.open(part, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=fds[-1]))
-            # O_NONBLOCK: a FIFO planted under the name must not hang the request.
-            fds.append(os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK, dir_fd=fds[-1]))
-            info = os.fstat(fds[-1])
-            if stat.S_ISREG(info.st_mode) and info.st_size <= limit:
-                with os.fdopen(fds[-1], "rb", closefd=False) as stream:
-                    data = stream.read(limit + 1)
-                if len(data) <= limit:
-                    return data
-            log.warning("job %s: %s/%s is not a regular file of at most %d bytes; not served", record.job_id, PREVIEWS_DIR, name, limit)
-            return None
-        except OSError:
-            return None  # not there (yet, or any more), or a symlink where a directory or file should be
-        finally:
-            for opened in reversed(fds):
-                os.close(opened)
+        # The job's account owns its log dir: read it as a job file (gateway/jobfiles.py).
+        return read_job_file(self.log_root, Path(log_dir) / PREVIEWS_DIR / name, limit)
 
     # -- the listing ------------------------------------------------------------------------------
 
