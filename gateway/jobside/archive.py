@@ -7,6 +7,7 @@ S3 failure leaves the workspace in place and the hook exits non-zero (gateway st
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import shutil
@@ -19,6 +20,7 @@ from typing import Any, Callable, TypeVar
 from gateway.jobs.phases import Phases
 from gateway.jobs.spec import JobSpec
 from gateway.jobside.gpus import RECORD_NAME as GPU_RECORD_NAME
+from gateway.jobside.preview_runner import INDEX_FIELDS, INDEX_NAME, NAME_PATTERN, FinalRender, log_line, preview_dir, read_index
 from gateway.process import CommandError
 from gateway.relion.logs import error_line, rank_hosts_in
 from gateway.slurm.backend import SchedulerBackend, SlurmJobInfo
@@ -143,6 +145,58 @@ def _read_json(path: Path) -> Any:
         return None
 
 
+def upload_previews(storage: JobStorage, out: Path, destination: S3Location, *, retry_delay: float = 2.0) -> list[dict[str, Any]]:
+    """Upload every PNG index.json lists to ``<destination>/previews/<name>``, then the index itself.
+
+    Return the index's entries with their ``url``. Previews are a convenience: one that is missing,
+    has changed since it was indexed or cannot be uploaded is left out (and said in render.log),
+    never a reason for ``archive_failed``; the uploaded index.json lists exactly what was uploaded.
+    """
+    index = read_index(out)
+    if index is None:
+        return []
+    uploaded: list[dict[str, Any]] = []
+    for entry in index["previews"]:
+        name = entry.get("name") if isinstance(entry, dict) else None
+        if not isinstance(name, str) or not NAME_PATTERN.match(name):
+            continue
+        path = out / name
+        if path.is_symlink() or not path.is_file():
+            continue
+        data = path.read_bytes()
+        if len(data) != entry.get("bytes") or hashlib.sha256(data).hexdigest() != entry.get("sha256"):
+            log_line(out, f"archive: {name} changed after it was indexed; not uploaded")
+            continue
+        location = destination.child(f"previews/{name}")
+        try:
+            retry(lambda: _put(storage, data, location, "image/png"), what=f"preview upload {name}", first_delay=retry_delay)
+        except StorageError as exc:
+            log_line(out, f"archive: {name} not uploaded: {exc}")
+            continue
+        uploaded.append({**{k: entry.get(k) for k in INDEX_FIELDS}, "url": location.url})
+    document = {
+        "schema_version": index.get("schema_version"),
+        "updated_at": index.get("updated_at"),
+        "previews": [{k: e[k] for k in INDEX_FIELDS} for e in uploaded],
+    }
+    body = (json.dumps(document, indent=2) + "\n").encode()
+    try:
+        retry(lambda: _put(storage, body, destination.child(f"previews/{INDEX_NAME}"), "application/json"), what="preview index upload", first_delay=retry_delay)
+    except StorageError as exc:
+        log_line(out, f"archive: {INDEX_NAME} not uploaded: {exc}")
+    return uploaded
+
+
+def _put(storage: JobStorage, data: bytes, location: S3Location, content_type: str) -> None:
+    put_bytes = getattr(storage, "put_bytes", None)  # both stores have it; the protocol does not require it
+    if put_bytes is not None:
+        put_bytes(data, location, content_type)
+    else:
+        import io
+
+        storage.upload_stream(io.BytesIO(data), location, size_hint=len(data))
+
+
 def _iso(epoch: float) -> str:
     return datetime.fromtimestamp(epoch, timezone.utc).isoformat(timespec="seconds")
 
@@ -158,8 +212,14 @@ def run_archive(
     accounting: Callable[[str], dict[str, str]] | None = None,
     report: Callable[[dict[str, Any]], None] | None = None,
     retry_delay: float = 2.0,
+    render_previews: bool = True,
+    preview_timeout: float = 300.0,
 ) -> dict[str, Any]:
-    """Archive one job's output; return metadata.json's content. Raise ArchiveError if not safe."""
+    """Archive one job's output; return metadata.json's content. Raise ArchiveError if not safe.
+
+    With ``render_previews``, the previews the watcher missed (the last iteration's first) are
+    rendered in a child process while the output is packed, and every preview is uploaded.
+    """
     started = time.time()
     log_dir = Path(job.log_dir)
     workspace = Path(job.workspace_dir)
@@ -174,6 +234,11 @@ def run_archive(
         except Exception as exc:  # a corrupt STAR file must not stop the output from being saved
             log.exception("could not parse RELION results")
             results = {"error": str(exc)}
+
+    previews_out = preview_dir(log_dir)
+    final_render = None
+    if render_previews and dataset_dir.is_dir():
+        final_render = FinalRender.start(dataset_dir, job.output_prefix, job.mode, previews_out)
 
     output: dict[str, Any] | None = None
     output_root = dataset_dir / job.output_dir
@@ -195,6 +260,10 @@ def run_archive(
             "etag": remote.etag,
             "files": list_files(output_root),
         }
+
+    if final_render is not None:
+        final_render.wait(preview_timeout)  # its failure is in render.log; the archive goes on
+    previews = upload_previews(storage, previews_out, destination, retry_delay=retry_delay) if render_previews else []
 
     logs: list[str] = []
     for path in sorted(log_dir.glob("main-*")):
@@ -260,6 +329,7 @@ def run_archive(
         "input": input_record,
         "output": output,
         "logs": logs,
+        "previews": previews,
         "timings": phase_timings(job.accepted_at, Phases.read(log_dir), started, ended),
     }
     (log_dir / "metadata.json").write_text(json.dumps(metadata, indent=2, sort_keys=True) + "\n")

@@ -118,6 +118,58 @@ def watch_command(
     )
 
 
+@job_group.command("previews")
+@click.option("--dir", "dataset_dir", required=True, type=click.Path(file_okay=False, path_type=Path), help="RELION's working directory")
+@click.option("--prefix", required=True, help="RELION's --o")
+@click.option("--mode", required=True, type=click.Choice(MODES))
+@click.option("--iteration", "iterations", required=True, multiple=True, type=click.IntRange(min=0), help="a finished iteration (repeatable)")
+@click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path), help="<log_dir>/previews: the PNGs and index.json")
+@click.option("--nice", type=click.IntRange(0, 19), default=0, show_default=True, help="lower this process's priority first")
+def previews_command(dataset_dir: Path, prefix: str, mode: str, iterations: tuple[int, ...], out: Path, nice: int) -> None:
+    """Render the PNG previews of finished iterations from RELION's output (started by the watcher)."""
+    import json
+    import resource
+    import signal
+    import time
+
+    if nice:
+        os.nice(nice)
+    for threads in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ.setdefault(threads, "1")  # before numpy loads: no BLAS thread pool (-0.06 s of 0.3 s a render)
+    # Stopped by the watcher (job ending) or a timeout: unwind, so no temporary file is left behind.
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s previews: %(message)s", stream=sys.stderr)
+    from gateway.jobside.previews import render_previews
+
+    written, failures = render_previews(dataset_dir, prefix, mode, list(iterations), out)
+    # One machine-readable line per renderer (bench/previews.py reads it from render.log).
+    log.info("done %s", json.dumps({
+        "iterations": list(dict.fromkeys(iterations)), "previews": len(written), "failures": len(failures),
+        "seconds": _process_age(), "cpu_seconds": round(sum(resource.getrusage(resource.RUSAGE_SELF)[:2]), 2), "peak_rss_mb": _peak_rss_mb(),
+        "ended_at": round(time.time(), 3),
+    }))
+    sys.exit(1 if failures else 0)
+
+
+def _peak_rss_mb() -> float | None:
+    """This program's peak RSS (VmHWM: ru_maxrss would also count the parent's pages forked before exec)."""
+    try:
+        status = Path("/proc/self/status").read_text()
+        return round(int(status.split("VmHWM:", 1)[1].split()[0]) / 1024, 1)
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _process_age() -> float | None:
+    """Seconds since this process started, interpreter start-up included (from /proc); None elsewhere."""
+    try:
+        start_ticks = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])
+        uptime = float(Path("/proc/uptime").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+    return round(uptime - start_ticks / os.sysconf("SC_CLK_TCK"), 2)
+
+
 @job_group.command("gpu-layout")
 @click.option("--mode", required=True, type=click.Choice(MODES))
 @click.option("--ranks", required=True, type=click.IntRange(min=1), help="the job's MPI ranks (1: sequential relion_refine)")
