@@ -33,6 +33,7 @@ BENCHMARKS: dict[str, str] = {
     "datapath": "bench.datapath",  # S3 data path: stage-in and archive speed, disk and memory
     "overhead": "bench.overhead",  # Gateway overhead: submit latency, submissions/s, end-to-end tiny 2D
     "topology": "bench.topology",  # Multi-node: 1 vs 2 nodes end to end, poller RPCs, stack up
+    "previews": "bench.previews",  # Previews made in the job: render time and RSS against the job's wall time
 }
 
 
