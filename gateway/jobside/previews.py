@@ -46,7 +46,7 @@ from gateway.jobside.preview_plots import IterationPoint, fsc_plot, history_plot
 from gateway.jobside.preview_runner import INDEX_NAME, NAME_PATTERN
 from gateway.relion.images import VolumeViews, read_stack, read_volume_views
 from gateway.relion.modes import MODES
-from gateway.relion.star import StarBlock, parse_float, read_star
+from gateway.relion.star import StarBlock, parse_float, read_star, read_whole_blocks
 
 log = logging.getLogger(__name__)
 
@@ -78,7 +78,7 @@ class Model:
     @classmethod
     def read(cls, path: Path, *, fsc: bool = False) -> Model:
         wanted = ["model_general", "model_classes", *(["model_class_1"] if fsc else [])]
-        blocks = read_star(path, blocks=wanted)
+        blocks = read_whole_blocks(path, blocks=wanted)  # a block RELION is still writing is refused (retried)
         general = blocks.get("model_general")
         if general is None:
             raise ValueError(f"{path}: no data_model_general block")

@@ -347,3 +347,12 @@ def test_the_previews_command_renders_and_reports_failure_by_exit_code(tmp_path:
     assert kinds == [(3, "map"), (3, "fsc"), (3, "history"), (4, "map"), (4, "fsc"), (4, "history")]
     missing = subprocess.run([*command[:-2], "--iteration", "9"], capture_output=True, text=True, timeout=120, cwd="/", check=False)
     assert missing.returncode == 1 and "iteration 9: no previews" in missing.stderr
+
+
+def test_a_model_star_cut_while_relion_writes_it_is_never_drawn_from(tmp_path: Path) -> None:
+    dataset = make_2d(tmp_path / "d", iterations=1)
+    model = dataset / "Class2D" / "run_it001_model.star"
+    text = model.read_text()
+    model.write_text(text[: text.index("000002@")])  # cut after the first class's row: RELION mid-write
+    written, failures = render_previews(dataset, "Class2D/run", "2d", [1], tmp_path / "previews", sleep=lambda s: None)
+    assert written == [] and len(failures) == 1 and "data_model_classes" in failures[0]
