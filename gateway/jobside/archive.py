@@ -267,6 +267,10 @@ def run_archive(
 
     logs: list[str] = []
     for path in sorted(log_dir.glob("main-*")):
+        if path.is_symlink() or not path.is_file():
+            # Slurm writes regular files; anything else was put there by the job, not a log to keep.
+            log.warning("not uploading %s: not a regular file", path)
+            continue
         location = destination.child(f"logs/{path.name}")
         retry(lambda: storage.upload_file(str(path), location), what=f"log upload {path.name}", first_delay=retry_delay)
         logs.append(location.url)

@@ -84,6 +84,15 @@ def probe(targets: dict[str, Any]) -> dict[str, str]:
     future = json.dumps({"job_id": job_id, "type": "progress", "sent_at": time.time() + 3600, "nonce": "f",
                          "data": {"iteration": 0}}).encode()
     attempt(results, "post an event dated an hour ahead", lambda: _expect_refused(signed_post(f"/jobs/{job_id}/events", future)))
+    # Plant a symlink in this job's own log dir (its account owns it) for the gateway to read back:
+    # the test then asks GET /logs?stream=err for it (the gateway reads job files without following links).
+    err = Path(targets["log_root"], targets["attacker_user"], job_id, f"main-{os.environ.get('SLURM_JOB_ID', '')}.err")
+    try:
+        err.unlink()
+        err.symlink_to(targets["key"])
+        results["planted a symlink to the callback key as my stderr"] = "denied: planted (the gateway must not follow it)"
+    except OSError as exc:
+        results["planted a symlink to the callback key as my stderr"] = f"denied: could not plant it ({exc})"
     return results
 
 

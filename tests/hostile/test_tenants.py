@@ -129,6 +129,7 @@ def test_one_users_job_cannot_reach_anything_not_its_own(
     # The attacker's job runs the probe (as relion_refine) with these targets.
     tenants.targets_file.write_text(json.dumps({  # type: ignore[attr-defined]
         "attacker_account": ATTACKER_ACCOUNT,
+        "attacker_user": ATTACKER,
         "store": config["STORE_DATABASE_URL"].removeprefix("sqlite:///"),
         "key": str(Path(config["PATHS_STATE_DIR"]) / "callback.key"),
         "workspace_root": config["PATHS_WORKSPACE_ROOT"],
@@ -183,6 +184,10 @@ def test_one_users_job_cannot_reach_anything_not_its_own(
                           headers={"Content-Type": "application/json", SIGNATURE_HEADER: sign(hook_token, b)})
     assert record("presign a PUT for another user's job with my hook token", "401", f"{other.status_code}",
                   denied=other.status_code == 401), other.text
+    # The attack job's stderr is now a symlink to the gateway's callback key (the probe planted it).
+    planted = tenants.sessions[ATTACKER].get(f"{events}/logs", params={"stream": "err"}, timeout=30)
+    assert record("read the callback key through GET /logs via a planted symlink", "404, not the key",
+                  f"{planted.status_code}", denied=planted.status_code == 404 and secret.decode() not in planted.text), planted.text
     # Through the API the victim's job does not exist for the attacker.
     for path in ("", "/script", "/metadata", "/output", "/logs?stream=out"):
         seen = tenants.sessions[ATTACKER].get(f"{tenants.url}{JOBS}/{victim['job_id']}{path}", timeout=30)
