@@ -39,9 +39,11 @@ def read_job_file(log_root: Path | None, path: Path, limit: int = MAX_JOB_FILE_B
         return None
     fds: list[int] = []
     try:
-        fds.append(os.open(root, os.O_RDONLY | os.O_DIRECTORY))
+        # O_PATH: a directory is only walked through, which needs search (x), not read, permission;
+        # the job side reads its own files below a log root that others may only traverse (0711).
+        fds.append(os.open(root, os.O_PATH | os.O_DIRECTORY))
         for part in below[:-1]:
-            fds.append(os.open(part, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=fds[-1]))
+            fds.append(os.open(part, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=fds[-1]))
         fds.append(os.open(below[-1], os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK, dir_fd=fds[-1]))
         info = os.fstat(fds[-1])
         if not stat.S_ISREG(info.st_mode) or info.st_size > limit:

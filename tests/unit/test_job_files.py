@@ -75,3 +75,27 @@ def test_error_line_does_not_follow_a_symlink(tmp_path: Path) -> None:
     assert error_line(job / "main-1.err") == ""
     (job / "main-2.err").write_text("ERROR: \nthe real one\n")
     assert error_line(job / "main-2.err") == "ERROR: the real one"
+
+
+def test_a_job_account_reads_its_own_files_below_a_root_it_may_only_traverse(tmp_path: Path) -> None:
+    # The job side (the hook, as the job's account) reads its phases and stderr below the log root,
+    # which is 0711: opening the directories for reading would fail, walking through them must not.
+    import pwd
+    import subprocess
+    import sys
+
+    root = tmp_path / "logs"
+    job = root / "alice" / "job_1"
+    job.mkdir(parents=True)
+    (job / "phases").write_text("staging 1\n")
+    for directory in (root, root / "alice"):
+        directory.chmod(0o711)
+    account = pwd.getpwnam("nobody")
+    os.chown(job, account.pw_uid, account.pw_gid)
+    os.chown(job / "phases", account.pw_uid, account.pw_gid)
+    code = f"from gateway.jobfiles import read_job_text; from pathlib import Path; print(read_job_text(None, Path({str(job / 'phases')!r})))"
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, user=account.pw_uid, group=account.pw_gid,
+        extra_groups=[], cwd="/", env={"PYTHONPATH": str(Path(__file__).resolve().parents[2])},
+    )
+    assert out.stdout.strip() == "staging 1", out.stderr
