@@ -442,3 +442,60 @@ class Context:
     quick: bool = False
     log: Callable[[str], None] = print
     extra: dict[str, Any] = field(default_factory=dict)
+
+
+def bench_gateway_config(state: Path, endpoint: str, **extra: Any) -> dict[str, Any]:
+    """A benchmark gateway's config: config/local.toml with its own state dir, store and roots."""
+    from gateway.config import build_config
+
+    config = build_config(environ={"GATEWAY_CONFIG": str(ROOT / "config" / "local.toml")})
+    config.update(
+        {
+            "PATHS_STATE_DIR": str(state),
+            "PATHS_WORKSPACE_ROOT": str(state / "workspaces"),
+            "PATHS_LOG_ROOT": str(state / "logs"),
+            "STORE_DATABASE_URL": f"sqlite:///{state / 'gateway.sqlite'}",
+            "S3_ENDPOINT_URL": endpoint,
+            **extra,
+        }
+    )
+    return config
+
+
+def remove_s3_prefix(storage: Any, bucket: str, prefix: str) -> None:
+    """Delete every object under ``prefix`` (a benchmark's own objects, at its end)."""
+    for page in storage.client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
+        for item in page.get("Contents", []):
+            storage.client.delete_object(Bucket=bucket, Key=item["Key"])
+
+
+def restore_environment(saved: Mapping[str, str | None]) -> None:
+    """Put back the variables a benchmark changed (None: it was not set)."""
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+
+
+def follow_job(http: Any, url: str, job_id: str, started: float, what: str = "", timeout: float = 300) -> tuple[dict[str, Any], list[tuple[float, str]], float]:
+    """Poll a job to its end: its final record, each status change the client saw (seconds after
+    ``started``, a perf_counter reading) and the wall time; RuntimeError unless it succeeded."""
+    from gateway.jobs.states import TERMINAL_VALUES
+
+    prefix = f"{what}: " if what else ""
+    seen: list[tuple[float, str]] = []
+    deadline = time.monotonic() + timeout
+    while True:
+        current = http.get(f"{url}/v1/relion/jobs/{job_id}", timeout=30).json()
+        if not seen or seen[-1][1] != current["status"]:
+            seen.append((round(time.perf_counter() - started, 2), current["status"]))
+        if current["status"] in TERMINAL_VALUES:
+            break
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{prefix}{job_id} still {current['status']} after the deadline")
+        time.sleep(0.2)
+    wall = time.perf_counter() - started
+    if current["status"] != "succeeded":
+        raise RuntimeError(f"{prefix}{job_id} ended {current['status']}: {current.get('message')}")
+    return current, seen, wall

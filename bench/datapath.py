@@ -49,16 +49,23 @@ import botocore.exceptions
 from boto3.s3.transfer import TransferConfig
 from werkzeug.serving import make_server
 
-from bench.common import ROOT, Context, free_port, machine_cpu_seconds, row
+from bench.common import (
+    ROOT,
+    Context,
+    bench_gateway_config,
+    free_port,
+    machine_cpu_seconds,
+    restore_environment,
+    row,
+)
 from gateway import create_app
 from gateway.callbacks import ROLE_ARCHIVE, ROLE_MAIN, TOKEN_ENV, job_token
-from gateway.config import build_config
+from gateway.database import JobRecord
 from gateway.jobside.brokered import BrokeredStorage, GatewayLink
 from gateway.jobside.extract import extract_stream
 from gateway.jobside.stage_in import stage_in
 from gateway.storage.base import PARTS_IN_MEMORY, part_size_for
 from gateway.storage.s3 import HashingReader, S3Location, S3Storage, make_s3_client
-from gateway.database import JobRecord
 
 T = TypeVar("T")
 
@@ -394,11 +401,7 @@ class Bench:
                     self.ctx.log(f"  S3 cleanup failed, remove s3://{self.bucket}/{self.prefix}/ by hand: {exc}")
                     break
                 time.sleep(5)
-        for key, value in self._saved_env.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
+        restore_environment(self._saved_env)
 
     def _delete_prefix(self) -> None:
         prefix = self.prefix + "/"
@@ -510,18 +513,7 @@ class Bench:
         logging.getLogger("werkzeug").setLevel(logging.WARNING)
         state = self.tmp / "gateway-state"
         state.mkdir()
-        config = build_config(environ={"GATEWAY_CONFIG": str(ROOT / "config" / "local.toml")})
-        config.update(
-            {
-                "PATHS_STATE_DIR": str(state),
-                "PATHS_WORKSPACE_ROOT": str(state / "workspaces"),
-                "PATHS_LOG_ROOT": str(state / "logs"),
-                "STORE_DATABASE_URL": f"sqlite:///{state / 'gateway.sqlite'}",
-                "S3_ENDPOINT_URL": self.endpoint,
-                "S3_REGION": self.region,
-                "POLLER_ENABLED": False,
-            }
-        )
+        config = bench_gateway_config(state, self.endpoint, S3_REGION=self.region, POLLER_ENABLED=False)
         port = free_port()
         url = f"http://127.0.0.1:{port}"
         config["SERVER_PUBLIC_URL"] = url

@@ -43,10 +43,19 @@ from typing import Any
 import requests
 from werkzeug.serving import make_server
 
-from bench.common import ROOT, Context, free_port, machine_cpu_seconds, percentile, row
+from bench.common import (
+    ROOT,
+    Context,
+    bench_gateway_config,
+    follow_job,
+    free_port,
+    machine_cpu_seconds,
+    percentile,
+    restore_environment,
+    row,
+)
 from gateway import create_app
 from gateway.auth import create_token
-from gateway.config import build_config
 from gateway.process import run_command
 from gateway.relion.dataset import make_dataset
 from gateway.relion.flags import normalise_flags
@@ -325,18 +334,7 @@ class Bench:
     # -- set-up --------------------------------------------------------------------------------
 
     def config(self, state: Path, **extra: Any) -> dict[str, Any]:
-        config = build_config(environ={"GATEWAY_CONFIG": str(ROOT / "config" / "local.toml")})
-        config.update(
-            {
-                "PATHS_STATE_DIR": str(state),
-                "PATHS_WORKSPACE_ROOT": str(state / "workspaces"),
-                "PATHS_LOG_ROOT": str(state / "logs"),
-                "STORE_DATABASE_URL": f"sqlite:///{state / 'gateway.sqlite'}",
-                "S3_ENDPOINT_URL": self.endpoint,
-                "SERVER_PUBLIC_URL": "",
-                **extra,
-            }
-        )
+        config = bench_gateway_config(state, self.endpoint, **{"SERVER_PUBLIC_URL": "", **extra})
         return config
 
     def request(self) -> dict[str, Any]:
@@ -393,11 +391,7 @@ class Bench:
                     self.storage.client.delete_object(Bucket=self.bucket, Key=item["Key"])
         except Exception as exc:  # cleanup must not hide the result
             self.notes.append(f"could not remove s3://{self.bucket}/{self.prefix}/: {exc}")
-        for key, value in self._saved_env.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
+        restore_environment(self._saved_env)
         shutil.rmtree(self.tmp, ignore_errors=True)
 
     # -- parts 1 and 2: held jobs ---------------------------------------------------------------
@@ -691,20 +685,7 @@ class Bench:
         for key in ("main_job_id", "archive_job_id"):
             if job["slurm"].get(key):
                 self.track(job["slurm"][key])
-        seen: list[tuple[float, str]] = []  # (seconds after POST, status) at each change the client saw
-        deadline = time.monotonic() + 300
-        while True:
-            current = http.get(f"{url}/v1/relion/jobs/{job_id}", timeout=30).json()
-            if not seen or seen[-1][1] != current["status"]:
-                seen.append((round(time.perf_counter() - started, 2), current["status"]))
-            if current["status"] in TERMINAL:
-                break
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"{job_id} still {current['status']} after the deadline")
-            time.sleep(0.2)
-        wall = time.perf_counter() - started
-        if current["status"] != "succeeded":
-            raise RuntimeError(f"{job_id} ended {current['status']}: {current.get('message')}")
+        current, seen, wall = follow_job(http, url, job_id, started, "")
         log_dir = self.e2e_log_root / "bench" / job_id
         stamps = dict((name, float(stamp)) for name, stamp in (line.split() for line in (log_dir / "phases").read_text().splitlines() if line.strip()))
         metadata_path = log_dir / "metadata.json"

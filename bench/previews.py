@@ -48,7 +48,7 @@ import numpy as np
 import requests
 from werkzeug.serving import make_server
 
-from bench.common import ROOT, Context, row
+from bench.common import ROOT, Context, restore_environment, row
 from gateway import create_app
 from gateway.auth import create_token
 from gateway.config import build_config
@@ -253,11 +253,7 @@ class Bench:
                     self.storage.client.delete_object(Bucket=self.bucket, Key=item["Key"])
         except Exception as exc:  # noqa: BLE001 - cleanup must not hide the result
             self.notes.append(f"could not remove the benchmark's S3 objects: {exc}")
-        for key, value in self._saved_env.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
+        restore_environment(self._saved_env)
         shutil.rmtree(self.tmp, ignore_errors=True)
 
     # -- 1 and 2: tiny jobs --------------------------------------------------------------------------

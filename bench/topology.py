@@ -38,12 +38,21 @@ from typing import Any
 import requests
 from werkzeug.serving import make_server
 
-from bench.common import MEASURE_USER, ROOT, Context, CountingRunner, measure, row
-from bench.overhead import TERMINAL, CpuWindow, median, slurm_cpu_seconds
+from bench.common import (
+    MEASURE_USER,
+    ROOT,
+    Context,
+    CountingRunner,
+    bench_gateway_config,
+    follow_job,
+    measure,
+    restore_environment,
+    row,
+)
+from bench.overhead import CpuWindow, median, slurm_cpu_seconds
 from bench.tracking import _ctld_note, naive_read
 from gateway import create_app
 from gateway.auth import create_token
-from gateway.config import build_config
 from gateway.database import JobStore, make_engine
 from gateway.jobs.poller import Poller
 from gateway.jobs.service import JobService
@@ -122,18 +131,7 @@ class Bench:
     # -- shared --------------------------------------------------------------------------------
 
     def config(self, state: Path, **extra: Any) -> dict[str, Any]:
-        config = build_config(environ={"GATEWAY_CONFIG": str(ROOT / "config" / "local.toml")})
-        config.update(
-            {
-                "PATHS_STATE_DIR": str(state),
-                "PATHS_WORKSPACE_ROOT": str(state / "workspaces"),
-                "PATHS_LOG_ROOT": str(state / "logs"),
-                "STORE_DATABASE_URL": f"sqlite:///{state / 'gateway.sqlite'}",
-                "S3_ENDPOINT_URL": self.endpoint,
-                "SERVER_PUBLIC_URL": "",
-                **extra,
-            }
-        )
+        config = bench_gateway_config(state, self.endpoint, **{"SERVER_PUBLIC_URL": "", **extra})
         return config
 
     def request(self, threads: int = 1) -> dict[str, Any]:
@@ -184,11 +182,7 @@ class Bench:
                     self.storage.client.delete_object(Bucket=self.bucket, Key=item["Key"])
         except Exception as exc:  # noqa: BLE001 - cleanup must not hide the result
             self.notes.append(f"could not remove the benchmark's S3 objects: {exc}")
-        for key, value in self._saved_env.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
+        restore_environment(self._saved_env)
         shutil.rmtree(self.tmp, ignore_errors=True)
 
     # -- 1. one node vs two nodes ------------------------------------------------------------------
@@ -248,20 +242,7 @@ class Bench:
         job_id = job["job_id"]
         main_id, archive_id = job["slurm"].get("main_job_id"), job["slurm"].get("archive_job_id")
         self.track(main_id, archive_id)
-        seen: list[tuple[float, str]] = []
-        deadline = time.monotonic() + 300
-        while True:
-            current = http.get(f"{url}/v1/relion/jobs/{job_id}", timeout=30).json()
-            if not seen or seen[-1][1] != current["status"]:
-                seen.append((round(time.perf_counter() - started, 2), current["status"]))
-            if current["status"] in TERMINAL:
-                break
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"{placement}: {job_id} still {current['status']} after the deadline")
-            time.sleep(0.2)
-        wall = time.perf_counter() - started
-        if current["status"] != "succeeded":
-            raise RuntimeError(f"{placement}: {job_id} ended {current['status']}: {current.get('message')}")
+        current, seen, wall = follow_job(http, url, job_id, started, placement)
         log_dir = served.log_root / "bench" / job_id
         stamps = {name: float(stamp) for name, stamp in (line.split() for line in (log_dir / "phases").read_text().splitlines() if line.strip())}
         metadata_path = log_dir / "metadata.json"

@@ -35,11 +35,11 @@ from bench.common import (
     CountingRunner,
     Measured,
     free_port,
+    machine_cpu_seconds,
     measure,
     percentile,
     row,
     run_attributed,
-    machine_cpu_seconds,
     session_cpu_seconds,
 )
 from gateway import create_app
@@ -47,11 +47,11 @@ from gateway.auth import create_token
 
 BENCH_TOKEN = ""  # an admin token in the store of the served gateway (throughput phase)
 from gateway.config import build_config
-from gateway.jobs.poller import Poller
-from gateway.sbatch.render import ScriptRenderer
-from gateway.jobs.service import JobService
-from gateway.slurm.cli import SlurmCliBackend
 from gateway.database import JobRecord, JobStore, make_engine
+from gateway.jobs.poller import Poller
+from gateway.jobs.service import JobService
+from gateway.sbatch.render import ScriptRenderer
+from gateway.slurm.cli import SlurmCliBackend
 
 NAME = "tracking"
 TITLE = "Tracking that never floods slurmctld"
