@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from gateway.process import CommandError
 from gateway.slurm.backend import SchedulerError, SlurmJobInfo
 from gateway.slurm.states import SlurmState
+from gateway.storage.base import ObjectInfo
 from gateway.storage.s3 import S3Location, StorageError
 
 
@@ -107,6 +108,16 @@ class FakeStorage:
     """Objects in a dict; what the gateway process itself asks of S3 (reading metadata.json)."""
 
     objects: dict[str, bytes] = field(default_factory=dict)
+    # HEAD answers: any other object exists (1000 bytes) unless named here with S3's error code.
+    head_errors: dict[str, str] = field(default_factory=dict)
+    sizes: dict[str, int] = field(default_factory=dict)
+
+    def head(self, location: S3Location) -> ObjectInfo:
+        if location.url in self.head_errors:
+            code = self.head_errors[location.url]
+            raise StorageError("HEAD", location.bucket, location.key, code, code)
+        size = len(self.objects[location.url]) if location.url in self.objects else self.sizes.get(location.url, 1000)
+        return ObjectInfo(size, "etag")
 
     def get_bytes(self, location: S3Location) -> bytes:
         if location.url not in self.objects:

@@ -14,7 +14,7 @@ from typing import Any
 from gateway.errors import RequestError
 from gateway.relion.catalogue import CATALOGUE
 from gateway.relion.flags import NormalisedFlags
-from gateway.storage.s3 import check_s3_url, parse_s3_url
+from gateway.storage.s3 import StorageError, check_s3_url, parse_s3_url
 from gateway.textrules import text_problem
 
 # Every number a request passes to RELION, whatever the option's own bounds.
@@ -25,6 +25,36 @@ MAX_NAME_BYTES = 255
 
 def request_hash(request: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(request, sort_keys=True).encode()).hexdigest()
+
+
+# What S3 answers a HEAD of a missing or an unreadable object (codes boto3 and S3 servers give).
+_MISSING = {"404", "NoSuchKey", "NotFound"}
+_DENIED = {"403", "AccessDenied", "Forbidden"}
+
+
+def check_dataset_object(storage: Any, url: str, quota_bytes: int) -> None:
+    """Fail fast at submit: the dataset exists, the gateway may read it, and it is within the quota.
+
+    One HEAD, before anything reaches Slurm: on a busy cluster a job naming a missing dataset would
+    otherwise wait in the queue for hours and fail only when it starts. A compressed object already
+    larger than the stage-in quota cannot fit once extracted. S3 not answering is not the request's
+    fault: the StorageError goes on (a 503 with Retry-After) and nothing is stored or queued.
+    """
+    try:
+        info = storage.head(parse_s3_url(url))
+    except StorageError as exc:
+        if exc.code in _MISSING:
+            raise RequestError("dataset_s3_url", f"there is no object at {url} (S3 answered {exc.code})") from exc
+        if exc.code in _DENIED:
+            raise RequestError("dataset_s3_url", f"the gateway may not read {url} (S3 answered {exc.code})") from exc
+        raise
+    if info.size == 0:
+        raise RequestError("dataset_s3_url", f"{url} is an empty object, not a .tar.gz")
+    if quota_bytes > 0 and info.size > quota_bytes:
+        raise RequestError(
+            "dataset_s3_url",
+            f"{url} is {info.size} bytes compressed, more than the stage-in quota ([job] stage_in_quota_bytes) of {quota_bytes}",
+        )
 
 
 def check_bucket(config: dict[str, Any], field_name: str, url: str) -> None:

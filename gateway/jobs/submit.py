@@ -21,7 +21,7 @@ from gateway.jobs.context import JobContext, audit_outcome, audit_reason
 from gateway.jobs.dirs import make_job_dirs, write_job_file
 from gateway.jobs.limits import insert_within_limits
 from gateway.jobs.prepare import Preparer
-from gateway.jobs.rules import request_hash
+from gateway.jobs.rules import check_dataset_object, request_hash
 from gateway.jobs.scripts import JobScripts
 from gateway.jobs.spec import JobSpec
 from gateway.jobs.states import JobState
@@ -80,6 +80,8 @@ class Submitter:
                 return self._replay(existing, digest)
         prepared = self.preparer.prepare(request, principal=principal)
         spec = prepared.spec
+        if self.ctx.storage is not None:
+            check_dataset_object(self.ctx.storage, spec.dataset_s3_url, int(self.ctx.config["JOB_STAGE_IN_QUOTA_BYTES"]))
         now = time.time()
         record = JobRecord(
             job_id=spec.job_id,

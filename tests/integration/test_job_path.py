@@ -99,11 +99,16 @@ def test_missing_input_fails_before_relion_and_the_hook_still_archives(http: req
     assert job["metadata"]["logs"], "the hook uploaded the logs"
 
 
-def test_missing_dataset_fails_at_stage_in_with_a_clear_message(http: requests.Session, gateway_url: str, bucket: str) -> None:
-    request = request_for(f"s3://{bucket}/datasets/does-not-exist.tar.gz", bucket)
-    job = wait_for_end(http, gateway_url, submit(http, gateway_url, request)["job_id"])
-    assert job["status"] == "failed", job
-    assert "stage-in failed" in job["message"] and "NoSuchKey" in job["message"]
+def test_a_missing_dataset_is_refused_at_submit_and_nothing_reaches_slurm(http: requests.Session, gateway_url: str, bucket: str) -> None:
+    # Fail fast (issue 16): one HEAD on the real S3 server at submit, not a job that waits in the
+    # queue and fails at stage-in when it finally starts.
+    url = f"s3://{bucket}/datasets/does-not-exist-{os.getpid()}.tar.gz"
+    response = http.post(f"{gateway_url}/v1/relion/jobs", json=request_for(url, bucket, workspace_id="missing"), timeout=60)
+    assert response.status_code == 422, response.text
+    message = response.json()["message"]
+    assert message.startswith("dataset_s3_url: there is no object at") and "404" in message, message
+    listed = http.get(f"{gateway_url}/v1/relion/jobs", params={"page_size": 500}, timeout=30).json()["jobs"]
+    assert not any(job["workspace_id"] == "missing" for job in listed)
 
 
 def test_2d_classification_through_slurmrestd(
