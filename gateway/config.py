@@ -60,6 +60,9 @@ def default_config() -> dict[str, Any]:
         # --mem of the archive hook, whatever RELION was given: it holds up to four 64 MiB upload
         # parts plus tar and pigz (324 MB peak measured on 1 GB of output, bench/ datapath).
         "SLURM_ARCHIVE_MEMORY_MB": 1024,
+        # The partition of the archive hook (2 CPUs, no GPU): empty, the job's own. A GPU partition's
+        # nodes are better kept for GPU work, so a site points the hook at a CPU partition.
+        "SLURM_ARCHIVE_PARTITION": "",
         "SLURM_EXTRA_DIRECTIVES": [],  # admin-owned lines such as "--constraint=skylake"
         "SLURM_COMMAND_TIMEOUT": 30.0,
         # Per-partition limits checked at submit time, so a request Slurm would refuse (or leave
@@ -264,6 +267,9 @@ def validate(config: dict[str, Any]) -> None:
     partitions = config["SLURM_PARTITIONS"]
     if not isinstance(partitions, Mapping):
         raise ValueError(f"[slurm.partitions]: must be a table of partitions, not {partitions!r}")
+    archive_partition = config["SLURM_ARCHIVE_PARTITION"]
+    if not isinstance(archive_partition, str) or (archive_partition and partitions and archive_partition not in partitions):
+        raise ValueError(f"[slurm] archive_partition: {archive_partition!r} is not one of [slurm.partitions] {sorted(partitions)}")
     checked: dict[str, dict[str, Any]] = {}
     for name, limits in partitions.items():
         if not isinstance(limits, Mapping):

@@ -73,6 +73,8 @@ class JobScripts:
         """The hook's script; ``after_main`` False submits it with no dependency (the main job has ended)."""
         context = {
             **self._common(spec, _resources(spec)),
+            # [slurm] archive_partition, else the job's own: the hook needs no GPU node.
+            **({"partition": self.config["SLURM_ARCHIVE_PARTITION"]} if self.config["SLURM_ARCHIVE_PARTITION"] else {}),
             "archive_job_name": f"{spec.job_id}.archive",
             "after_main": after_main,
             "archive_cpus": ARCHIVE_CPUS,

@@ -149,6 +149,9 @@ def test_a_gpu_job_gets_its_gpus_and_relion_the_device_string(
     row = sacct_row(main_id, "JobID,Partition,NodeList,AllocTRES,State")
     assert row["Partition"] == "gpu" and row["NodeList"] == node, row
     assert "gres/gpu=2" in row["AllocTRES"].split(","), row
+    # The archive hook needs no GPU: [slurm] archive_partition (debug in config/local.toml) keeps it off the gpu node's CPUs.
+    hook = sacct_row(job["slurm"]["archive_job_id"], "JobID,Partition,NodeList,AllocTRES,State")
+    assert hook["Partition"] == gpu_gateway["config"]["SLURM_ARCHIVE_PARTITION"] == "debug" and "gres/gpu" not in hook["AllocTRES"], hook
     detail = run_command(["scontrol", "show", "job", "-d", main_id], timeout=30)  # kept MinJobAge (300 s) after the end
     assert "JOB_GRES=gpu:2" in detail and "TresPerNode=gres:gpu:2" in detail and f"NodeList={node}\n" in detail, detail
 

@@ -97,3 +97,28 @@ def test_one_phases_reader_for_the_poller_and_the_hook(tmp_path: Path) -> None:
     timings = phase_timings(90.0, phases, 240.0, 250.0)
     assert timings == {"queued": 110.0, "staging": 10.0, "running": 20.0, "archiving": 10.0}
     assert Phases.read(tmp_path / "missing") == Phases()
+
+
+def test_the_archive_hook_goes_to_its_own_partition_when_one_is_set(client, app, scheduler: FakeScheduler) -> None:
+    from tests.unit.test_api import submit
+
+    jobs = app.extensions["relion_gateway"]
+    submit(client)
+    main_script, archive_script = scheduler.submitted[-2:]
+    own = [line for line in main_script.splitlines() if line.startswith("#SBATCH --partition=")]
+    assert [line for line in archive_script.splitlines() if line.startswith("#SBATCH --partition=")] == own
+    jobs.config["SLURM_ARCHIVE_PARTITION"] = "cpu-archive"
+    submit(client)
+    main_script, archive_script = scheduler.submitted[-2:]
+    assert "#SBATCH --partition=cpu-archive" in archive_script.splitlines()
+    assert "cpu-archive" not in main_script
+
+
+def test_an_archive_partition_must_be_a_configured_one() -> None:
+    import pytest
+
+    from gateway.config import build_config
+
+    with pytest.raises(ValueError, match=r"\[slurm\] archive_partition"):
+        build_config(environ={}, overrides={"SLURM_PARTITIONS": {"debug": {}}, "SLURM_ARCHIVE_PARTITION": "gpu"})
+    assert build_config(environ={}, overrides={"SLURM_PARTITIONS": {"debug": {}}, "SLURM_ARCHIVE_PARTITION": "debug"})["SLURM_ARCHIVE_PARTITION"] == "debug"
