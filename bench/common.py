@@ -499,3 +499,14 @@ def follow_job(http: Any, url: str, job_id: str, started: float, what: str = "",
     if current["status"] != "succeeded":
         raise RuntimeError(f"{prefix}{job_id} ended {current['status']}: {current.get('message')}")
     return current, seen, wall
+
+
+def held_templates(directory: Path) -> Path:
+    """The project's sbatch templates with ``#SBATCH --hold`` added: jobs Slurm queues but never starts."""
+    directory.mkdir()
+    for source in sorted((ROOT / "templates" / "sbatch").glob("*.j2")):
+        lines = source.read_text().splitlines(keepends=True)
+        at = next(i for i, line in enumerate(lines) if line.startswith("#SBATCH --job-name="))
+        lines.insert(at + 1, "#SBATCH --hold\n")
+        (directory / source.name).write_text("".join(lines))
+    return directory

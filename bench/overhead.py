@@ -44,11 +44,11 @@ import requests
 from werkzeug.serving import make_server
 
 from bench.common import (
-    ROOT,
     Context,
     bench_gateway_config,
     follow_job,
     free_port,
+    held_templates,
     machine_cpu_seconds,
     percentile,
     restore_environment,
@@ -397,13 +397,7 @@ class Bench:
     # -- parts 1 and 2: held jobs ---------------------------------------------------------------
 
     def held_gateway(self) -> None:
-        templates = self.tmp / "held-templates"
-        templates.mkdir()
-        for source in sorted((ROOT / "templates" / "sbatch").glob("*.j2")):
-            lines = source.read_text().splitlines(keepends=True)
-            at = next(i for i, line in enumerate(lines) if line.startswith("#SBATCH --job-name="))
-            lines.insert(at + 1, "#SBATCH --hold\n")
-            (templates / source.name).write_text("".join(lines))
+        templates = held_templates(self.tmp / "held-templates")
         config = self.config(
             self.tmp / "held-state",
             PATHS_TEMPLATE_DIR=str(templates),

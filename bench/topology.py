@@ -40,11 +40,11 @@ from werkzeug.serving import make_server
 
 from bench.common import (
     MEASURE_USER,
-    ROOT,
     Context,
     CountingRunner,
     bench_gateway_config,
     follow_job,
+    held_templates,
     measure,
     restore_environment,
     row,
@@ -284,13 +284,7 @@ class Bench:
     # -- 2. poller RPCs per cycle ------------------------------------------------------------------
 
     def poll_rpcs(self) -> None:
-        templates = self.tmp / "held-templates"
-        templates.mkdir()
-        for source in sorted((ROOT / "templates" / "sbatch").glob("*.j2")):
-            lines = source.read_text().splitlines(keepends=True)
-            at = next(i for i, line in enumerate(lines) if line.startswith("#SBATCH --job-name="))
-            lines.insert(at + 1, "#SBATCH --hold\n")
-            (templates / source.name).write_text("".join(lines))
+        templates = held_templates(self.tmp / "held-templates")
         config = self.config(
             self.tmp / "poll-state",
             PATHS_TEMPLATE_DIR=str(templates),
