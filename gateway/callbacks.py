@@ -40,7 +40,8 @@ ROLE_MAIN = "main"
 ROLE_ARCHIVE = "archive"
 ROLE_EVENTS = {ROLE_MAIN: frozenset({"progress"}), ROLE_ARCHIVE: frozenset({"metadata"})}
 ROLE_STORAGE = {
-    ROLE_MAIN: frozenset({"dataset"}),
+    # "restore": a continued attempt's GET of the job's own archived output (gateway.jobs.signed).
+    ROLE_MAIN: frozenset({"dataset", "restore"}),
     ROLE_ARCHIVE: frozenset({"head", "put", "multipart_start", "multipart_parts", "multipart_complete", "multipart_abort"}),
 }
 

@@ -111,6 +111,9 @@ def default_config() -> dict[str, Any]:
         "JOB_STAGE_IN_QUOTA_BYTES": 500 * 1024**3,
         "JOB_STAGE_IN_MAX_MEMBERS": 100_000,
         "JOB_ARCHIVE_COMPRESSOR": "pigz",  # pigz (parallel) or gzip
+        # The most automatic continuations a request may ask for (auto_continue): each one is a
+        # whole new allocation of the job's size. 0 turns automatic continuation off.
+        "JOB_MAX_AUTO_CONTINUE": 5,
         # The Unix account a portal user's jobs run as (sbatch --uid from a root gateway): "{user}"
         # stands for the user_id, a table entry in [job.run_as_users] overrides it. Empty: the
         # gateway's own account (then jobs can read what the gateway can: see README, Security).

@@ -413,6 +413,18 @@ class JobStore:
             )
         return bool(result.rowcount)
 
+    def update_if(self, job_id: str, *, expect_state: str, expect_job_json: str, **changes: Any) -> bool:
+        """``update`` only if the job is still in ``expect_state`` with this record (compare and set):
+        of two processes continuing one ended job, exactly one wins; the other gets False."""
+        changes.setdefault("updated_at", time.time())
+        with self.engine.begin() as conn:
+            result = conn.execute(
+                jobs_table.update()
+                .where(jobs_table.c.job_id == job_id, jobs_table.c.state == expect_state, jobs_table.c.job_json == expect_job_json)
+                .values(**changes)
+            )
+        return bool(result.rowcount)
+
     def extend_claim(self, job_id: str, seconds: float) -> None:
         """Renew a submission claim this process holds."""
         with self.engine.begin() as conn:

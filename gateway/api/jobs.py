@@ -185,6 +185,27 @@ class JobArchive(MethodView):
         return shaped(record)
 
 
+@blp.route("/jobs/<job_id>/continue")
+class JobContinue(MethodView):
+    @blp.response(202, JobSchema)
+    @blp.alt_response(401, **UNAUTHORIZED)
+    @blp.alt_response(404, **NOT_FOUND)
+    @blp.alt_response(
+        409,
+        schema=ErrorSchema,
+        description="The job has not ended timeout, cancelled, node_fail or failed, or its archived output holds no finished iteration",
+    )
+    def post(self, job_id: str) -> PortalJob:
+        """Continue an ended job: a new attempt, RELION resuming from its last finished iteration (relion_refine --continue).
+
+        The job keeps its id; `attempts` lists every run. The new attempt stages the dataset and the job's archived
+        output again (or uses the workspace an automatic continuation kept) and archives the whole output when it ends.
+        """
+        record = service().continue_job(job_id, principal=current_principal())
+        poller().wake()
+        return shaped(record)
+
+
 @blp.route("/jobs/<job_id>/logs")
 class JobLogs(MethodView):
     @blp.arguments(LogArgsSchema, location="query")

@@ -9,6 +9,7 @@ from typing import Any
 from marshmallow import RAISE, Schema, ValidationError, fields, validate, validates
 
 from gateway.relion.modes import MODES
+from gateway.jobs.continuation import attempts_view
 from gateway.jobs.states import JobState
 from gateway.textrules import text_problem
 
@@ -86,6 +87,17 @@ class JobRequestSchema(Schema):
         ),
         metadata={"description": "Slurm --time for the main job (default: [slurm] time_limit)", "example": "00:30:00"},
     )
+    # No load_default, as for gpus: the request_sha256 of a request without it stays as it was.
+    auto_continue = fields.Integer(
+        strict=True,
+        validate=validate.Range(min=0, max=1000),
+        metadata={
+            "description": "How many times the gateway may continue the job by itself (relion_refine --continue from the "
+            "last finished iteration) when Slurm ends it for its time limit, a preemption or a node failure; never after "
+            "RELION's own error or a cancel. At most [job] max_auto_continue. Default 0",
+            "example": 2,
+        },
+    )
     flags = fields.Dict(
         keys=fields.String(validate=validate.Length(min=1, max=64)),
         values=fields.Raw(allow_none=False),
@@ -115,6 +127,26 @@ class SlurmInfoSchema(Schema):
     exit_code = fields.Integer(allow_none=True)
 
 
+class AttemptSchema(Schema):
+    """One run of the job in Slurm: the first, or a continuation."""
+
+    number = fields.Integer(metadata={"description": "1 for the first run"})
+    trigger = fields.String(metadata={"description": "submit, auto (auto_continue) or manual (POST .../continue)"})
+    created_at = fields.Float()
+    from_iteration = fields.Integer(metadata={"description": "the iteration RELION continued from; 0: from the start"})
+    continue_from = fields.String(metadata={"description": "RELION's optimiser file it continued from"})
+    workspace = fields.String(metadata={"description": "kept (the earlier workspace) or restored (from the archived output)"})
+    main_slurm_id = fields.String(allow_none=True)
+    archive_slurm_id = fields.String(allow_none=True)
+    state = fields.String(metadata={"description": "gateway state of this attempt (its end, once ended)"})
+    slurm_state = fields.String()
+    exit_code = fields.Integer(allow_none=True)
+    started_at = fields.Float(allow_none=True)
+    ended_at = fields.Float(allow_none=True)
+    last_iteration = fields.Integer(allow_none=True, metadata={"description": "the last iteration it finished"})
+    message = fields.String()
+
+
 class JobSchema(Schema):
     """A gateway job as a portal sees it; `status`, `message`, `metadata_b64`, `job_id` as in the seed."""
 
@@ -129,7 +161,9 @@ class JobSchema(Schema):
     gpus = fields.Integer(allow_none=True, metadata={"description": "GPUs per node as requested; null: none"})
     time_limit = fields.String(allow_none=True, metadata={"description": "as requested; null: the configured default"})
     flags = fields.Dict()
-    slurm = fields.Nested(SlurmInfoSchema)
+    auto_continue = fields.Integer(metadata={"description": "automatic continuations the request allows"})
+    slurm = fields.Nested(SlurmInfoSchema, metadata={"description": "the current attempt's Slurm jobs"})
+    attempts = fields.List(fields.Nested(AttemptSchema), metadata={"description": "every attempt, the current one last"})
     output_url = fields.String(metadata={"description": "s3:// prefix holding output.tar.gz and metadata.json"})
     accepted_at = fields.Float()
     submitted_at = fields.Float(allow_none=True)
@@ -203,6 +237,14 @@ class PortalJob:
     @property
     def flags(self) -> Any:
         return self.record.request.get("flags", {})
+
+    @property
+    def auto_continue(self) -> int:
+        return int(self.record.request.get("auto_continue") or 0)
+
+    @property
+    def attempts(self) -> list[dict[str, Any]]:
+        return attempts_view(self.record)
 
     @property
     def slurm(self) -> dict[str, Any]:

@@ -13,7 +13,7 @@ from gateway.jobs import rules
 from gateway.jobs.dirs import job_account
 from gateway.jobs.resources import check_gpus, gpus_per_node, plan_resources
 from gateway.jobs.scripts import JobScripts
-from gateway.jobs.spec import JobSpec
+from gateway.jobs.spec import Attempt, JobSpec
 from gateway.relion.catalogue import validate_options
 from gateway.relion.flags import FlagError, NormalisedFlags, normalise_flags
 from gateway.storage.boundaries import check_data_boundaries
@@ -97,6 +97,8 @@ class Preparer:
             time_limit=request.get("time_limit"),
             gpus=gpus,
         )
+        auto_continue = rules.check_auto_continue(config, request.get("auto_continue"))
+        accepted_at = time.time()
         spec = JobSpec(
             job_id=job_id,
             user_id=user,
@@ -112,7 +114,9 @@ class Preparer:
             workspace_dir=str(workspace_dir),
             output_prefix=flags.output_prefix,
             output_dir=flags.output_dir,
-            accepted_at=time.time(),
+            accepted_at=accepted_at,
             run_as=account,
+            auto_continue=auto_continue,
+            attempts=(Attempt(number=1, trigger="submit", created_at=accepted_at),),
         )
         return PreparedJob(spec, self.scripts.main(spec), flags, warnings)

@@ -107,6 +107,18 @@ def gateway_gpu_flag(flags: NormalisedFlags, gpus: int) -> NormalisedFlags:
     return NormalisedFlags({key: v for key, v in flags.options.items() if key != "gpu"})
 
 
+def check_auto_continue(config: dict[str, Any], value: Any) -> int:
+    """auto_continue within [job] max_auto_continue (the schema has checked it is a whole number >= 0)."""
+    wanted = int(value or 0)
+    allowed = int(config["JOB_MAX_AUTO_CONTINUE"])
+    if wanted > allowed:
+        raise RequestError(
+            "auto_continue",
+            f"at most {allowed} automatic continuations ([job] max_auto_continue); each is a new allocation of the job's size",
+        )
+    return wanted
+
+
 def check_threads(config: dict[str, Any], flags: NormalisedFlags, num_mpi: int) -> int:
     """The threads per rank (--j), within [limits] max_cores_per_job for all ranks together."""
     threads = flags.options.get("j", 1)

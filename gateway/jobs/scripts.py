@@ -15,6 +15,7 @@ from gateway.callbacks import TOKEN_ENV
 from gateway.jobs.spec import JobSpec, Resources
 from gateway.relion.catalogue import CATALOGUE
 from gateway.sbatch.render import ARCHIVE_TEMPLATE, MAIN_TEMPLATE, ScriptRenderer
+from gateway.slurm.times import parse_slurm_time
 
 # Placeholder shown in a dry-run archive script, where the main job has no Slurm id yet.
 DRY_RUN_MAIN_ID = "MAIN_JOB_ID"
@@ -44,7 +45,13 @@ class JobScripts:
         relion_binary, *relion_args = spec.relion_command
         context = {
             **self._common(spec, resources),
-            "job_name": spec.job_id,
+            "job_name": spec.slurm_name,
+            "attempt": spec.attempt.number,
+            # A continuation: the optimiser file RELION continues from (the stage-in keeps or
+            # restores the earlier attempt's output so that it is there).
+            "continue_from": spec.attempt.continue_from,
+            # The watcher says when the remaining iterations cannot finish within this.
+            "time_limit_seconds": parse_slurm_time(resources.time_limit),
             "ntasks": resources.ntasks,
             "cpus_per_task": resources.cpus_per_task,
             "nodes": resources.nodes,
@@ -75,7 +82,7 @@ class JobScripts:
             **self._common(spec, _resources(spec)),
             # [slurm] archive_partition, else the job's own: the hook needs no GPU node.
             **({"partition": self.config["SLURM_ARCHIVE_PARTITION"]} if self.config["SLURM_ARCHIVE_PARTITION"] else {}),
-            "archive_job_name": f"{spec.job_id}.archive",
+            "archive_job_name": spec.slurm_archive_name,
             "after_main": after_main,
             "archive_cpus": ARCHIVE_CPUS,
             # Not RELION's estimate: a job given little memory per CPU must still get its hook run.

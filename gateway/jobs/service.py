@@ -16,6 +16,7 @@ from gateway.database import JobNotFound, JobRecord, JobStore
 from gateway.errors import RequestError
 from gateway.jobfiles import read_job_text
 from gateway.jobs.context import JobContext
+from gateway.jobs.continuation import Continuer
 from gateway.jobs.prepare import PreparedJob, Preparer
 from gateway.jobs.previews import Listing, PreviewImage, PreviewReader
 from gateway.jobs.scripts import JobScripts, callback_url
@@ -50,7 +51,8 @@ class JobService:
         self.scripts = JobScripts(config, renderer)
         self.preparer = Preparer(config, self.scripts)
         self.submitter = Submitter(self.ctx, self.preparer, self.scripts)
-        self.tracker = Tracker(self.ctx, self.submitter, self.scripts)
+        self.continuer = Continuer(self.ctx, self.submitter, self.scripts)
+        self.tracker = Tracker(self.ctx, self.submitter, self.scripts, self.continuer)
 
     # The clients live in the shared context, so one swapped here is the one every part uses.
     config = property(lambda self: self.ctx.config)
@@ -204,6 +206,10 @@ class JobService:
         )
         log.info("job %s: archive retried as Slurm job %s", job_id, archive_id)
         return self.store.get(job_id)
+
+    def continue_job(self, job_id: str, *, principal: Actor | None = None) -> JobRecord:
+        """A new attempt of an ended job, RELION continuing from its last finished iteration."""
+        return self.continuer.continue_job(job_id, principal=principal)
 
     def cancel(self, job_id: str, *, principal: Actor | None = None) -> JobRecord:
         """Cancel the main job; its afterany hook still runs and archives what was produced."""

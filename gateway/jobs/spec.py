@@ -59,6 +59,50 @@ class Resources:
             return None
 
 
+# What started an attempt: the submit itself, the gateway after Slurm ended the previous attempt for
+# its time limit, a preemption or a node failure ([job] auto_continue), or a user's POST .../continue.
+TRIGGERS = ("submit", "auto", "manual")
+
+
+@dataclass(frozen=True)
+class Attempt:
+    """One run of a gateway job in Slurm: the first, or a continuation with RELION's --continue.
+
+    A job keeps one gateway id across attempts; each attempt has its own Slurm jobs. The record's
+    last attempt is the current one: its Slurm ids and state live in the job's record until it ends,
+    and are copied here when the next attempt starts.
+    """
+
+    number: int
+    trigger: str = "submit"
+    created_at: float = 0.0
+    # The iteration RELION continues from (its run_itNNN_optimiser.star), 0 for the first attempt.
+    from_iteration: int = 0
+    continue_from: str = ""  # that optimiser file, relative to the dataset directory
+    # How a continuation found the earlier files: "kept" (the workspace was still there) or
+    # "restored" (the archived output was staged back in); "" for the first attempt.
+    workspace: str = ""
+    # Filled in when the attempt has ended.
+    main_slurm_id: str | None = None
+    archive_slurm_id: str | None = None
+    state: str = ""
+    slurm_state: str = ""
+    exit_code: int | None = None
+    started_at: float | None = None
+    ended_at: float | None = None
+    last_iteration: int | None = None
+    message: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Any) -> "Attempt | None":
+        if not isinstance(data, dict) or not isinstance(data.get("number"), int):
+            return None
+        return cls(**{f.name: data[f.name] for f in fields(cls) if f.name in data})
+
+
 @dataclass(frozen=True)
 class JobSpec:
     job_id: str = ""
@@ -81,16 +125,46 @@ class JobSpec:
     run_as: str | None = None
     main_slurm_id: str | None = None
     archive_slurm_id: str | None = None
+    # The request's auto_continue: how many times the gateway may continue the job by itself.
+    auto_continue: int = 0
+    # Every attempt so far, the current one last; records written before attempts existed have
+    # none, which reads as one first attempt.
+    attempts: tuple[Attempt, ...] = ()
     schema_version: int = JOB_SPEC_VERSION
 
     @property
     def flags(self) -> dict[str, Any]:
         return dict(self.request.get("flags") or {})
 
+    @property
+    def attempt(self) -> Attempt:
+        """The current attempt."""
+        return self.attempts[-1] if self.attempts else Attempt(number=1, created_at=self.accepted_at)
+
+    @property
+    def slurm_name(self) -> str:
+        """The main Slurm job's name: the gateway id, and the attempt from the second on.
+
+        Names are how the gateway recognises its Slurm jobs (a Slurm id is not a durable identity,
+        gateway.jobs.track), so no attempt may answer to an earlier attempt's name.
+        """
+        number = self.attempt.number
+        return self.job_id if number == 1 else f"{self.job_id}.attempt{number}"
+
+    @property
+    def slurm_archive_name(self) -> str:
+        return f"{self.slurm_name}.archive"
+
+    @property
+    def attempt_started_at(self) -> float:
+        """Since when Slurm may hold this attempt's jobs (the lower bound of a find-by-name)."""
+        return self.attempt.created_at or self.accepted_at
+
     def to_dict(self) -> dict[str, Any]:
         data = {f.name: getattr(self, f.name) for f in fields(self)}
         data["resources"] = self.resources.as_dict() if self.resources else None
         data["relion_command"] = list(self.relion_command)
+        data["attempts"] = [a.to_dict() for a in self.attempts]
         data["schema_version"] = JOB_SPEC_VERSION  # what is written is always the current shape
         return data
 
@@ -109,6 +183,7 @@ class JobSpec:
         values["relion_command"] = tuple(str(a) for a in data.get("relion_command") or ())
         values["request"] = dict(data.get("request") or {})
         values["accepted_at"] = float(data.get("accepted_at") or 0.0)
+        values["attempts"] = tuple(a for a in (Attempt.from_dict(d) for d in data.get("attempts") or ()) if a is not None)
         return cls(**values)
 
     @classmethod

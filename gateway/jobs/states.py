@@ -84,6 +84,22 @@ LIVE_STATE_OF_MAIN: dict[SlurmState, JobState] = {
 }
 
 
+# The Slurm endings the gateway continues a job after by itself, when its request asked for it
+# (auto_continue): the job ran out of time or lost its node or its slot, none of it RELION's fault.
+# Never after RELION's own error (FAILED) or a user's cancel: running again would fail again, or
+# undo the cancel.
+AUTO_CONTINUE_ON: frozenset[SlurmState] = frozenset(
+    {SlurmState.TIMEOUT, SlurmState.DEADLINE, SlurmState.PREEMPTED, SlurmState.NODE_FAIL, SlurmState.BOOT_FAIL}
+)
+# The gateway states a user may continue a job from (POST /jobs/<id>/continue).
+CONTINUABLE: frozenset[JobState] = frozenset({JobState.TIMEOUT, JobState.CANCELLED, JobState.NODE_FAIL, JobState.FAILED})
+
+
+def auto_continues(auto_continue: int, attempt: int, main: SlurmState | None) -> bool:
+    """Whether attempt ``attempt`` ending in ``main`` is continued without being asked again."""
+    return main in AUTO_CONTINUE_ON and attempt <= auto_continue
+
+
 def gateway_state(
     main: SlurmState | None,
     archive: SlurmState | None,

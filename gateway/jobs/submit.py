@@ -109,7 +109,7 @@ class Submitter:
             existing = store.find_by_idempotency_key(request["user_id"], idempotency_key or "")
             assert existing is not None
             return self._replay(existing, digest)
-        return self._submit_record(record)
+        return self.submit_record(record)
 
     @property
     def submit_claim_seconds(self) -> float:
@@ -129,7 +129,7 @@ class Submitter:
             return record
         if not self.ctx.store.claim_submission(record.job_id, self.submit_claim_seconds):
             return record  # another request or process is submitting it right now
-        return self._submit_record(self.ctx.store.get(record.job_id), resuming=True)
+        return self.submit_record(self.ctx.store.get(record.job_id), resuming=True)
 
     def _sbatch(self, script: str, job_name: str, since: float, resuming: bool, job_id: str) -> str:
         """sbatch with bounded retries on transient errors, never submitting one job twice."""
@@ -156,11 +156,12 @@ class Submitter:
                 delay *= 2
         raise AssertionError("unreachable")
 
-    def _submit_record(self, record: JobRecord, resuming: bool = False) -> JobRecord:
+    def submit_record(self, record: JobRecord, resuming: bool = False) -> JobRecord:
+        """Submit a stored record's current attempt (a new job, a cut-short one, or a continuation)."""
         store, config = self.ctx.store, self.ctx.config
         spec = JobSpec.from_json(record.job_json)
         log_dir = Path(spec.log_dir)
-        since = spec.accepted_at
+        since = spec.attempt_started_at  # an earlier attempt's Slurm jobs have other names anyway
         account = spec.run_as
         try:
             # Slurm does not create the --output directory; a missing one makes the job fail silently.
@@ -168,7 +169,7 @@ class Submitter:
             make_job_dirs(Path(config["PATHS_LOG_ROOT"]), record.user_id, log_dir, account)
             make_job_dirs(Path(config["PATHS_WORKSPACE_ROOT"]), record.user_id, Path(spec.workspace_dir), account)
             write_job_file(log_dir / "job.json", spec.to_json(indent=2), account)
-            main_id = record.main_slurm_id or self._sbatch(record.main_script, record.job_id, since, resuming, record.job_id)
+            main_id = record.main_slurm_id or self._sbatch(record.main_script, spec.slurm_name, since, resuming, record.job_id)
         except (SchedulerError, OSError) as exc:
             message = exc.message if isinstance(exc, SchedulerError) else str(exc)
             store.update(record.job_id, state=JobState.SUBMIT_FAILED.value, message=message, ended_at=time.time())
@@ -177,7 +178,7 @@ class Submitter:
         store.update(record.job_id, main_slurm_id=main_id)
         archive_script = self.scripts.archive(spec, main_id)
         try:
-            archive_id = self._sbatch(archive_script, f"{record.job_id}.archive", since, resuming, record.job_id)
+            archive_id = self._sbatch(archive_script, spec.slurm_archive_name, since, resuming, record.job_id)
         except SchedulerError as exc:
             # Without its hook the job's output would never be archived: do not let it run.
             self.ctx.scheduler.cancel(main_id)

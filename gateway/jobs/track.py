@@ -9,7 +9,7 @@ import json
 import logging
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from gateway.callbacks import ROLE_ARCHIVE
 from gateway.database import JobRecord
@@ -25,6 +25,9 @@ from gateway.slurm.backend import SchedulerError, SlurmJobInfo
 from gateway.slurm.memory import memory_kill_line
 from gateway.storage.s3 import StorageError, parse_s3_url
 
+if TYPE_CHECKING:
+    from gateway.jobs.continuation import Continuer
+
 log = logging.getLogger(__name__)
 
 # A main job Slurm still lists as running this long after its script stamped "finished" is
@@ -33,10 +36,11 @@ FINISHED_BUT_RUNNING_S = 120.0
 
 
 class Tracker:
-    def __init__(self, ctx: JobContext, submitter: Submitter, scripts: JobScripts) -> None:
+    def __init__(self, ctx: JobContext, submitter: Submitter, scripts: JobScripts, continuer: "Continuer | None" = None) -> None:
         self.ctx = ctx
         self.submitter = submitter
         self.scripts = scripts
+        self.continuer = continuer
 
     def poll(self) -> int:
         """One poll cycle: resume cut-short submissions, then one batched status query for the rest.
@@ -67,12 +71,13 @@ class Tracker:
         strangers = []
         # A Slurm id is not a durable identity: slurmctld killed right after a submit loses the
         # job and hands its id to the next submission. Never adopt a job with another name.
-        expected = {"main": record.job_id, "archive": f"{record.job_id}.archive"}
+        spec = JobSpec.from_json(record.job_json)
+        expected = {"main": spec.slurm_name, "archive": spec.slurm_archive_name}
         for role, info in infos.items():
             if info is None or not info.name or info.name == expected[role]:
                 continue
             # Before calling the job lost, ask Slurm by name: one odd answer must not end a job.
-            ours = self.ctx.scheduler.find_by_name(expected[role], since=record.accepted_at)
+            ours = self.ctx.scheduler.find_by_name(expected[role], since=spec.attempt_started_at)
             if info.job_id in ours:
                 log.warning(
                     "job %s: Slurm reported %s job %s as %r (%s) but lists it under our name; ignoring this answer",
@@ -143,7 +148,9 @@ class Tracker:
                 metadata = self._find_metadata(record, log_dir)
                 if metadata is not None:
                     changes["metadata_json"] = metadata
-            changes["message"] = final_message(state, log_dir, main, archive, memory_kill, record, phases.count("staging"))
+            # Each earlier attempt stamped "staging" once too: only this attempt's starts are requeues.
+            starts = phases.count("staging") - (spec.attempt.number - 1)
+            changes["message"] = final_message(state, log_dir, main, archive, memory_kill, record, starts)
             if strangers:
                 changes["message"] = "Slurm lost this job (" + "; ".join(strangers) + ")"
         elif state == JobState.UNKNOWN:
@@ -151,12 +158,14 @@ class Tracker:
         if state.value != record.state:
             log.info("job %s: %s -> %s (%s)", record.job_id, record.state, state.value, changes.get("slurm_state", ""))
         self.ctx.store.update(record.job_id, **changes)
+        if state.is_terminal and self.continuer is not None:
+            self.continuer.after_end(self.ctx.store.get(record.job_id), main)
 
     def _replace_lost_archive(self, record: JobRecord, spec: JobSpec, main: SlurmJobInfo, why: str) -> None:
-        name = f"{record.job_id}.archive"
+        name = spec.slurm_archive_name
         scheduler = self.ctx.scheduler
         try:
-            found = [i for i in scheduler.find_by_name(name, since=record.accepted_at) if i != record.archive_slurm_id]
+            found = [i for i in scheduler.find_by_name(name, since=spec.attempt_started_at) if i != record.archive_slurm_id]
             if found:
                 archive_id, how = found[-1], "found under its name"
                 script = record.archive_script
@@ -180,15 +189,25 @@ class Tracker:
     def _find_metadata(self, record: JobRecord, log_dir: Path) -> str | None:
         # Read as a job file: the job's account owns the log dir (gateway/jobfiles.py says why).
         text = read_job_text(self._log_root, log_dir / "metadata.json")
-        if text is not None:
+        if text is not None and _of_main_job(text, record.main_slurm_id):
             return text
         if self.ctx.storage is None:
             return None
         try:
-            return self.ctx.storage.get_bytes(parse_s3_url(record.output_url).child("metadata.json")).decode()
+            text = self.ctx.storage.get_bytes(parse_s3_url(record.output_url).child("metadata.json")).decode()
         except StorageError as exc:
             log.info("job %s: no metadata.json in S3 (%s)", record.job_id, exc)
             return None
+        return text if _of_main_job(text, record.main_slurm_id) else None
+
+
+def _of_main_job(text: str, main_slurm_id: str | None) -> bool:
+    """Whether a metadata.json is this attempt's: a continued job's earlier attempt wrote one too."""
+    try:
+        recorded = (json.loads(text).get("slurm") or {}).get("main_job_id")
+    except (ValueError, AttributeError):
+        return False
+    return recorded is None or str(recorded) == str(main_slurm_id)
 
 
 def next_poll_seconds(record: JobRecord, config: dict[str, Any]) -> float | None:

@@ -7,6 +7,7 @@ S3 failure leaves the workspace in place and the hook exits non-zero (gateway st
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -19,6 +20,7 @@ from typing import Any, Callable, TypeVar
 
 from gateway.jobs.phases import Phases
 from gateway.jobs.spec import JobSpec
+from gateway.jobs.states import auto_continues
 from gateway.jobside.gpus import RECORD_NAME as GPU_RECORD_NAME
 from gateway.jobside.preview_runner import INDEX_FIELDS, INDEX_NAME, NAME_PATTERN, FinalRender, log_line, preview_dir, read_index
 from gateway.process import CommandError
@@ -197,6 +199,20 @@ def _put(storage: JobStorage, data: bytes, location: S3Location, content_type: s
         storage.upload_stream(io.BytesIO(data), location, size_hint=len(data))
 
 
+def attempt_summaries(job: JobSpec, main: SlurmJobInfo | None, results: dict[str, Any], input_record: dict[str, Any]) -> list[dict[str, Any]]:
+    """Every attempt of the job: the earlier ones as the gateway recorded them, then this one."""
+    current = dataclasses.replace(
+        job.attempt,
+        main_slurm_id=main.job_id if main else job.main_slurm_id,
+        archive_slurm_id=job.archive_slurm_id,
+        slurm_state=main.raw_state if main else "",
+        exit_code=main.exit_code if main else None,
+        last_iteration=results.get("last_iteration"),
+        workspace=str(input_record.get("workspace") or job.attempt.workspace),
+    )
+    return [a.to_dict() for a in (*job.attempts[:-1], current)]
+
+
 def _iso(epoch: float) -> str:
     return datetime.fromtimestamp(epoch, timezone.utc).isoformat(timespec="seconds")
 
@@ -335,12 +351,22 @@ def run_archive(
         "logs": logs,
         "previews": previews,
         "timings": phase_timings(job.accepted_at, Phases.read(log_dir), started, ended),
+        "attempts": attempt_summaries(job, main, results, input_record),
+        # The gateway will continue this job by itself (auto_continue): the next attempt starts from
+        # this workspace instead of staging the dataset and this output in again.
+        "workspace_kept": bool(
+            auto_continues(job.auto_continue, job.attempt.number, main.state if main else None)
+            and (results.get("last_iteration") or 0) >= 1
+        ),
     }
     (log_dir / "metadata.json").write_text(json.dumps(metadata, indent=2, sort_keys=True) + "\n")
     retry(lambda: storage.put_json(metadata, destination.child("metadata.json")), what="metadata upload", first_delay=retry_delay)
 
     if report is not None:
         report(metadata)  # the gateway hears of it at once; the poller would find it anyway
+    if metadata["workspace_kept"]:
+        log.info("archived %s to %s; workspace kept for the next attempt", job.job_id, destination.url)
+        return metadata
     # Only now, with the archive verified and metadata stored, is the workspace disposable.
     shutil.rmtree(workspace, ignore_errors=True)
     log.info("archived %s to %s", job.job_id, destination.url)

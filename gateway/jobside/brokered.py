@@ -24,7 +24,7 @@ from urllib.parse import urlsplit
 import requests
 
 from gateway.callbacks import SIGNATURE_HEADER, sign, signed_body
-from gateway.storage.base import PARTS_IN_MEMORY, ObjectInfo, S3Location, StorageError, part_size_for
+from gateway.storage.base import PARTS_IN_MEMORY, ObjectInfo, S3Location, StorageError, parse_s3_url, part_size_for
 
 log = logging.getLogger(__name__)
 
@@ -137,6 +137,17 @@ class BrokeredStorage:
         answer = self.link.call("dataset")
         if answer.get("dataset_s3_url") != location.url:
             raise StorageError("GET", location.bucket, location.key, f"the gateway serves {answer.get('dataset_s3_url')} as this job's dataset")
+        return self._get(answer, location)
+
+    def open_output_archive(self) -> tuple[IO[bytes], ObjectInfo]:
+        """Stream this job's archived output.tar.gz: a continuation restoring the earlier attempt's files.
+
+        The gateway serves it only to the main job of a continued attempt, and only its own.
+        """
+        answer = self.link.call("restore")
+        return self._get(answer, parse_s3_url(str(answer.get("s3_url", ""))))
+
+    def _get(self, answer: dict[str, Any], location: S3Location) -> tuple[IO[bytes], ObjectInfo]:
         try:
             response = requests.get(answer["url"], stream=True, timeout=(CONNECT_TIMEOUT_S, READ_TIMEOUT_S))
         except requests.RequestException as exc:

@@ -51,6 +51,8 @@ def _gateway_storage(callback_url: str, job_id: str, output_url: str = "") -> "B
 @click.option("--max-members", type=int, required=True, help="refuse an archive with more members")
 @click.option("--star", default=None, help="the --i STAR file: it and every image stack it names must exist")
 @click.option("--require", "required", multiple=True, help="another input file that must exist (repeatable)")
+@click.option("--continue-from", default="", help="a continuation: the optimiser file (relative to DEST) RELION continues from")
+@click.option("--output-dir", default="", help="with --continue-from: RELION's output directory (relative to DEST)")
 def stage_in_command(
     url: str,
     dest: Path,
@@ -61,15 +63,32 @@ def stage_in_command(
     max_members: int,
     star: str | None,
     required: tuple[str, ...],
+    continue_from: str,
+    output_dir: str,
 ) -> None:
-    """Stream the dataset from S3, extract it safely into DEST and check the inputs RELION will read."""
-    from gateway.jobside.stage_in import stage_in, write_record
+    """Stream the dataset from S3, extract it safely into DEST and check the inputs RELION will read.
+
+    A continuation (--continue-from) uses the workspace an earlier attempt left when it is still
+    there (the hook keeps it for an automatic continuation); otherwise it stages the dataset and
+    the job's archived output again.
+    """
+    from gateway.jobside.stage_in import restore_output, stage_in, write_record
     from gateway.relion.inputs import MissingInputError, check_inputs
     from gateway.storage.base import StorageError
 
     try:
-        storage = _gateway_storage(callback_url, job_id)
-        staged = stage_in(storage, url, dest, quota_bytes=quota_bytes, max_members=max_members)
+        if continue_from and (dest / continue_from).is_file():
+            staged: dict[str, object] = {"url": url, "workspace": "kept", "bytes": 0}
+        else:
+            storage = _gateway_storage(callback_url, job_id)
+            staged = stage_in(storage, url, dest, quota_bytes=quota_bytes, max_members=max_members)
+            if continue_from:
+                staged["workspace"] = "restored"
+                staged["restored_output"] = restore_output(storage, dest, output_dir, quota_bytes=quota_bytes, max_members=max_members)
+        if continue_from:
+            staged["continue_from"] = continue_from
+            if not (dest / continue_from).is_file():
+                raise MissingInputError(f"{continue_from} (the iteration to continue from) is not in the earlier attempt's output")
         if star:
             staged["checked"] = check_inputs(dest, star, required)
     except (StorageError, tarfile.TarError, MissingInputError, ValueError, OSError) as exc:
@@ -91,6 +110,7 @@ def stage_in_command(
 @click.option("--callback-url", default="", help="the gateway's API base URL for signed events")
 @click.option("--interval", type=float, default=2.0, show_default=True)
 @click.option("--once", is_flag=True, help="report the current progress once and exit")
+@click.option("--deadline", type=float, default=None, help="when Slurm's time limit ends the job (epoch seconds)")
 def watch_command(
     dataset_dir: Path,
     prefix: str,
@@ -101,6 +121,7 @@ def watch_command(
     callback_url: str,
     interval: float,
     once: bool,
+    deadline: float | None,
 ) -> None:
     """Report RELION's progress while it runs (runs in the background of the main job)."""
     from gateway.callbacks import post_event
@@ -115,6 +136,7 @@ def watch_command(
         interval=interval,
         iterations_planned=iterations,
         once=once,
+        deadline=deadline,
     )
 
 

@@ -5,6 +5,7 @@ import hashlib
 import json
 import logging
 import queue
+import shutil
 import threading
 import time
 from pathlib import Path
@@ -85,9 +86,37 @@ class ReadAheadReader:
 
 def stage_in(storage: JobStorage, url: str, dest: Path, *, quota_bytes: int, max_members: int) -> dict[str, Any]:
     """Download and extract ``url`` into ``dest``; return what was staged (sizes, checksums, timing)."""
-    location = parse_s3_url(url)
     started = time.time()
-    body, info = storage.open_stream(location)
+    body, info = storage.open_stream(parse_s3_url(url))
+    return _extract_object(body, info, url, dest, started, quota_bytes=quota_bytes, max_members=max_members)
+
+
+def restore_output(storage: Any, dest: Path, output_dir: str, *, quota_bytes: int, max_members: int) -> dict[str, Any]:
+    """A continuation whose workspace is gone: put the earlier attempt's output back into ``dest``.
+
+    The archived ``output.tar.gz`` (this job's own, under its output prefix) holds RELION's output
+    directory as the earlier attempt left it, every finished iteration included. It is extracted
+    with the same safe extractor as a dataset, next to ``dest``, and only its ``output_dir`` is
+    moved into ``dest``: anything else the archive might hold never reaches RELION's directory.
+    """
+    started = time.time()
+    body, info = storage.open_output_archive()
+    restored = dest.parent / "restored-output"
+    record = _extract_object(body, info, "output.tar.gz", restored, started, quota_bytes=quota_bytes, max_members=max_members)
+    source, target = restored / output_dir, dest / output_dir
+    if not source.is_dir() or source.is_symlink():
+        raise ValueError(f"the archived output holds no directory {output_dir!r} to continue from")
+    if target.exists():
+        shutil.rmtree(target)  # what the dataset itself had there; RELION would overwrite it anyway
+    target.parent.mkdir(parents=True, exist_ok=True)
+    source.rename(target)
+    shutil.rmtree(restored, ignore_errors=True)
+    return record
+
+
+def _extract_object(
+    body: IO[bytes], info: Any, url: str, dest: Path, started: float, *, quota_bytes: int, max_members: int
+) -> dict[str, Any]:
     if info.size > quota_bytes:
         # The compressed size alone is over the quota: refuse before reading a byte.
         raise ValueError(f"{url} is {info.size} bytes, over the stage-in quota of {quota_bytes} bytes")

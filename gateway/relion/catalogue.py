@@ -303,8 +303,8 @@ GATEWAY_OWNED: dict[str, str] = {
     "print_metadata_labels": _EXITS,
     "print_symmetry_ops": _EXITS,
     "continue": (
-        "the gateway starts new runs only; with --continue relion_refine reads a smaller option set "
-        "and ignores the rest"
+        "the gateway continues a run itself: POST /v1/relion/jobs/<job_id>/continue, or auto_continue "
+        "in the request"
     ),
     "force_converge": _CONTINUE_ONLY,
     "join_random_halves": _CONTINUE_ONLY,

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import dataclasses
 import os
 import stat
 import subprocess
@@ -13,6 +14,8 @@ from flask import Flask
 
 from gateway import create_app
 from gateway.jobs.scripts import DRY_RUN_MAIN_ID
+from gateway.jobs.spec import Attempt
+from gateway.relion.continuing import continue_arguments
 from tests.conftest import valid_request
 from tests.fakes import FakeScheduler
 
@@ -57,6 +60,23 @@ def test_rendered_scripts_match_golden_files(tmp_path: Path, fixed_job_id: None,
         if os.environ.get("UPDATE_GOLDEN"):
             path.write_text(text)
         assert text == path.read_text(), f"{path} differs; rerun with UPDATE_GOLDEN=1 if the change is intended"
+
+
+def test_a_continued_attempt_matches_its_golden_file(tmp_path: Path, fixed_job_id: None) -> None:
+    """Attempt 2 of the 2D job: its own Slurm name, relion_refine --continue, the stage-in that keeps or restores."""
+    service = golden_app(tmp_path).extensions["relion_gateway"]
+    spec = service.prepare(MODES["2d"]).spec
+    optimiser = "Class2D/run_it001_optimiser.star"
+    continued = dataclasses.replace(
+        spec,
+        attempts=(*spec.attempts, Attempt(number=2, trigger="manual", from_iteration=1, continue_from=optimiser, workspace="restored")),
+        relion_command=(spec.relion_command[0], *continue_arguments(spec.flags, optimiser, spec.output_prefix)),
+    )
+    text = service.scripts.main(continued)
+    path = GOLDEN / "2d.attempt2.main.sbatch"
+    if os.environ.get("UPDATE_GOLDEN"):
+        path.write_text(text)
+    assert text == path.read_text(), f"{path} differs; rerun with UPDATE_GOLDEN=1 if the change is intended"
 
 
 def test_site_profile_changes_the_rendered_scripts(tmp_path: Path, fixed_job_id: None, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -199,7 +199,7 @@ def test_a_crashed_submission_is_finished_by_the_poller_once_its_claim_lapses(ap
     jobs.config["SLURM_COMMAND_TIMEOUT"] = 1.0
     assert jobs.submit_claim_seconds == 2 * 1.0 + 10.0  # one find-by-name and one sbatch, plus a margin
     # The gateway "dies" after storing the record, before sbatch: the record keeps the dead claim.
-    monkeypatch.setattr(jobs.submitter, "_submit_record", lambda record, resuming=False: record)
+    monkeypatch.setattr(jobs.submitter, "submit_record", lambda record, resuming=False: record)
     job_id = jobs.submit(valid_request(), idempotency_key="died").job_id
     monkeypatch.undo()
     jobs.poll()
