@@ -16,8 +16,14 @@ from typing import Any, Self
 
 import pytest
 
-from gateway.jobside import cache as cache_module
-from gateway.jobside.cache import CacheError, CacheFull, CacheKey, DatasetCache
+from gateway.jobside.cache import (
+    CacheError,
+    CacheFull,
+    CacheKey,
+    DatasetCache,
+    eviction,
+    locks,
+)
 from gateway.jobside.extract import extract_stream
 
 FORK = multiprocessing.get_context("fork")
@@ -224,7 +230,7 @@ def test_a_dead_fillers_tmp_dir_is_never_used_and_is_swept(cache: DatasetCache, 
 
 
 def _hold_lock(path: Path, ready: Any, release: Any) -> None:
-    held = cache_module._acquire(path, 5)
+    held = locks.acquire(path, 5)
     ready.set()
     release.wait(10)
     held.release()
@@ -260,8 +266,8 @@ def test_a_tmp_dir_whose_lock_is_held_elsewhere_is_kept_until_idle_too_long(
         assert working.exists()  # a live filler's work
 
         # ctime cannot be set back by hand, so pretend an hour has passed since the last change.
-        real_ctime = cache_module._newest_ctime
-        monkeypatch.setattr(cache_module, "_newest_ctime", lambda path: real_ctime(path) - 3600)
+        real_ctime = eviction.newest_ctime
+        monkeypatch.setattr(eviction, "newest_ctime", lambda path: real_ctime(path) - 3600)
         cache.use(key_for("b"), tmp_path / "ws2", counting_fill(tmp_path / "c2"))
         assert not working.exists()  # nothing changed in it for longer than lock_timeout_s
 
