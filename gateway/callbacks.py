@@ -40,8 +40,9 @@ ROLE_MAIN = "main"
 ROLE_ARCHIVE = "archive"
 ROLE_EVENTS = {ROLE_MAIN: frozenset({"progress"}), ROLE_ARCHIVE: frozenset({"metadata"})}
 ROLE_STORAGE = {
-    # "restore": a continued attempt's GET of the job's own archived output (gateway.jobs.signed).
-    ROLE_MAIN: frozenset({"dataset", "restore"}),
+    # "restore": a continued attempt's GET of the job's own archived output; "parent_output": a
+    # chained job's GET of its parent's (gateway.jobs.signed).
+    ROLE_MAIN: frozenset({"dataset", "restore", "parent_output"}),
     ROLE_ARCHIVE: frozenset({"head", "put", "multipart_start", "multipart_parts", "multipart_complete", "multipart_abort"}),
 }
 

@@ -77,6 +77,9 @@ class GatewayClient:
     def cancel(self, job_id: str) -> dict[str, Any]:
         return dict(self._request("DELETE", f"/jobs/{job_id}").json())
 
+    def continue_job(self, job_id: str) -> dict[str, Any]:
+        return dict(self._request("POST", f"/jobs/{job_id}/continue").json())
+
     def script(self, job_id: str, which: str = "main") -> str:
         return self._request("GET", f"/jobs/{job_id}/script", params={"which": which}).text
 

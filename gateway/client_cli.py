@@ -237,6 +237,15 @@ def cancel_command(client: GatewayClient, as_json: bool, job_id: str) -> None:
     click.echo(json.dumps(job, indent=2, sort_keys=True) if as_json else describe(job))
 
 
+@click.command("continue")
+@connection_options
+@click.argument("job_id")
+def continue_command(client: GatewayClient, as_json: bool, job_id: str) -> None:
+    """Continue an ended job (timeout, cancelled, node_fail, failed) from its last finished iteration."""
+    job = client.continue_job(job_id)
+    click.echo(json.dumps(job, indent=2, sort_keys=True) if as_json else describe(job))
+
+
 @click.command("script")
 @connection_options
 @click.argument("job_id")
@@ -296,6 +305,7 @@ CLIENT_COMMANDS = [
     list_command,
     wait_command,
     cancel_command,
+    continue_command,
     script_command,
     metadata_command,
     logs_command,

@@ -111,6 +111,10 @@ def default_config() -> dict[str, Any]:
         "JOB_STAGE_IN_QUOTA_BYTES": 500 * 1024**3,
         "JOB_STAGE_IN_MAX_MEMBERS": 100_000,
         "JOB_ARCHIVE_COMPRESSOR": "pigz",  # pigz (parallel) or gzip
+        # The dataset cache on storage the compute nodes share, on the same file system as
+        # [paths] workspace_root (its files are hard-linked into workspaces). Empty: off.
+        "JOB_CACHE_DIR": "",
+        "JOB_CACHE_QUOTA_BYTES": 200 * 1024**3,  # per job account; least recently used entries go first
         # The most automatic continuations a request may ask for (auto_continue): each one is a
         # whole new allocation of the job's size. 0 turns automatic continuation off.
         "JOB_MAX_AUTO_CONTINUE": 5,

@@ -52,6 +52,7 @@ jobs_table = sa.Table(
     sa.Column("updated_at", sa.Float, nullable=False),
     sa.Column("checked_at", sa.Float),
     sa.Column("submit_claim_until", sa.Float),
+    sa.Column("parent_job_id", sa.String(128), index=True),  # a chained job's input_job_id
     # The same key from the same user names one job, whatever happens to the HTTP exchange.
     sa.UniqueConstraint("user_id", "idempotency_key", name="uq_jobs_user_idempotency_key"),
 )
@@ -140,6 +141,7 @@ class JobRecord:
     ended_at: float | None = None
     checked_at: float | None = None
     submit_claim_until: float | None = None
+    parent_job_id: str | None = None
 
     @property
     def request(self) -> dict[str, Any]:
@@ -313,9 +315,10 @@ class JobStore:
         mode: str | None = None,
         limit: int = 100,
         offset: int = 0,
+        parent_job_id: str | None = None,
     ) -> tuple[list[JobRecord], int]:
         """Jobs newest first, and how many match in all."""
-        conditions = []
+        conditions = [] if parent_job_id is None else [jobs_table.c.parent_job_id == parent_job_id]
         if user_id is not None:
             conditions.append(jobs_table.c.user_id == user_id)
         if states:
@@ -392,11 +395,6 @@ class JobStore:
         """How many of ``user_id``'s jobs have not ended."""
         with self.engine.connect() as conn:
             return int(conn.execute(_active_count_query(user_id, terminal)).scalar_one())
-
-    def accepted_since(self, user_id: str, since: float) -> list[float]:
-        """When ``user_id``'s jobs accepted at or after ``since`` were accepted, oldest first."""
-        with self.engine.connect() as conn:
-            return [float(v) for v in conn.execute(_accepted_since_query(user_id, since)).scalars()]
 
     def live(self, terminal: AbstractSet[str]) -> list[JobRecord]:
         query = sa.select(jobs_table).where(jobs_table.c.state.not_in(sorted(terminal)))

@@ -1,6 +1,8 @@
 """The jobs blueprint: thin views, schema in, schema out."""
 from __future__ import annotations
 
+import dataclasses
+
 from typing import Any
 
 import shlex
@@ -127,7 +129,8 @@ class JobById(MethodView):
     @blp.alt_response(404, **NOT_FOUND)
     def get(self, job_id: str) -> Any:
         """A job's state, Slurm's view of it and, once it has ended, its metadata. Reads the store only."""
-        body = shaped(service().get(job_id, principal=current_principal()))
+        record = service().get(job_id, principal=current_principal())
+        body = dataclasses.replace(shaped(record), children=service().children(record.job_id))
         headers = {"Retry-After": str(int(body.next_poll_s))} if body.next_poll_s else {}
         return body, 200, headers
 

@@ -6,7 +6,7 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-from marshmallow import RAISE, Schema, ValidationError, fields, validate, validates
+from marshmallow import RAISE, Schema, ValidationError, fields, validate, validates, validates_schema
 
 from gateway.relion.modes import MODES
 from gateway.jobs.continuation import attempts_view
@@ -50,9 +50,31 @@ class JobRequestSchema(Schema):
     user_id = fields.String(required=True, validate=IDENTIFIER, metadata={"example": "alice"})
     workspace_id = fields.String(required=True, validate=IDENTIFIER, metadata={"example": "ws1"})
     dataset_s3_url = fields.String(
-        required=True,
         validate=validate.Length(max=1024),
-        metadata={"description": "s3://bucket/key of a .tar.gz holding the STAR file and stacks", "example": "s3://relion-local/datasets/tiny.tar.gz"},
+        metadata={
+            "description": "s3://bucket/key of a .tar.gz holding the STAR file and stacks. Required unless input_job_id "
+            "is given (a chained job runs on its parent's dataset)",
+            "example": "s3://relion-local/datasets/tiny.tar.gz",
+        },
+    )
+    # A chained job: its input is an earlier job of the same user.
+    input_job_id = fields.String(
+        validate=FullMatch(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$", error="must be a job id"),
+        metadata={
+            "description": "an earlier succeeded job of the same user: this job reads its particles (its final _data.star, as "
+            "--i parent/particles.star) and its dataset's images; GET /jobs/<id> lists its children",
+            "example": "job_2d_ws1_0123abcd",
+        },
+    )
+    select_classes = fields.List(
+        fields.Integer(strict=True, validate=validate.Range(min=1)),
+        validate=validate.Length(min=1, max=1000),
+        metadata={"description": "with input_job_id: only the particles of these classes (rlnClassNumber)", "example": [1, 3]},
+    )
+    ref_class = fields.Integer(
+        strict=True,
+        validate=validate.Range(min=1),
+        metadata={"description": "with input_job_id of a 3D job: that class's map is this job's --ref", "example": 1},
     )
     output_s3_prefix = fields.String(
         required=True,
@@ -114,6 +136,11 @@ class JobRequestSchema(Schema):
         if not value.startswith("s3://"):
             raise ValidationError("must be an s3:// URL")
 
+    @validates_schema
+    def _an_input(self, data: dict[str, Any], **_: Any) -> None:
+        if not data.get("dataset_s3_url") and not data.get("input_job_id"):
+            raise ValidationError("required: an s3:// URL of the dataset, unless input_job_id names the input", "dataset_s3_url")
+
     @validates("output_s3_prefix")
     def _output_prefix(self, value: str, **_: Any) -> None:
         if not value.startswith("s3://"):
@@ -164,6 +191,12 @@ class JobSchema(Schema):
     auto_continue = fields.Integer(metadata={"description": "automatic continuations the request allows"})
     slurm = fields.Nested(SlurmInfoSchema, metadata={"description": "the current attempt's Slurm jobs"})
     attempts = fields.List(fields.Nested(AttemptSchema), metadata={"description": "every attempt, the current one last"})
+    input_job_id = fields.String(allow_none=True, metadata={"description": "the job this one is chained on"})
+    select_classes = fields.List(fields.Integer(), allow_none=True)
+    ref_class = fields.Integer(allow_none=True)
+    children = fields.List(
+        fields.String(), allow_none=True, metadata={"description": "jobs chained on this one (GET /jobs/<id> only; null in lists)"}
+    )
     output_url = fields.String(metadata={"description": "s3:// prefix holding output.tar.gz and metadata.json"})
     accepted_at = fields.Float()
     submitted_at = fields.Float(allow_none=True)
@@ -210,6 +243,7 @@ class PortalJob:
 
     record: Any
     next_poll_s: float | None = None
+    children: list[str] | None = None
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.record, name)
@@ -237,6 +271,18 @@ class PortalJob:
     @property
     def flags(self) -> Any:
         return self.record.request.get("flags", {})
+
+    @property
+    def input_job_id(self) -> Any:
+        return self.record.request.get("input_job_id")
+
+    @property
+    def select_classes(self) -> Any:
+        return self.record.request.get("select_classes")
+
+    @property
+    def ref_class(self) -> Any:
+        return self.record.request.get("ref_class")
 
     @property
     def auto_continue(self) -> int:

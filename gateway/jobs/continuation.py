@@ -74,32 +74,28 @@ class Continuer:
             raise NotContinuable(f"job {job_id} is {record.state}; only a job that ended {allowed} can be continued")
         return self._continue(record, trigger="manual")
 
-    def after_end(self, record: JobRecord, main: SlurmJobInfo | None) -> JobRecord | None:
-        """The tracker's hook when an attempt has ended: continue it if its request asked for that.
+    def after_end(self, ended: JobRecord, main: SlurmJobInfo | None, *, stored_state: str) -> tuple[JobRecord | None, str]:
+        """The tracker's hook when an attempt has ended, before the end is stored.
 
-        Returns the continued record, or None when the job stays ended (its message then says why
-        an automatic continuation did not happen, if one was asked for).
+        ``ended`` is the record as the tracker is about to store it (terminal state, metadata);
+        ``stored_state`` the state the store still holds. Returns the continued record when the
+        request asked for an automatic continuation and one was started (the end is then stored
+        only in the attempt, so no poll ever sees a continued job as ended), else None and what to
+        add to the job's message about a continuation that was asked for but did not happen.
         """
-        spec = JobSpec.from_json(record.job_json)
-        if spec.auto_continue <= 0 or main is None:
-            return None
+        spec = JobSpec.from_json(ended.job_json)
+        if spec.auto_continue <= 0 or main is None or main.state not in AUTO_CONTINUE_ON:
+            return None, ""
         if not auto_continues(spec.auto_continue, spec.attempt.number, main.state):
-            if main.state in AUTO_CONTINUE_ON:
-                self._note(record, f"; not continued: the {spec.auto_continue} automatic continuation(s) asked for are used up")
-            return None
-        if record.state == JobState.ARCHIVE_FAILED.value:
-            return None  # the output is not safe in S3: the archive must be retried first
+            return None, f"; not continued: the {spec.auto_continue} automatic continuation(s) asked for are used up"
+        if ended.state == JobState.ARCHIVE_FAILED.value:
+            return None, "; not continued: the output is not archived (retry the archive, then continue)"
         try:
-            return self._continue(record, trigger="auto")
+            return self._continue(ended, trigger="auto", expect_state=stored_state), ""
         except NotContinuable as exc:
-            self._note(record, f"; not continued: {exc.message}")
-            return None
+            return None, f"; not continued: {exc.message}"
 
-    def _note(self, record: JobRecord, text: str) -> None:
-        if text not in record.message:
-            self.ctx.store.update(record.job_id, message=record.message + text)
-
-    def _continue(self, record: JobRecord, *, trigger: str) -> JobRecord:
+    def _continue(self, record: JobRecord, *, trigger: str, expect_state: str | None = None) -> JobRecord:
         spec = JobSpec.from_json(record.job_json)
         found = last_optimiser(spec, record.metadata)
         if found is None:
@@ -144,7 +140,7 @@ class Continuer:
         message = f"attempt {following.number} ({trigger}) continues from iteration {iteration} ({how}) after the job ended {record.state}"
         won = self.ctx.store.update_if(
             record.job_id,
-            expect_state=record.state,
+            expect_state=expect_state or record.state,
             expect_job_json=record.job_json,
             state=JobState.QUEUED.value,
             job_json=continued.to_json(),

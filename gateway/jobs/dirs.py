@@ -24,6 +24,7 @@ log = logging.getLogger(__name__)
 ROOT_MODE = 0o711
 PRIVATE_DIR_MODE = 0o700
 PRIVATE_FILE_MODE = 0o600
+GATEWAY_CACHE_PART = "_gateway"
 
 
 def job_account(config: Mapping[str, Any], user_id: str) -> str | None:
@@ -62,6 +63,27 @@ def make_job_dirs(root: Path, user_id: str, job_dir: Path, account: str | None) 
     _make(root, ROOT_MODE, None)
     _make(root / user_id, PRIVATE_DIR_MODE, owner)
     _make(job_dir, PRIVATE_DIR_MODE, owner)
+
+
+def cache_root(config: Mapping[str, Any], account: str | None) -> Path | None:
+    """The job account's part of the dataset cache, None without [job] cache_dir.
+
+    One part per account, never shared: a job could chmod and rewrite a cached file its own
+    account filled, so sharing across accounts would let one user's job change another's input
+    (gateway/jobside/cache says more).
+    """
+    if not config["JOB_CACHE_DIR"]:
+        return None
+    # Jobs that run as the gateway's own account share its part ("_gateway": no account name).
+    return Path(config["JOB_CACHE_DIR"]) / (account or GATEWAY_CACHE_PART)
+
+
+def make_cache_dir(config: Mapping[str, Any], account: str | None) -> None:
+    """``[job] cache_dir`` (0711) and the account's part below it (0700, the account's)."""
+    root = cache_root(config, account)
+    if root is not None:
+        _make(root.parent, ROOT_MODE, None)
+        _make(root, PRIVATE_DIR_MODE, _owner(account))
 
 
 def write_job_file(path: Path, text: str, account: str | None) -> None:

@@ -5,11 +5,13 @@ import secrets
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from gateway.audit import Actor
 from gateway.errors import RequestError
+from gateway.database import JobNotFound, JobRecord
 from gateway.jobs import rules
+from gateway.jobs.chain import resolve_parent
 from gateway.jobs.dirs import job_account
 from gateway.jobs.resources import check_gpus, gpus_per_node, plan_resources
 from gateway.jobs.scripts import JobScripts
@@ -39,10 +41,15 @@ class PreparedJob:
         return self.spec.to_dict()
 
 
+def _no_jobs(job_id: str) -> JobRecord:
+    raise JobNotFound(job_id)
+
+
 class Preparer:
-    def __init__(self, config: dict[str, Any], scripts: JobScripts) -> None:
+    def __init__(self, config: dict[str, Any], scripts: JobScripts, find_job: Callable[[str], JobRecord] | None = None) -> None:
         self.config = config
         self.scripts = scripts
+        self.find_job = find_job or _no_jobs
 
     def prepare(self, request: dict[str, Any], *, principal: Actor | None = None) -> PreparedJob:
         """Validate and render a request without submitting it.
@@ -51,6 +58,8 @@ class Preparer:
         dataset_prefixes, output_prefixes); admins and offline rendering are not.
         """
         config = self.config
+        # A chained job's dataset, --i and --ref come from its parent (checked here, at submit).
+        request, chain = resolve_parent(request, self.find_job)
         mode = request["mode"]
         num_mpi = int(request["num_mpi"])
         rules.check_bucket(config, "dataset_s3_url", request["dataset_s3_url"])
@@ -118,5 +127,6 @@ class Preparer:
             run_as=account,
             auto_continue=auto_continue,
             attempts=(Attempt(number=1, trigger="submit", created_at=accepted_at),),
+            chain=chain,
         )
         return PreparedJob(spec, self.scripts.main(spec), flags, warnings)

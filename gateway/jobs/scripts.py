@@ -12,6 +12,7 @@ from typing import Any
 
 from gateway import __version__
 from gateway.callbacks import TOKEN_ENV
+from gateway.jobs.dirs import cache_root
 from gateway.jobs.spec import JobSpec, Resources
 from gateway.relion.catalogue import CATALOGUE
 from gateway.sbatch.render import ARCHIVE_TEMPLATE, MAIN_TEMPLATE, ScriptRenderer
@@ -50,6 +51,8 @@ class JobScripts:
             # A continuation: the optimiser file RELION continues from (the stage-in keeps or
             # restores the earlier attempt's output so that it is there).
             "continue_from": spec.attempt.continue_from,
+            # A chained job: the stage-in reads its parent from job.json.
+            "chained": spec.chain is not None,
             # The watcher says when the remaining iterations cannot finish within this.
             "time_limit_seconds": parse_slurm_time(resources.time_limit),
             "ntasks": resources.ntasks,
@@ -62,6 +65,9 @@ class JobScripts:
             "dataset_s3_url": spec.dataset_s3_url,
             "quota_bytes": int(self.config["JOB_STAGE_IN_QUOTA_BYTES"]),
             "max_members": int(self.config["JOB_STAGE_IN_MAX_MEMBERS"]),
+            # The job account's own part of the dataset cache ([job] cache_dir), "" without one.
+            "cache_dir": str(cache_root(self.config, spec.run_as) or ""),
+            "cache_quota_bytes": int(self.config["JOB_CACHE_QUOTA_BYTES"]),
             "output_dir": spec.output_dir,
             "input_star": flags["i"],
             "output_prefix": spec.output_prefix,
@@ -90,6 +96,9 @@ class JobScripts:
             "archive_time_limit": self.config["SLURM_ARCHIVE_TIME_LIMIT"],
             "compressor": self.config["JOB_ARCHIVE_COMPRESSOR"],
             "main_slurm_id": main_slurm_id,
+            # The hook leaves the output in the dataset cache for chained jobs.
+            "cache_dir": str(cache_root(self.config, spec.run_as) or ""),
+            "cache_quota_bytes": int(self.config["JOB_CACHE_QUOTA_BYTES"]),
         }
         return self.renderer.render(ARCHIVE_TEMPLATE, context)
 

@@ -49,7 +49,7 @@ class JobService:
     ) -> None:
         self.ctx = JobContext(config, store, scheduler, renderer, storage, callback_secret, auditor or Auditor())
         self.scripts = JobScripts(config, renderer)
-        self.preparer = Preparer(config, self.scripts)
+        self.preparer = Preparer(config, self.scripts, find_job=lambda job_id: self.ctx.store.get(job_id))
         self.submitter = Submitter(self.ctx, self.preparer, self.scripts)
         self.continuer = Continuer(self.ctx, self.submitter, self.scripts)
         self.tracker = Tracker(self.ctx, self.submitter, self.scripts, self.continuer)
@@ -138,6 +138,11 @@ class JobService:
     ) -> tuple[list[JobRecord], int]:
         """A page of jobs, newest first, and how many match (the view has already scoped ``user_id``)."""
         return self.store.list(user_id=user_id, states=states, mode=mode, limit=limit, offset=offset)
+
+    def children(self, job_id: str) -> list[str]:
+        """The jobs chained on this one (their input_job_id), oldest first."""
+        rows, _ = self.store.list(parent_job_id=job_id, limit=1000)
+        return [r.job_id for r in reversed(rows)]
 
     def read_log(self, job_id: str, stream: str, tail: int | None, *, principal: Actor | None = None) -> str:
         """The text of one of the job's Slurm log files (the log dir outlives the workspace)."""

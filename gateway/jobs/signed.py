@@ -142,16 +142,23 @@ def storage_answer(storage: S3Storage | None, record: JobRecord, role: str, even
             raise
         url = storage.presigned_get(location, PRESIGNED_URL_S, for_job=True)
         return {"url": url, "dataset_s3_url": location.url, "size": info.size, "etag": info.etag}
-    if op == "restore":
-        # Only a continuation needs the earlier attempt's output back, and only its own job's.
-        if JobSpec.from_json(record.job_json).attempt.number < 2:
-            raise EventRefused("only a continued attempt may restore the job's archived output")
-        location = output_archive_location(record)
+    if op in ("restore", "parent_output"):
+        spec = JobSpec.from_json(record.job_json)
+        if op == "restore":
+            # Only a continuation needs the earlier attempt's output back, and only its own job's.
+            if spec.attempt.number < 2:
+                raise EventRefused("only a continued attempt may restore the job's archived output")
+            location = output_archive_location(record)
+        else:
+            # The parent the gateway checked at submit (the same user's), recorded in the spec.
+            if spec.chain is None:
+                raise EventRefused("only a chained job may read its parent's output")
+            location = parse_s3_url(spec.chain.output_url)
         try:
             info = storage.head(location)
         except StorageError as exc:
             if exc.code in NOT_FOUND_CODES:
-                raise RequestError("restore", f"{location.url} does not exist: the earlier attempt archived no output") from exc
+                raise RequestError(op, f"{location.url} does not exist: that attempt archived no output") from exc
             raise
         return {"url": storage.presigned_get(location, PRESIGNED_URL_S, for_job=True), "s3_url": location.url, "size": info.size, "etag": info.etag}
     location = job_output_location(record, event.get("key"))

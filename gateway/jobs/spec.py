@@ -103,6 +103,46 @@ class Attempt:
         return cls(**{f.name: data[f.name] for f in fields(cls) if f.name in data})
 
 
+# Where a chained job finds its parent's output, relative to its dataset directory, and the
+# particles STAR file the gateway writes there for it (its --i).
+PARENT_DIR = "parent"
+PARENT_STAR = f"{PARENT_DIR}/particles.star"
+
+
+@dataclass(frozen=True)
+class ChainInput:
+    """A job that takes its input from an earlier job of the same user (input_job_id).
+
+    Everything the job side needs without asking the gateway again: the parent's recorded outputs
+    (gateway.relion.subset.JobOutputs as a dict, paths relative to the parent's dataset directory),
+    the class selection, and the identity of the parent's archived output (the dataset cache's key).
+    """
+
+    parent_job_id: str
+    parent_mode: str
+    outputs: dict[str, Any]
+    output_url: str  # s3:// of the parent's output.tar.gz
+    output_etag: str
+    output_bytes: int
+    select_classes: tuple[int, ...] | None = None
+    ref_class: int | None = None
+    particles: int = 0  # how many the selection keeps, from the parent's per-class counts
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["select_classes"] = list(self.select_classes) if self.select_classes is not None else None
+        return data
+
+    @classmethod
+    def from_dict(cls, data: Any) -> "ChainInput | None":
+        if not isinstance(data, dict) or not data.get("parent_job_id"):
+            return None
+        values = {f.name: data[f.name] for f in fields(cls) if f.name in data}
+        if values.get("select_classes") is not None:
+            values["select_classes"] = tuple(int(n) for n in values["select_classes"])
+        return cls(**values)
+
+
 @dataclass(frozen=True)
 class JobSpec:
     job_id: str = ""
@@ -130,6 +170,7 @@ class JobSpec:
     # Every attempt so far, the current one last; records written before attempts existed have
     # none, which reads as one first attempt.
     attempts: tuple[Attempt, ...] = ()
+    chain: ChainInput | None = None
     schema_version: int = JOB_SPEC_VERSION
 
     @property
@@ -165,6 +206,7 @@ class JobSpec:
         data["resources"] = self.resources.as_dict() if self.resources else None
         data["relion_command"] = list(self.relion_command)
         data["attempts"] = [a.to_dict() for a in self.attempts]
+        data["chain"] = self.chain.to_dict() if self.chain else None
         data["schema_version"] = JOB_SPEC_VERSION  # what is written is always the current shape
         return data
 
@@ -183,6 +225,7 @@ class JobSpec:
         values["relion_command"] = tuple(str(a) for a in data.get("relion_command") or ())
         values["request"] = dict(data.get("request") or {})
         values["accepted_at"] = float(data.get("accepted_at") or 0.0)
+        values["chain"] = ChainInput.from_dict(data.get("chain"))
         values["attempts"] = tuple(a for a in (Attempt.from_dict(d) for d in data.get("attempts") or ()) if a is not None)
         return cls(**values)
 

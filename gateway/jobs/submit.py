@@ -18,7 +18,7 @@ from gateway.callbacks import ROLE_ARCHIVE, ROLE_MAIN
 from gateway.database import DuplicateIdempotencyKey, JobRecord
 from gateway.errors import RequestError
 from gateway.jobs.context import JobContext, audit_outcome, audit_reason
-from gateway.jobs.dirs import make_job_dirs, write_job_file
+from gateway.jobs.dirs import make_cache_dir, make_job_dirs, write_job_file
 from gateway.jobs.limits import insert_within_limits
 from gateway.jobs.prepare import Preparer
 from gateway.jobs.rules import check_dataset_object, request_hash
@@ -98,6 +98,7 @@ class Submitter:
             updated_at=now,
             main_script=prepared.main_script,
             submit_claim_until=now + self.submit_claim_seconds,
+            parent_job_id=spec.chain.parent_job_id if spec.chain else None,
         )
         # The record exists before Slurm hears of the job, so an accepted job is never lost.
         try:
@@ -168,6 +169,7 @@ class Submitter:
             # Both directories belong to the job's account, and to nobody else.
             make_job_dirs(Path(config["PATHS_LOG_ROOT"]), record.user_id, log_dir, account)
             make_job_dirs(Path(config["PATHS_WORKSPACE_ROOT"]), record.user_id, Path(spec.workspace_dir), account)
+            make_cache_dir(config, account)
             write_job_file(log_dir / "job.json", spec.to_json(indent=2), account)
             main_id = record.main_slurm_id or self._sbatch(record.main_script, spec.slurm_name, since, resuming, record.job_id)
         except (SchedulerError, OSError) as exc:

@@ -5,6 +5,7 @@ record: a requeue, a lost or stolen Slurm id, a hook to replace, a memory kill, 
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import time
@@ -157,9 +158,13 @@ class Tracker:
             log.warning("job %s: Slurm state %r is not in the state table", record.job_id, main.raw_state if main else None)
         if state.value != record.state:
             log.info("job %s: %s -> %s (%s)", record.job_id, record.state, state.value, changes.get("slurm_state", ""))
-        self.ctx.store.update(record.job_id, **changes)
         if state.is_terminal and self.continuer is not None:
-            self.continuer.after_end(self.ctx.store.get(record.job_id), main)
+            # Decided before the end is stored: a job its request continues never reads as ended.
+            continued, note = self.continuer.after_end(dataclasses.replace(record, **changes), main, stored_state=record.state)
+            if continued is not None:
+                return
+            changes["message"] += note
+        self.ctx.store.update(record.job_id, **changes)
 
     def _replace_lost_archive(self, record: JobRecord, spec: JobSpec, main: SlurmJobInfo, why: str) -> None:
         name = spec.slurm_archive_name

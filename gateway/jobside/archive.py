@@ -213,6 +213,52 @@ def attempt_summaries(job: JobSpec, main: SlurmJobInfo | None, results: dict[str
     return [a.to_dict() for a in (*job.attempts[:-1], current)]
 
 
+def final_outputs(dataset_dir: Path, job: JobSpec) -> dict[str, Any] | None:
+    """The job's final outputs as a chained child will read them (gateway.relion.subset), or None."""
+    from gateway.relion.subset import SubsetError, job_outputs
+
+    try:
+        return job_outputs(dataset_dir, job.output_prefix, job.mode).to_dict()
+    except (SubsetError, OSError) as exc:  # e.g. an auto-refine that did not converge: no child can start from it
+        log.info("no outputs to chain from: %s", exc)
+        return None
+
+
+def _parent_record(job: JobSpec, input_record: dict[str, Any]) -> dict[str, Any] | None:
+    if job.chain is None:
+        return None
+    staged = input_record.get("parent") or {}
+    return {
+        "job_id": job.chain.parent_job_id,
+        "mode": job.chain.parent_mode,
+        "select_classes": list(job.chain.select_classes) if job.chain.select_classes is not None else None,
+        "ref_class": job.chain.ref_class,
+        "particles": staged.get("particles", job.chain.particles),
+        "star": staged.get("star"),
+        "from_cache": bool((staged.get("cache") or {}).get("hit")),
+    }
+
+
+def cache_output(cache_root: Path, quota_bytes: int, output: dict[str, Any], dataset_dir: Path, output_dir: str, scratch: Path) -> None:
+    """Leave the archived output in the dataset cache, keyed by the output.tar.gz just uploaded.
+
+    A chained child then links these files instead of downloading the archive. The tree is moved,
+    not copied (the workspace is deleted next); any failure only means the child downloads.
+    """
+    from gateway.jobside.cache import CacheError, CacheKey, DatasetCache
+
+    def fill(tree: Path) -> dict[str, Any]:
+        target = tree / output_dir
+        target.parent.mkdir(parents=True, exist_ok=True)
+        (dataset_dir / output_dir).rename(target)
+        return {"bytes": output["bytes"], "sha256": output["sha256"], "members": len(output["files"])}
+
+    try:
+        DatasetCache(cache_root, quota_bytes).use(CacheKey(output["url"], str(output["etag"] or ""), int(output["bytes"])), scratch, fill)
+    except (CacheError, OSError, ValueError) as exc:
+        log.warning("output not cached for chained jobs: %s", exc)
+
+
 def _iso(epoch: float) -> str:
     return datetime.fromtimestamp(epoch, timezone.utc).isoformat(timespec="seconds")
 
@@ -230,6 +276,8 @@ def run_archive(
     retry_delay: float = 2.0,
     render_previews: bool = True,
     preview_timeout: float = 300.0,
+    cache_root: Path | None = None,
+    cache_quota_bytes: int = 0,
 ) -> dict[str, Any]:
     """Archive one job's output; return metadata.json's content. Raise ArchiveError if not safe.
 
@@ -352,6 +400,9 @@ def run_archive(
         "previews": previews,
         "timings": phase_timings(job.accepted_at, Phases.read(log_dir), started, ended),
         "attempts": attempt_summaries(job, main, results, input_record),
+        # What a chained child may take from this job (its final data.star, model, class maps).
+        "outputs": final_outputs(dataset_dir, job) if output else None,
+        "parent": _parent_record(job, input_record),
         # The gateway will continue this job by itself (auto_continue): the next attempt starts from
         # this workspace instead of staging the dataset and this output in again.
         "workspace_kept": bool(
@@ -367,6 +418,8 @@ def run_archive(
     if metadata["workspace_kept"]:
         log.info("archived %s to %s; workspace kept for the next attempt", job.job_id, destination.url)
         return metadata
+    if cache_root is not None and output is not None:
+        cache_output(cache_root, cache_quota_bytes, output, dataset_dir, job.output_dir, workspace / "cached-output")
     # Only now, with the archive verified and metadata stored, is the workspace disposable.
     shutil.rmtree(workspace, ignore_errors=True)
     log.info("archived %s to %s", job.job_id, destination.url)

@@ -139,12 +139,24 @@ class BrokeredStorage:
             raise StorageError("GET", location.bucket, location.key, f"the gateway serves {answer.get('dataset_s3_url')} as this job's dataset")
         return self._get(answer, location)
 
+    def dataset_info(self, location: S3Location) -> ObjectInfo:
+        """The dataset's size and ETag, without reading it: the dataset cache's key."""
+        answer = self.link.call("dataset")
+        if answer.get("dataset_s3_url") != location.url:
+            raise StorageError("HEAD", location.bucket, location.key, f"the gateway serves {answer.get('dataset_s3_url')} as this job's dataset")
+        return ObjectInfo(int(answer["size"]), str(answer.get("etag", "")))
+
     def open_output_archive(self) -> tuple[IO[bytes], ObjectInfo]:
         """Stream this job's archived output.tar.gz: a continuation restoring the earlier attempt's files.
 
         The gateway serves it only to the main job of a continued attempt, and only its own.
         """
         answer = self.link.call("restore")
+        return self._get(answer, parse_s3_url(str(answer.get("s3_url", ""))))
+
+    def open_parent_output(self) -> tuple[IO[bytes], ObjectInfo]:
+        """Stream a chained job's parent's output.tar.gz (the gateway serves the recorded parent's only)."""
+        answer = self.link.call("parent_output")
         return self._get(answer, parse_s3_url(str(answer.get("s3_url", ""))))
 
     def _get(self, answer: dict[str, Any], location: S3Location) -> tuple[IO[bytes], ObjectInfo]:

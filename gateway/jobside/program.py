@@ -51,6 +51,9 @@ def _gateway_storage(callback_url: str, job_id: str, output_url: str = "") -> "B
 @click.option("--max-members", type=int, required=True, help="refuse an archive with more members")
 @click.option("--star", default=None, help="the --i STAR file: it and every image stack it names must exist")
 @click.option("--require", "required", multiple=True, help="another input file that must exist (repeatable)")
+@click.option("--cache-dir", type=click.Path(file_okay=False, path_type=Path), default=None, help="this account's dataset cache ([job] cache_dir)")
+@click.option("--cache-quota-bytes", type=int, default=0, help="the cache's size limit")
+@click.option("--job-file", type=click.Path(dir_okay=False, path_type=Path), default=None, help="job.json: a chained job's parent")
 @click.option("--continue-from", default="", help="a continuation: the optimiser file (relative to DEST) RELION continues from")
 @click.option("--output-dir", default="", help="with --continue-from: RELION's output directory (relative to DEST)")
 def stage_in_command(
@@ -63,6 +66,9 @@ def stage_in_command(
     max_members: int,
     star: str | None,
     required: tuple[str, ...],
+    cache_dir: Path | None,
+    cache_quota_bytes: int,
+    job_file: Path | None,
     continue_from: str,
     output_dir: str,
 ) -> None:
@@ -72,7 +78,10 @@ def stage_in_command(
     there (the hook keeps it for an automatic continuation); otherwise it stages the dataset and
     the job's archived output again.
     """
-    from gateway.jobside.stage_in import restore_output, stage_in, write_record
+    from gateway.jobs.spec import JobSpec
+    from gateway.jobside.chain import stage_parent
+    from gateway.jobside.stage_in import restore_output, stage_dataset, write_record
+    from gateway.relion.subset import SubsetError
     from gateway.relion.inputs import MissingInputError, check_inputs
     from gateway.storage.base import StorageError
 
@@ -81,7 +90,15 @@ def stage_in_command(
             staged: dict[str, object] = {"url": url, "workspace": "kept", "bytes": 0}
         else:
             storage = _gateway_storage(callback_url, job_id)
-            staged = stage_in(storage, url, dest, quota_bytes=quota_bytes, max_members=max_members)
+            staged = stage_dataset(
+                storage, url, dest, quota_bytes=quota_bytes, max_members=max_members, cache_root=cache_dir, cache_quota_bytes=cache_quota_bytes
+            )
+            chain = JobSpec.load(job_file).chain if job_file else None
+            if chain is not None:
+                # The parent's output beside its dataset, and this job's --i written from it.
+                staged["parent"] = stage_parent(
+                    storage, dest, chain, quota_bytes=quota_bytes, max_members=max_members, cache_root=cache_dir, cache_quota_bytes=cache_quota_bytes
+                )
             if continue_from:
                 staged["workspace"] = "restored"
                 staged["restored_output"] = restore_output(storage, dest, output_dir, quota_bytes=quota_bytes, max_members=max_members)
@@ -91,7 +108,7 @@ def stage_in_command(
                 raise MissingInputError(f"{continue_from} (the iteration to continue from) is not in the earlier attempt's output")
         if star:
             staged["checked"] = check_inputs(dest, star, required)
-    except (StorageError, tarfile.TarError, MissingInputError, ValueError, OSError) as exc:
+    except (StorageError, tarfile.TarError, MissingInputError, SubsetError, ValueError, OSError) as exc:
         # tarfile.TarError covers our strict filter, the data filter's refusals and corrupt archives.
         # One line on stderr that the gateway shows as the job's message.
         click.echo(f"stage-in failed: {exc}", err=True)
@@ -215,7 +232,9 @@ def gpu_layout_command(mode: str, ranks: int, log_dir: Path) -> None:
 @click.option("--main-slurm-id", required=True)
 @click.option("--compressor", default="pigz", show_default=True, type=click.Choice(["pigz", "gzip"]))
 @click.option("--callback-url", required=True, help="the gateway's API base URL: it presigns the uploads and takes the metadata")
-def archive_command(job_file: Path, main_slurm_id: str, compressor: str, callback_url: str) -> None:
+@click.option("--cache-dir", type=click.Path(file_okay=False, path_type=Path), default=None, help="leave the output in this dataset cache")
+@click.option("--cache-quota-bytes", type=int, default=0)
+def archive_command(job_file: Path, main_slurm_id: str, compressor: str, callback_url: str, cache_dir: Path | None, cache_quota_bytes: int) -> None:
     """Pack and upload the output, write metadata.json, then delete the workspace."""
     from gateway.callbacks import post_event
     from gateway.jobs.spec import JobSpec
@@ -239,6 +258,8 @@ def archive_command(job_file: Path, main_slurm_id: str, compressor: str, callbac
             summarize=summarize_results,
             accounting=scheduler.accounting,
             report=lambda metadata: post_event(callback_url, job.job_id, "metadata", metadata),
+            cache_root=cache_dir,
+            cache_quota_bytes=cache_quota_bytes,
         )
     except (StorageError, ArchiveError, CommandError, OSError) as exc:
         click.echo(f"archive failed, workspace kept: {exc}", err=True)

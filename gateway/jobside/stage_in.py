@@ -91,6 +91,65 @@ def stage_in(storage: JobStorage, url: str, dest: Path, *, quota_bytes: int, max
     return _extract_object(body, info, url, dest, started, quota_bytes=quota_bytes, max_members=max_members)
 
 
+def stage_dataset(
+    storage: Any, url: str, dest: Path, *, quota_bytes: int, max_members: int, cache_root: Path | None = None, cache_quota_bytes: int = 0
+) -> dict[str, Any]:
+    """Stage the dataset into ``dest``: from the dataset cache when one is configured, else from S3.
+
+    With a cache (gateway/jobside/cache: entries keyed by the object's URL, ETag and size) the
+    first job of an account downloads and extracts the dataset once, under the entry's lock, and
+    every job links the entry's files into its workspace; a hit reads 0 bytes from S3. A cache
+    that cannot serve (full, not mounted, another file system than the workspace) is said in the
+    record and the dataset is staged as without one: the cache only ever saves time.
+    """
+    if cache_root is None:
+        return stage_in(storage, url, dest, quota_bytes=quota_bytes, max_members=max_members)
+    from gateway.jobside.cache import CacheError, CacheKey, DatasetCache
+
+    location = parse_s3_url(url)
+    started = time.time()
+    info = storage.dataset_info(location)
+    key = CacheKey(url, info.etag, info.size)
+
+    def fill(tree: Path) -> dict[str, Any]:
+        record = stage_in(storage, url, tree, quota_bytes=quota_bytes, max_members=max_members)
+        if record["etag"].strip('"') != key.bare_etag or record["bytes"] != key.size:
+            # The object changed between the HEAD and the GET: its bytes are not this key's.
+            raise ValueError(f"{url} changed while it was staged (ETag {key.etag} then {record['etag']}); submit the job again")
+        return record
+
+    try:
+        use = DatasetCache(cache_root, cache_quota_bytes).use(key, dest, fill)
+    except CacheError as exc:
+        log.warning("dataset cache not used: %s", exc)
+        record = stage_in(storage, url, dest, quota_bytes=quota_bytes, max_members=max_members)
+        return {**record, "cache": {"used": False, "reason": str(exc)}}
+    if use.fill is not None:
+        record = dict(use.fill)
+    else:
+        entry = json.loads((use.entry / "entry.json").read_text())
+        record = {
+            "url": url,
+            "bytes": 0,  # nothing read from S3
+            "etag": info.etag,
+            "sha256": entry.get("sha256"),
+            "extracted_bytes": use.bytes,
+            "members": entry.get("members"),
+        }
+    record["seconds"] = round(time.time() - started, 3)
+    record["cache"] = {
+        "used": use.kept,
+        "hit": use.hit,
+        "entry": use.key.name,
+        "linked_files": use.linked_files,
+        "waited_s": round(use.waited_s, 3),
+        "refetched": use.refetched,
+        "evicted": list(use.evicted),
+    }
+    log.info("staged %s %s the cache in %.1f s", url, "from" if use.hit else "into", record["seconds"])
+    return record
+
+
 def restore_output(storage: Any, dest: Path, output_dir: str, *, quota_bytes: int, max_members: int) -> dict[str, Any]:
     """A continuation whose workspace is gone: put the earlier attempt's output back into ``dest``.
 

@@ -86,6 +86,15 @@ _DERIVED = frozenset(
 )
 
 
+def _previous_estimate(progress_file: Path) -> dict[str, Any]:
+    try:
+        previous = json.loads(progress_file.read_text())
+    except (OSError, ValueError):
+        return {}
+    value = previous.get("seconds_per_iteration") if isinstance(previous, dict) else None
+    return {"seconds_per_iteration": value} if isinstance(value, (int, float)) else {}
+
+
 def _stop_on_sigterm(signum: int, frame: object) -> None:
     raise SystemExit(128 + signum)  # unwinds the loop, so the renderer it started is stopped too
 
@@ -124,6 +133,8 @@ def watch(
         previous_handler = signal.signal(signal.SIGTERM, _stop_on_sigterm)
     last: dict[str, Any] | None = None
     clock = IterationClock()
+    # The final --once report starts a fresh clock: keep the running watcher's last estimate.
+    carried = _previous_estimate(progress_file) if once else {}
     try:
         while keep_going():
             try:
@@ -135,7 +146,7 @@ def watch(
                 now = time.time()
                 if isinstance(progress.get("iteration"), int):
                     clock.saw(progress["iteration"], now)
-                    progress.update(clock.estimate(progress["iteration"], iterations_planned, deadline, now))
+                    progress.update(clock.estimate(progress["iteration"], iterations_planned, deadline, now) or carried)
                 progress["iterations_planned"] = iterations_planned
                 progress["updated_at"] = now
                 tmp = progress_file.with_suffix(".tmp")

@@ -81,6 +81,7 @@ def gateway_config(tmp_path_factory: pytest.TempPathFactory, stack: dict[str, An
             "PATHS_STATE_DIR": str(state),
             "PATHS_WORKSPACE_ROOT": str(state / "workspaces"),
             "PATHS_LOG_ROOT": str(state / "logs"),
+            "JOB_CACHE_DIR": str(state / "cache"),  # beside the workspaces: its files are hard-linked there
             "STORE_DATABASE_URL": f"sqlite:///{state / 'gateway.sqlite'}",
             "S3_ENDPOINT_URL": stack["s3"]["endpoint_url"],
             "POLLER_INTERVAL_ACTIVE": 1.0,

@@ -1,4 +1,7 @@
-"""All three modes on the real stack: Slurm accepts each rendered script, and each runs to succeeded."""
+"""All three modes on the real stack: Slurm accepts each rendered script, and each runs to succeeded.
+
+2D runs in test_job_path; 3D classification and auto-refine run as the chain in test_chain.
+"""
 from __future__ import annotations
 
 from typing import Any
@@ -7,7 +10,6 @@ import pytest
 import requests
 
 from gateway.relion.presets import TINY_FLAGS
-from tests.integration.conftest import wait_for_end
 
 RANKS = {"2d": 3, "3d": 3, "autorefine": 3}
 # 3 ranks x 4 threads = 12 CPUs: more than one 8-CPU node of the local stack has, so the gateway
@@ -52,28 +54,3 @@ def test_sbatch_test_only_refusal_is_reported(http: requests.Session, gateway_ur
     response = http.post(f"{gateway_url}/v1/relion/render?slurm_test=true", json=request, timeout=60)
     assert response.status_code == 422  # unknown to the configured limits: refused before Slurm
     assert "unknown partition 'nonexistent'" in response.json()["message"]
-
-
-def test_3d_classification_and_autorefine_succeed(
-    http: requests.Session, gateway_url: str, dataset_url: str, bucket: str, stack: dict[str, Any]
-) -> None:
-    # Submitted together; each spans two nodes, so Slurm runs them one after the other.
-    jobs = {}
-    for mode in ("3d", "autorefine"):
-        request = request_for(mode, dataset_url, bucket, threads=SPANNING_THREADS)
-        response = http.post(f"{gateway_url}/v1/relion/jobs", json=request, timeout=60)
-        assert response.status_code == 202, response.text
-        jobs[mode] = response.json()["job_id"]
-    ended = {mode: wait_for_end(http, gateway_url, job_id, timeout=600) for mode, job_id in jobs.items()}
-    for mode, job in ended.items():
-        assert job["status"] == "succeeded", (mode, job["message"])
-        assert_ranks_spanned_the_nodes(http, gateway_url, job, stack)
-
-    classes = ended["3d"]["metadata"]["relion"]["results"]
-    assert classes["iterations_run"] == 2 and len(classes["class_distribution"]) == 2
-    assert sum(classes["class_distribution"]) == pytest.approx(1.0, abs=1e-3)
-
-    refine = ended["autorefine"]["metadata"]["relion"]["results"]
-    assert refine["converged"] is True
-    assert refine["final_resolution_angstrom"] > 8.0  # Nyquist is 8 A at 4 A/px; measured 21.3 A
-    assert "--auto_refine" in ended["autorefine"]["metadata"]["relion"]["command"]

@@ -92,3 +92,21 @@ def test_wait_times_out_with_exit_4(served: str, app: Flask) -> None:
     token = app.config["TEST_TOKENS"]["alice"]
     job_id = run(served, token, "submit", *SEED)[1].split()[0]
     assert run(served, token, "wait", job_id, "--timeout", "1")[0] == 4
+
+
+def test_continue_starts_the_next_attempt_and_a_refusal_exits_non_zero(served: str, app: Flask, scheduler: FakeScheduler) -> None:
+    token = app.config["TEST_TOKENS"]["alice"]
+    code, out, _ = run(served, token, "submit", "--json", *SEED)
+    job_id = json.loads(out)["job_id"]
+    code, _, err = run(served, token, "continue", job_id)  # still queued: the gateway's 409
+    assert code != 0 and "can be continued" in err
+    service = app.extensions["relion_gateway"]
+    record = service.get(job_id)
+    scheduler.set_state(record.main_slurm_id, "TIMEOUT", exit_code=0)
+    scheduler.set_state(record.archive_slurm_id, "COMPLETED", exit_code=0)
+    files = [{"path": "run_it001_optimiser.star"}]
+    service.store.update(job_id, metadata_json=json.dumps({"output": {"files": files}, "slurm": {"main_job_id": record.main_slurm_id}}))
+    service.poll()
+    code, out, _ = run(served, token, "continue", "--json", job_id)
+    assert code == 0, out
+    assert [a["trigger"] for a in json.loads(out)["attempts"]] == ["submit", "manual"]
