@@ -34,6 +34,7 @@ BENCHMARKS: dict[str, str] = {
     "overhead": "bench.overhead",  # Gateway overhead: submit latency, submissions/s, end-to-end tiny 2D
     "topology": "bench.topology",  # Multi-node: 1 vs 2 nodes end to end, poller RPCs, stack up
     "previews": "bench.previews",  # Previews made in the job: render time and RSS against the job's wall time
+    "cache": "bench.cache",  # Dataset cache: a hit vs a cold stage-in, its disk, a chain vs a new tarball
 }
 
 

@@ -42,14 +42,21 @@ def stage_parent(
     cache_quota_bytes: int = 0,
 ) -> dict[str, Any]:
     """Put the parent's output into ``dest/parent`` and write the child's ``--i``; return the record."""
-    from gateway.jobside.stage_in import _extract_object
+    from gateway.jobside.stage_in import extract_object
 
     started = time.time()
     target = dest / PARENT_DIR
 
     def fill(tree: Path) -> dict[str, Any]:
         body, info = storage.open_parent_output()
-        return _extract_object(body, info, chain.output_url, tree, time.time(), quota_bytes=quota_bytes, max_members=max_members)
+        if info.etag.strip('"') != chain.output_etag.strip('"') or info.size != chain.output_bytes:
+            # Not the archive the gateway checked at submit (rewritten since: an archive retry, a
+            # continuation): its bytes must not be cached, or used, under the old identity.
+            body.close()
+            raise ValueError(
+                f"{chain.output_url} changed since this job was submitted (ETag {chain.output_etag}, now {info.etag}); submit it again"
+            )
+        return extract_object(body, info, chain.output_url, tree, time.time(), quota_bytes=quota_bytes, max_members=max_members)
 
     record: dict[str, Any] = {"parent_job_id": chain.parent_job_id, "url": chain.output_url}
     use = None

@@ -88,7 +88,7 @@ def stage_in(storage: JobStorage, url: str, dest: Path, *, quota_bytes: int, max
     """Download and extract ``url`` into ``dest``; return what was staged (sizes, checksums, timing)."""
     started = time.time()
     body, info = storage.open_stream(parse_s3_url(url))
-    return _extract_object(body, info, url, dest, started, quota_bytes=quota_bytes, max_members=max_members)
+    return extract_object(body, info, url, dest, started, quota_bytes=quota_bytes, max_members=max_members)
 
 
 def stage_dataset(
@@ -161,7 +161,7 @@ def restore_output(storage: Any, dest: Path, output_dir: str, *, quota_bytes: in
     started = time.time()
     body, info = storage.open_output_archive()
     restored = dest.parent / "restored-output"
-    record = _extract_object(body, info, "output.tar.gz", restored, started, quota_bytes=quota_bytes, max_members=max_members)
+    record = extract_object(body, info, "output.tar.gz", restored, started, quota_bytes=quota_bytes, max_members=max_members)
     source, target = restored / output_dir, dest / output_dir
     if not source.is_dir() or source.is_symlink():
         raise ValueError(f"the archived output holds no directory {output_dir!r} to continue from")
@@ -173,7 +173,7 @@ def restore_output(storage: Any, dest: Path, output_dir: str, *, quota_bytes: in
     return record
 
 
-def _extract_object(
+def extract_object(
     body: IO[bytes], info: Any, url: str, dest: Path, started: float, *, quota_bytes: int, max_members: int
 ) -> dict[str, Any]:
     if info.size > quota_bytes:

@@ -7,6 +7,7 @@ across both nodes, and --auto_refine.
 from __future__ import annotations
 
 import secrets
+import time
 from pathlib import Path
 from typing import Any
 
@@ -77,7 +78,12 @@ def test_a_dataset_is_staged_once_and_jobs_chain_2d_3d_autorefine_on_the_cache(
     )
     assert three_d["flags"]["i"] == "parent/particles.star" and three_d["input_job_id"] == parent["job_id"]
 
-    # Meanwhile a damaged cache entry (as a crash or a stray write would leave it) is found and refetched.
+    # Once the 3D job has linked its input, a damaged entry (as a crash or a stray write would
+    # leave it) is found by the next job and refetched.
+    deadline = time.monotonic() + 300
+    while http.get(f"{gateway_url}{JOBS}/{three_d['job_id']}", timeout=30).json()["status"] in ("queued", "staging"):
+        assert time.monotonic() < deadline, "the 3D job did not get past its stage-in"
+        time.sleep(0.5)
     damaged = entry / "tree" / "particles.mrcs"
     damaged.chmod(0o644)
     with damaged.open("r+b") as stack_file:

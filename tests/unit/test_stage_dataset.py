@@ -99,3 +99,45 @@ def test_restore_output_puts_back_only_the_output_directory(tmp_path: Path) -> N
     storage.output = tarball({"other/file": b"z"})
     with pytest.raises(ValueError, match="no directory 'Class2D'"):
         restore_output(storage, dest, "Class2D", quota_bytes=10**6, max_members=10)
+
+
+def parent_output(tmp_path: Path) -> tuple[bytes, dict[str, Any]]:
+    """A finished 2D parent: its output.tar.gz (Class2D/ only, as archived) and its recorded outputs."""
+    from gateway.relion.subset import job_outputs
+    from tests.unit.test_subset import classification
+
+    parent = classification(tmp_path / "parent-dataset", "2d")
+    outputs = job_outputs(parent, "Class2D/run", "2d")
+    files = {str(p.relative_to(parent)): p.read_bytes() for p in (parent / "Class2D").iterdir()}
+    return tarball(files), outputs.to_dict()
+
+
+def test_a_chained_job_links_its_parents_cached_output_and_writes_its_particles(tmp_path: Path) -> None:
+    from gateway.jobs.spec import ChainInput
+    from gateway.jobside.chain import stage_parent
+    from tests.unit.test_subset import stacks
+
+    archive, outputs = parent_output(tmp_path)
+    storage = CountingStorage(b"")
+    storage.open_parent_output = lambda: (io.BytesIO(archive), ObjectInfo(len(archive), '"p1"'))  # type: ignore[attr-defined]
+    classes = sorted(int(n) for n, count in outputs["class_particles"].items() if count)
+    chain = ChainInput("job_2d_ws_parent", "2d", outputs, "s3://b/results/job_2d_ws_parent/output.tar.gz", '"p1"', len(archive), (classes[0],))
+    records = []
+    for workspace in ("w1", "w2"):
+        dest = tmp_path / workspace / "dataset"
+        dest.mkdir(parents=True)
+        stacks(dest)  # the parent's dataset, as stage_dataset left it
+        records.append(stage_parent(storage, dest, chain, quota_bytes=10**7, max_members=100, cache_root=tmp_path / "cache", cache_quota_bytes=10**7))
+    first, second = records
+    assert first["cache"]["hit"] is False and first["bytes"] == len(archive)
+    assert second["cache"]["hit"] is True and second["bytes"] == 0  # the second child reads nothing from S3
+    assert second["particles"] == outputs["class_particles"][str(classes[0])] and second["classes"] == [classes[0]]
+    assert (tmp_path / "w2" / "dataset" / "parent" / "particles.star").is_file()
+
+    # The parent's archive was rewritten since the child was submitted: refused, not cached.
+    storage.open_parent_output = lambda: (io.BytesIO(archive), ObjectInfo(len(archive), '"p2"'))  # type: ignore[attr-defined]
+    dest = tmp_path / "w3" / "dataset"
+    dest.mkdir(parents=True)
+    stacks(dest)
+    with pytest.raises(ValueError, match="changed since this job was submitted"):
+        stage_parent(storage, dest, chain, quota_bytes=10**7, max_members=100)
