@@ -1,13 +1,17 @@
 """The job page (issue 15) in a real headless Chromium against the served gateway: a user opens a
-finished 2D job and sees its state and its class montage, fetched with the bearer token.
+finished 2D job and sees its state and its class montage, fetched with the bearer token; and
+(issue 16) ticks classes and starts the next job on them.
 
 The page reads the token from a ``#token=`` fragment (moved to sessionStorage and out of the
 address bar), so one Chromium run logs in and opens the job. What the page showed is read from
 the DOM dump: the page's script writes ``data-job-state``, ``data-ready`` and, per image,
-``data-loaded`` and ``data-natural-width``. Screenshots go to the test's tmp directory.
+``data-loaded`` and ``data-natural-width``; per class checkbox ``data-class`` and ``data-particles``;
+on the next-job form ``data-next-request``, the JSON body its Submit button would send (a dump
+cannot click, so the test sends that body itself). Screenshots go to the test's tmp directory.
 """
 from __future__ import annotations
 
+import json
 import shutil
 import tempfile
 from html.parser import HTMLParser
@@ -29,12 +33,16 @@ pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="chromium is not instal
 
 
 class PageFacts(HTMLParser):
-    """The body's data attributes, every <img>'s attributes, and the text (to look for the token)."""
+    """The body's data attributes, the attributes of every <img>, <input>, <form> and <a>, and the
+    text (to look for the token). A boolean attribute (checked, disabled) is there with value ""."""
 
     def __init__(self) -> None:
         super().__init__()
         self.body: dict[str, str] = {}
         self.images: list[dict[str, str]] = []
+        self.inputs: list[dict[str, str]] = []
+        self.forms: list[dict[str, str]] = []
+        self.links: list[dict[str, str]] = []
         self.text: list[str] = []
 
     def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
@@ -43,6 +51,12 @@ class PageFacts(HTMLParser):
             self.body = values
         elif tag == "img":
             self.images.append(values)
+        elif tag == "input":
+            self.inputs.append(values)
+        elif tag == "form":
+            self.forms.append(values)
+        elif tag == "a":
+            self.links.append(values)
 
     def handle_data(self, data: str) -> None:
         self.text.append(data)
@@ -159,3 +173,63 @@ def test_once_the_log_dir_copy_is_gone_the_page_shows_the_archived_previews_from
         assert montage["data-loaded"] == "true" and int(montage["data-natural-width"]) == latest["width"], montage
     finally:
         moved.rename(previews)
+
+
+def test_the_job_page_ticks_classes_of_a_2d_job_and_starts_a_3d_job_on_them(
+    http: requests.Session, gateway_url: str, bucket: str, finished_2d: dict[str, Any], user_tokens: dict[str, str]
+) -> None:
+    job_id = finished_2d["job_id"]
+    outputs = (finished_2d["metadata"] or {}).get("outputs")
+    assert outputs, f"metadata.json of {job_id} records no outputs to chain from: {finished_2d['metadata']}"
+    counts = {int(n): int(c) for n, c in outputs["class_particles"].items()}
+    # The two most populated classes (as the chain test picks them), not a guess at which have particles.
+    chosen = sorted(n for n in sorted(counts, key=counts.__getitem__)[-2:] if counts[n] > 0)
+    assert chosen, counts
+
+    token = user_tokens[USER]
+    page_url = f"{gateway_url}/v1/relion/ui/"
+    page = facts(f"{page_url}#token={token}&job={job_id}&classes={','.join(map(str, chosen))}")
+    assert page.body.get("data-ready") == "job" and page.body.get("data-chain") == "ready", page.body
+
+    # One checkbox per class with its particle count; a class without particles cannot be ticked;
+    # the classes the fragment named are ticked, the others are not.
+    boxes = {int(box["data-class"]): box for box in page.inputs if "data-class" in box}
+    assert {n: int(box["data-particles"]) for n, box in boxes.items()} == counts, boxes
+    assert {n for n, box in boxes.items() if "disabled" in box} == {n for n, c in counts.items() if c == 0}, boxes
+    assert {n for n, box in boxes.items() if box.get("data-checked") == "true"} == set(chosen), boxes
+
+    forms = [form for form in page.forms if "data-next-request" in form]
+    assert len(forms) == 1, page.forms
+    request = json.loads(forms[0]["data-next-request"])
+    assert request["input_job_id"] == job_id and request["select_classes"] == chosen, request
+    assert request["mode"] == "3d" and request["num_mpi"] == 3 and "ref_class" not in request, request
+    assert request["user_id"] == USER and request["workspace_id"] == finished_2d["workspace_id"], request
+    assert request["output_s3_prefix"] == f"s3://{bucket}/itest-page", request  # the parent's
+    assert "dataset_s3_url" not in request, request  # the parent's dataset, set by the gateway
+    flags = request["flags"]
+    assert "i" not in flags and flags["o"] == "Class3D/run" and flags["ref"] == "ref.mrc", flags
+    assert token not in "".join(page.text) and token not in str(page.forms)
+
+    # What Submit would send, sent as the user: the API takes it and the parent lists the child.
+    response = requests.post(
+        f"{gateway_url}/v1/relion/jobs", json=request, headers={"Authorization": f"Bearer {token}"}, timeout=60
+    )
+    assert response.status_code == 202, response.text
+    child = response.json()
+    child_id = child["job_id"]
+    try:
+        assert child["input_job_id"] == job_id and child["select_classes"] == chosen, child
+        assert child["flags"]["i"] == "parent/particles.star", child["flags"]
+        parent = http.get(f"{gateway_url}/v1/relion/jobs/{job_id}", timeout=30).json()
+        assert child_id in parent["children"], parent["children"]
+
+        # The parent's page links the child, and the child's page links the parent.
+        again = facts(f"{page_url}#token={token}&job={job_id}")
+        assert any(link.get("data-child") == child_id and link.get("href") == f"#job={child_id}" for link in again.links), again.links
+        shown = facts(f"{page_url}#token={token}&job={child_id}")
+        assert shown.body.get("data-ready") == "job", shown.body
+        assert any(link.get("data-parent") == job_id and link.get("href") == f"#job={job_id}" for link in shown.links), shown.links
+    finally:
+        # The form suggests 25 iterations; this test needs none of them.
+        http.delete(f"{gateway_url}/v1/relion/jobs/{child_id}", timeout=30)
+        wait_for_end(http, gateway_url, child_id, timeout=300)
