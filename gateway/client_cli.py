@@ -105,7 +105,7 @@ def follow(client: GatewayClient, job_id: str, timeout: float | None, quiet: boo
 def finish(job: dict[str, Any], as_json: bool, save_metadata: Path | None) -> None:
     if save_metadata is not None and job.get("metadata") is not None:
         save_metadata.write_text(json.dumps(job["metadata"], indent=2, sort_keys=True) + "\n")
-    click.echo(json.dumps(job, indent=2, sort_keys=True) if as_json else describe(job))
+    show(job, as_json)
     if job["status"] in TERMINAL and job["status"] != "succeeded":
         sys.exit(EXIT_JOB_FAILED)
 
@@ -181,12 +181,17 @@ def submit_command(
         return
     job = client.submit(request, idempotency_key=idempotency_key)
     if not wait_:
-        click.echo(json.dumps(job, indent=2, sort_keys=True) if as_json else describe(job))
+        show(job, as_json)
         if job["status"] == "submit_failed":
             sys.exit(EXIT_JOB_FAILED)
         return
     click.echo(f"submitted {job['job_id']} (Slurm {job['slurm']['main_job_id']})", err=True)
     finish(follow(client, job["job_id"], timeout, quiet=as_json), as_json, save_metadata)
+
+
+def show(job: dict[str, Any], as_json: bool) -> None:
+    """One job: its JSON (--json), else the one-line description."""
+    click.echo(json.dumps(job, indent=2, sort_keys=True) if as_json else describe(job))
 
 
 @click.command("status")
@@ -195,7 +200,7 @@ def submit_command(
 def status_command(client: GatewayClient, as_json: bool, job_id: str) -> None:
     """Show a job's state."""
     job = client.get(job_id)
-    click.echo(json.dumps(job, indent=2, sort_keys=True) if as_json else describe(job))
+    show(job, as_json)
 
 
 @click.command("list")
@@ -234,7 +239,7 @@ def wait_command(client: GatewayClient, as_json: bool, job_id: str, timeout: flo
 def cancel_command(client: GatewayClient, as_json: bool, job_id: str) -> None:
     """Cancel a job (its archive hook still saves what was produced)."""
     job = client.cancel(job_id)
-    click.echo(json.dumps(job, indent=2, sort_keys=True) if as_json else describe(job))
+    show(job, as_json)
 
 
 @click.command("continue")
@@ -243,7 +248,7 @@ def cancel_command(client: GatewayClient, as_json: bool, job_id: str) -> None:
 def continue_command(client: GatewayClient, as_json: bool, job_id: str) -> None:
     """Continue an ended job (timeout, cancelled, node_fail, failed) from its last finished iteration."""
     job = client.continue_job(job_id)
-    click.echo(json.dumps(job, indent=2, sort_keys=True) if as_json else describe(job))
+    show(job, as_json)
 
 
 @click.command("script")

@@ -106,18 +106,7 @@ class Continuer:
         iteration, optimiser = found
         now = time.time()
         metadata = record.metadata or {}
-        ended = dataclasses.replace(
-            spec.attempt,
-            main_slurm_id=record.main_slurm_id,
-            archive_slurm_id=record.archive_slurm_id,
-            state=record.state,
-            slurm_state=record.slurm_state,
-            exit_code=record.exit_code,
-            started_at=record.started_at,
-            ended_at=record.ended_at,
-            last_iteration=iteration,
-            message=record.message,
-        )
+        ended = current_attempt(spec, record, last_iteration=iteration)
         kept = bool(metadata.get("workspace_kept"))
         following = Attempt(
             number=ended.number + 1,
@@ -164,10 +153,9 @@ class Continuer:
         return self.submitter.submit_record(self.ctx.store.get(record.job_id))
 
 
-def attempts_view(record: JobRecord) -> list[dict[str, Any]]:
-    """Every attempt of a job as the API shows it: the ended ones as recorded, the current one live."""
-    spec = JobSpec.from_json(record.job_json)
-    current = dataclasses.replace(
+def current_attempt(spec: JobSpec, record: JobRecord, *, last_iteration: int | None) -> Attempt:
+    """The spec's current attempt with what the record holds of it (its Slurm jobs, state, times)."""
+    return dataclasses.replace(
         spec.attempt,
         main_slurm_id=record.main_slurm_id,
         archive_slurm_id=record.archive_slurm_id,
@@ -176,9 +164,15 @@ def attempts_view(record: JobRecord) -> list[dict[str, Any]]:
         exit_code=record.exit_code,
         started_at=record.started_at,
         ended_at=record.ended_at,
-        last_iteration=_progress_iteration(record),
+        last_iteration=last_iteration,
         message=record.message,
     )
+
+
+def attempts_view(record: JobRecord) -> list[dict[str, Any]]:
+    """Every attempt of a job as the API shows it: the ended ones as recorded, the current one live."""
+    spec = JobSpec.from_json(record.job_json)
+    current = current_attempt(spec, record, last_iteration=_progress_iteration(record))
     return [a.to_dict() for a in (*spec.attempts[:-1], current)]
 
 

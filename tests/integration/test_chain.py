@@ -2,7 +2,8 @@
 
 The chain's 3D classification and auto-refinement are also this suite's run of those two modes
 (they used to run on their own in test_modes): the same assertions on RELION's results, ranks
-across both nodes, and --auto_refine.
+across both nodes, and --auto_refine; and its three jobs' previews are checked as test_previews
+checked its own three (tests/integration/previews_check.py).
 """
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from gateway.relion.dataset import make_dataset
 from gateway.relion.presets import TINY_FLAGS
 from gateway.storage.s3 import S3Location, S3Storage
 from tests.integration.conftest import wait_for_end
+from tests.integration.previews_check import assert_previews
 from tests.integration.test_modes import RANKS, SPANNING_THREADS, assert_ranks_spanned_the_nodes
 
 JOBS = "/v1/relion/jobs"
@@ -29,16 +31,22 @@ def submit(http: requests.Session, url: str, request: dict[str, Any]) -> dict[st
     return dict(response.json())
 
 
-def request_for(mode: str, bucket: str, workspace: str, threads: int = 1, drop: tuple[str, ...] = (), **changes: Any) -> dict[str, Any]:
+def request_for(
+    mode: str, bucket: str, workspace: str, threads: int = 1, drop: tuple[str, ...] = (), auto_iter_max: int | None = None, **changes: Any
+) -> dict[str, Any]:
     # A chained job's --i is the gateway's (its parent's particles); drop names flags to leave out.
     left_out = {*drop, *(("i",) if "input_job_id" in changes else ())}
+    flags = {**{k: v for k, v in TINY_FLAGS[mode].items() if k not in left_out}, "j": threads}
+    if auto_iter_max is not None:
+        # A small class's auto-refinement may take many iterations to converge; RELION stops at this one.
+        flags["auto_iter_max"] = auto_iter_max
     return {
         "user_id": "itest",
         "workspace_id": workspace,
         "output_s3_prefix": f"s3://{bucket}/itest-chain",
         "mode": mode,
         "num_mpi": RANKS[mode],
-        "flags": {**{k: v for k, v in TINY_FLAGS[mode].items() if k not in left_out}, "j": threads},
+        "flags": flags,
         **changes,
     }
 
@@ -53,7 +61,8 @@ def new_dataset(tmp_path: Path, storage: S3Storage, bucket: str) -> str:
 
 
 def test_a_dataset_is_staged_once_and_jobs_chain_2d_3d_autorefine_on_the_cache(
-    http: requests.Session, gateway_url: str, new_dataset: str, bucket: str, gateway_config: dict[str, Any], stack: dict[str, Any]
+    http: requests.Session, gateway_url: str, new_dataset: str, bucket: str, gateway_config: dict[str, Any], stack: dict[str, Any],
+    storage: S3Storage,
 ) -> None:
     workspace = f"chain{secrets.token_hex(2)}"
     # Two jobs on the same new dataset, submitted together: one download between them.
@@ -78,16 +87,21 @@ def test_a_dataset_is_staged_once_and_jobs_chain_2d_3d_autorefine_on_the_cache(
     )
     assert three_d["flags"]["i"] == "parent/particles.star" and three_d["input_job_id"] == parent["job_id"]
 
-    # Once the 3D job has linked its input, a damaged entry (as a crash or a stray write would
-    # leave it) is found by the next job and refetched.
+    # Once the 3D job has linked its input, a damaged entry is found by the next job and
+    # refetched. The damage replaces the file (a new inode, as a stray copy or a half-done repair
+    # leaves it): the old inode is the 3D job's input through its hard link, which a write in
+    # place would change under RELION's feet (measured: RELION killed).
     deadline = time.monotonic() + 300
     while http.get(f"{gateway_url}{JOBS}/{three_d['job_id']}", timeout=30).json()["status"] in ("queued", "staging"):
         assert time.monotonic() < deadline, "the 3D job did not get past its stage-in"
         time.sleep(0.5)
     damaged = entry / "tree" / "particles.mrcs"
-    damaged.chmod(0o644)
-    with damaged.open("r+b") as stack_file:
-        stack_file.truncate(1024)
+    truncated = damaged.read_bytes()[:1024]
+    entry_tree = damaged.parent
+    entry_tree.chmod(0o755)
+    damaged.unlink()
+    damaged.write_bytes(truncated)
+    entry_tree.chmod(0o555)
     third = wait_for_end(http, gateway_url, submit(http, gateway_url, request_for("2d", bucket, workspace, dataset_s3_url=new_dataset))["job_id"])
     assert third["status"] == "succeeded", third["message"]
     assert "particles.mrcs" in third["metadata"]["input"]["cache"]["refetched"] and third["metadata"]["input"]["bytes"] > 0
@@ -107,16 +121,23 @@ def test_a_dataset_is_staged_once_and_jobs_chain_2d_3d_autorefine_on_the_cache(
     assert_ranks_spanned_the_nodes(http, gateway_url, three_d, stack)
     assert http.get(f"{gateway_url}{JOBS}/{parent['job_id']}", timeout=30).json()["children"] == [three_d["job_id"]]
 
-    # Auto-refine on all of the 3D job's particles, with its class 1 map as the reference.
+    # Auto-refine on the 3D job's most populated class, with that class's map as the reference
+    # (both classes together, two different maps, took 3 minutes to converge; one class, seconds).
+    counts_3d = {int(n): c for n, c in three_d["metadata"]["outputs"]["class_particles"].items()}
+    best = max(counts_3d, key=counts_3d.__getitem__)
     refine = submit(
         http, gateway_url,
-        request_for("autorefine", bucket, workspace, threads=SPANNING_THREADS, drop=("ref",), input_job_id=three_d["job_id"], ref_class=1),
+        request_for("autorefine", bucket, workspace, threads=SPANNING_THREADS, drop=("ref",), input_job_id=three_d["job_id"],
+                    select_classes=[best], ref_class=best, auto_iter_max=6),
     )
-    assert refine["flags"]["ref"] == f"parent/{three_d['metadata']['outputs']['class_maps']['1']}"
+    assert refine["flags"]["ref"] == f"parent/{three_d['metadata']['outputs']['class_maps'][str(best)]}"
     refine = wait_for_end(http, gateway_url, refine["job_id"], timeout=600)
     assert refine["status"] == "succeeded", refine["message"]
     results = refine["metadata"]["relion"]["results"]
     assert results["converged"] is True and results["final_resolution_angstrom"] > 8.0  # Nyquist is 8 A at 4 A/px
     assert "--auto_refine" in refine["metadata"]["relion"]["command"]
-    assert refine["metadata"]["parent"]["particles"] == sum(three_d["metadata"]["outputs"]["class_particles"].values())
+    assert refine["metadata"]["parent"]["particles"] == counts_3d[best]
     assert_ranks_spanned_the_nodes(http, gateway_url, refine, stack)
+    # Each mode's previews (tests/integration/previews_check.py), on this one run of each.
+    for job in (parent, three_d, refine):
+        assert_previews(job, gateway_config, storage)

@@ -96,7 +96,7 @@ def user_tokens(gateway_config: dict[str, Any]) -> dict[str, str]:
 @pytest.fixture(scope="module")
 def finished_2d(http: requests.Session, gateway_url: str, dataset_url: str, bucket: str) -> dict[str, Any]:
     request = {
-        "user_id": USER, "workspace_id": "page", "dataset_s3_url": dataset_url, "output_s3_prefix": f"s3://{bucket}/itest-page",
+        "user_id": USER, "workspace_id": "page", "dataset_s3_url": dataset_url, "output_s3_prefix": f"s3://{bucket}/results/{USER}",  # the user's own ([s3] output_prefixes): its child may write there too
         "mode": "2d", "num_mpi": 3, "flags": {**TINY_FLAGS["2d"], "j": 1},
     }
     response = http.post(f"{gateway_url}/v1/relion/jobs", json=request, timeout=60)
@@ -204,7 +204,7 @@ def test_the_job_page_ticks_classes_of_a_2d_job_and_starts_a_3d_job_on_them(
     assert request["input_job_id"] == job_id and request["select_classes"] == chosen, request
     assert request["mode"] == "3d" and request["num_mpi"] == 3 and "ref_class" not in request, request
     assert request["user_id"] == USER and request["workspace_id"] == finished_2d["workspace_id"], request
-    assert request["output_s3_prefix"] == f"s3://{bucket}/itest-page", request  # the parent's
+    assert request["output_s3_prefix"] == f"s3://{bucket}/results/{USER}", request  # the parent's
     assert "dataset_s3_url" not in request, request  # the parent's dataset, set by the gateway
     flags = request["flags"]
     assert "i" not in flags and flags["o"] == "Class3D/run" and flags["ref"] == "ref.mrc", flags
