@@ -61,6 +61,13 @@ class GatewayClient:
     def get(self, job_id: str) -> dict[str, Any]:
         return dict(self._request("GET", f"/jobs/{job_id}").json())
 
+    def get_if_changed(self, job_id: str, etag: str = "") -> tuple[dict[str, Any] | None, str]:
+        """The job if it changed since ``etag`` (a conditional GET), else None; and its ETag."""
+        response = self._request("GET", f"/jobs/{job_id}", headers={"If-None-Match": etag} if etag else {})
+        if response.status_code == 304:
+            return None, response.headers.get("ETag", etag)
+        return dict(response.json()), response.headers.get("ETag", "")
+
     def list(self, **filters: Any) -> dict[str, Any]:
         params = {k: v for k, v in filters.items() if v not in (None, [], ())}
         return dict(self._request("GET", "/jobs", params=params).json())
@@ -110,10 +117,15 @@ class GatewayClient:
     ) -> dict[str, Any]:
         """Follow a job until it ends, polling as often as the gateway's ``next_poll_s`` hint says."""
         deadline = None if timeout is None else time.monotonic() + timeout
+        job: dict[str, Any] = {}
+        etag = ""
         while True:
-            job = self.get(job_id)
-            if on_update is not None:
-                on_update(job)
+            # Conditional: while nothing changed the gateway answers 304 with no body.
+            fresh, etag = self.get_if_changed(job_id, etag)
+            if fresh is not None:
+                job = fresh
+                if on_update is not None:
+                    on_update(job)
             if job["status"] in TERMINAL:
                 return job
             if deadline is not None and time.monotonic() > deadline:

@@ -2,12 +2,13 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 
 from typing import Any
 
 import shlex
 
-from flask import Response, current_app, request
+from flask import Response, current_app, request, url_for
 from marshmallow import ValidationError
 from flask.views import MethodView
 from flask_smorest import Blueprint
@@ -42,9 +43,14 @@ blp.ARGUMENTS_PARSER = StrictJSONParser()
 
 # Error responses all have the one shape (flask-smorest's ErrorSchema: code, status, message, errors).
 BAD_JSON = {"schema": ErrorSchema, "description": "The body is not valid JSON (NaN, Infinity and lone surrogates included)"}
+UNKNOWN_QUERY = {"schema": ErrorSchema, "description": "A query parameter this operation does not take (named in the message)"}
 UNAUTHORIZED = {"schema": ErrorSchema, "description": "No valid bearer token (WWW-Authenticate: Bearer)"}
 FORBIDDEN_USER = {"schema": ErrorSchema, "description": "user_id is not the caller's own (only admins act for other users)"}
 NOT_FOUND = {"schema": ErrorSchema, "description": "No such job, or not the caller's"}
+# Conditional GET (RFC 9110): a client that sends back the ETag it holds gets a 304 while nothing changed.
+IF_NONE_MATCH = {"in": "header", "name": "If-None-Match", "schema": {"type": "string"}, "description": "the ETag of the copy the client holds"}
+NOT_MODIFIED = {"description": "Not modified since the ETag in If-None-Match (no body)", "headers": {"ETag": {"schema": {"type": "string"}}}}
+LOCATION = {"Location": {"schema": {"type": "string"}, "description": "the job's URL (GET it to follow the job)"}}
 INVALID = {"schema": ErrorSchema, "description": "The request breaks a validation rule (the message names the field)"}
 TOO_LARGE = {"schema": ErrorSchema, "description": "The body is larger than the limit"}
 RATE_LIMITED = {
@@ -60,6 +66,27 @@ def service() -> JobService:
 
 def poller() -> Poller:
     return current_app.extensions["relion_gateway_poller"]  # type: ignore[no-any-return]
+
+
+def record_etag(record: JobRecord, children: list[str]) -> str:
+    """The job resource's ETag: everything it shows comes from the record (updated on every change)
+    and the list of its children, so these name one representation without rendering it."""
+    basis = f"{record.job_id}\n{record.updated_at!r}\n{','.join(children)}"
+    return f'"{hashlib.sha256(basis.encode()).hexdigest()[:32]}"'
+
+
+def not_modified(tag: str, next_poll_s: float | None) -> Response:
+    """304: the client's copy is current (no body, RFC 9110 15.4.5), with when to look again."""
+    response = Response(status=304)
+    response.headers["ETag"] = tag
+    if next_poll_s:
+        response.headers["Retry-After"] = str(int(next_poll_s))
+    return response
+
+
+def job_location(job_id: str) -> dict[str, str]:
+    """Location of a job resource, for a 202 that accepted work on it."""
+    return {"Location": url_for("jobs.JobById", job_id=job_id)}
 
 
 def shaped(record: JobRecord) -> PortalJob:
@@ -80,7 +107,7 @@ def idempotency_key() -> str | None:
 @blp.route("/jobs")
 class Jobs(MethodView):
     @blp.arguments(JobRequestSchema)
-    @blp.response(202, JobSchema)
+    @blp.response(202, JobSchema, headers=LOCATION)
     @blp.alt_response(400, **BAD_JSON)
     @blp.alt_response(401, **UNAUTHORIZED)
     @blp.alt_response(403, **FORBIDDEN_USER)
@@ -89,16 +116,17 @@ class Jobs(MethodView):
     @blp.alt_response(429, **RATE_LIMITED)
     @blp.doc(parameters=[{"in": "header", "name": "Idempotency-Key", "schema": {"type": "string", "maxLength": 128},
                           "description": "the same key from the same user always returns the same job"}])
-    def post(self, job_request: dict[str, Any]) -> PortalJob:
+    def post(self, job_request: dict[str, Any]) -> tuple[PortalJob, int, dict[str, str]]:
         """Submit a RELION job: it is stored, then its main and archive Slurm jobs are submitted."""
         record = service().submit(
             job_request, idempotency_key=idempotency_key(), principal=current_principal(), enforce_limits=True
         )
         SUBMITS.labels(record.mode, "submit_failed" if record.state == "submit_failed" else "accepted").inc()
         poller().wake()
-        return shaped(record)
+        return shaped(record), 202, job_location(record.job_id)
 
     @blp.arguments(JobListArgsSchema, location="query")
+    @blp.alt_response(400, **UNKNOWN_QUERY)
     @blp.response(200, JobListSchema)
     @blp.alt_response(401, **UNAUTHORIZED)
     @blp.alt_response(403, schema=ErrorSchema, description="The user_id filter names another user (admins only)")
@@ -124,14 +152,20 @@ class Jobs(MethodView):
 
 @blp.route("/jobs/<job_id>")
 class JobById(MethodView):
-    @blp.response(200, JobSchema)
+    @blp.response(200, JobSchema, headers={"ETag": {"schema": {"type": "string"}}})
+    @blp.alt_response(304, **NOT_MODIFIED)
     @blp.alt_response(401, **UNAUTHORIZED)
     @blp.alt_response(404, **NOT_FOUND)
+    @blp.doc(parameters=[IF_NONE_MATCH])
     def get(self, job_id: str) -> Any:
         """A job's state, Slurm's view of it and, once it has ended, its metadata. Reads the store only."""
         record = service().get(job_id, principal=current_principal())
-        body = dataclasses.replace(shaped(record), children=service().children(record.job_id))
-        headers = {"Retry-After": str(int(body.next_poll_s))} if body.next_poll_s else {}
+        children = service().children(record.job_id)
+        tag = record_etag(record, children)
+        if request.if_none_match.contains_weak(tag.strip('"')):
+            return not_modified(tag, service().next_poll_seconds(record))
+        body = dataclasses.replace(shaped(record), children=children)
+        headers = {"ETag": tag, **({"Retry-After": str(int(body.next_poll_s))} if body.next_poll_s else {})}
         return body, 200, headers
 
     @blp.response(202, JobSchema)
@@ -148,6 +182,7 @@ class JobById(MethodView):
 @blp.route("/jobs/<job_id>/script")
 class JobScript(MethodView):
     @blp.arguments(ScriptArgsSchema, location="query")
+    @blp.alt_response(400, **UNKNOWN_QUERY)
     @blp.doc(responses={"200": {"description": "The exact script submitted", "content": {"text/x-shellscript": {"schema": {"type": "string"}}}}})
     @blp.alt_response(401, **UNAUTHORIZED)
     @blp.alt_response(404, **NOT_FOUND)
@@ -164,7 +199,9 @@ class JobMetadata(MethodView):
     @blp.doc(responses={"200": {
         "description": "metadata.json, as the archive job wrote it (schema: gateway/jobside/metadata.schema.json)",
         "content": {"application/json": {"schema": {"type": "object"}}},
-    }})
+        "headers": {"ETag": {"schema": {"type": "string"}}},
+    }}, parameters=[IF_NONE_MATCH])
+    @blp.alt_response(304, **NOT_MODIFIED)
     @blp.alt_response(401, **UNAUTHORIZED)
     @blp.alt_response(404, schema=ErrorSchema, description="No such job (or not the caller's), or no metadata yet (the job has not been archived)")
     def get(self, job_id: str) -> Any:
@@ -172,25 +209,28 @@ class JobMetadata(MethodView):
         record = service().get(job_id, principal=current_principal())
         if record.metadata_json is None:
             raise JobNotFound(f"{job_id} has no metadata yet (state {record.state})")
-        return Response(record.metadata_json, mimetype="application/json")
+        tag = f'"{hashlib.sha256(record.metadata_json.encode()).hexdigest()[:32]}"'
+        if request.if_none_match.contains_weak(tag.strip('"')):
+            return not_modified(tag, None)
+        return Response(record.metadata_json, mimetype="application/json", headers={"ETag": tag})
 
 
 @blp.route("/jobs/<job_id>/archive")
 class JobArchive(MethodView):
-    @blp.response(202, JobSchema)
+    @blp.response(202, JobSchema, headers=LOCATION)
     @blp.alt_response(401, **UNAUTHORIZED)
     @blp.alt_response(404, **NOT_FOUND)
     @blp.alt_response(409, schema=ErrorSchema, description="The job is not archive_failed")
-    def post(self, job_id: str) -> PortalJob:
+    def post(self, job_id: str) -> tuple[PortalJob, int, dict[str, str]]:
         """Run the completion hook again for a job whose archive failed (its workspace was kept)."""
         record = service().retry_archive(job_id, principal=current_principal())
         poller().wake()
-        return shaped(record)
+        return shaped(record), 202, job_location(record.job_id)
 
 
 @blp.route("/jobs/<job_id>/continue")
 class JobContinue(MethodView):
-    @blp.response(202, JobSchema)
+    @blp.response(202, JobSchema, headers=LOCATION)
     @blp.alt_response(401, **UNAUTHORIZED)
     @blp.alt_response(404, **NOT_FOUND)
     @blp.alt_response(
@@ -198,7 +238,7 @@ class JobContinue(MethodView):
         schema=ErrorSchema,
         description="The job has not ended timeout, cancelled, node_fail or failed, or its archived output holds no finished iteration",
     )
-    def post(self, job_id: str) -> PortalJob:
+    def post(self, job_id: str) -> tuple[PortalJob, int, dict[str, str]]:
         """Continue an ended job: a new attempt, RELION resuming from its last finished iteration (relion_refine --continue).
 
         The job keeps its id; `attempts` lists every run. The new attempt stages the dataset and the job's archived
@@ -206,12 +246,13 @@ class JobContinue(MethodView):
         """
         record = service().continue_job(job_id, principal=current_principal())
         poller().wake()
-        return shaped(record)
+        return shaped(record), 202, job_location(record.job_id)
 
 
 @blp.route("/jobs/<job_id>/logs")
 class JobLogs(MethodView):
     @blp.arguments(LogArgsSchema, location="query")
+    @blp.alt_response(400, **UNKNOWN_QUERY)
     @blp.doc(responses={"200": {"description": "The log text", "content": {"text/plain": {"schema": {"type": "string"}}}}})
     @blp.alt_response(401, **UNAUTHORIZED)
     @blp.alt_response(404, **NOT_FOUND)

@@ -153,6 +153,16 @@ class StrictJSONParser(FlaskParser):
             messages: Any = {exc.field: [exc.message]} if exc.field else [exc.message]
             abort(exc.status, message=str(exc), messages={"json": messages})
 
+    def load_querystring(self, req: flask.Request, schema: Any) -> Any:
+        # A parameter the operation does not take is a 400 naming it: ignored, a misspelt filter
+        # (?status=running for ?state=running) would silently return every job.
+        known = {field.data_key or name for name, field in schema.fields.items()}
+        unknown = sorted(set(req.args) - known)
+        if unknown:
+            rule = f"unknown parameter; this operation takes {', '.join(sorted(known))}"
+            abort(400, message=f"{unknown[0]}: {rule}", messages={"query": {name: [rule] for name in unknown}})
+        return super().load_querystring(req, schema)
+
     def _handle_invalid_json_error(self, error: Any, req: flask.Request, *args: Any, **kwargs: Any) -> NoReturn:
         reason = error.msg if isinstance(error, json.JSONDecodeError) else str(error)
         abort(400, message=f"Invalid JSON body: {reason}", messages={"json": [f"Invalid JSON body: {reason}"]})

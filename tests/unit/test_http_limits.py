@@ -164,7 +164,9 @@ def test_the_gateway_limits_sit_inside_gunicorns() -> None:
 
 
 def _uri(length: int) -> str:
-    target = f"{JOBS}?page=1&pad="
+    # /healthz reads no query: the padding reaches the app (the API's own operations refuse a
+    # parameter they do not take with a 400).
+    target = "/healthz?pad="
     return target + "x" * (length - len(target))
 
 

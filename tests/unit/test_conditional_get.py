@@ -1,0 +1,100 @@
+"""Cheap, correct polling (issue 17, first slice): ETag and 304, Location on 202, unknown query parameters."""
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import requests
+from flask import Flask
+from flask.testing import FlaskClient
+from werkzeug.serving import make_server
+
+from gateway.client import GatewayClient
+from tests.conftest import valid_request
+from tests.fakes import FakeScheduler
+
+JOBS = "/v1/relion/jobs"
+
+
+def test_a_job_unchanged_since_its_etag_is_a_304_without_a_body(client: FlaskClient, app: Flask, scheduler: FakeScheduler) -> None:
+    job_id = client.post(JOBS, json=valid_request()).json["job_id"]
+    first = client.get(f"{JOBS}/{job_id}")
+    tag = first.headers["ETag"]
+    assert first.status_code == 200 and tag.startswith('"')
+    again = client.get(f"{JOBS}/{job_id}", headers={"If-None-Match": tag})
+    assert again.status_code == 304 and again.data == b"" and again.headers["ETag"] == tag
+    assert again.headers["Retry-After"]  # still queued: when to look again
+    assert client.get(f"{JOBS}/{job_id}", headers={"If-None-Match": f"W/{tag}"}).status_code == 304  # weak comparison
+
+    scheduler.set_state("1001", "RUNNING")
+    app.extensions["relion_gateway"].poll()
+    changed = client.get(f"{JOBS}/{job_id}", headers={"If-None-Match": tag})
+    assert changed.status_code == 200 and changed.headers["ETag"] != tag and changed.json["status"] == "staging"
+
+
+def test_a_new_child_changes_the_parents_etag(client: FlaskClient, app: Flask) -> None:
+    job_id = client.post(JOBS, json=valid_request()).json["job_id"]
+    tag = client.get(f"{JOBS}/{job_id}").headers["ETag"]
+    store = app.extensions["relion_gateway"].store
+    other = client.post(JOBS, json=valid_request(workspace_id="ws2")).json["job_id"]
+    store.update(other, parent_job_id=job_id)  # as a chained submission records it
+    assert client.get(f"{JOBS}/{job_id}", headers={"If-None-Match": tag}).status_code == 200
+
+
+def test_metadata_has_an_etag_too(client: FlaskClient, app: Flask) -> None:
+    job_id = client.post(JOBS, json=valid_request()).json["job_id"]
+    app.extensions["relion_gateway"].store.update(job_id, metadata_json=json.dumps({"schema_version": 1}))
+    first = client.get(f"{JOBS}/{job_id}/metadata")
+    assert first.status_code == 200 and first.json == {"schema_version": 1}
+    assert client.get(f"{JOBS}/{job_id}/metadata", headers={"If-None-Match": first.headers["ETag"]}).status_code == 304
+
+
+def test_an_accepted_submission_says_where_the_job_is(client: FlaskClient) -> None:
+    response = client.post(JOBS, json=valid_request())
+    assert response.status_code == 202
+    location = response.headers["Location"]
+    assert location == f"{JOBS}/{response.json['job_id']}"
+    assert client.get(location).json["job_id"] == response.json["job_id"]
+
+
+@pytest.mark.parametrize("query, unknown", [("status=running", "status"), ("state=running&colour=red", "colour")])
+def test_an_unknown_query_parameter_is_a_400_naming_it(client: FlaskClient, query: str, unknown: str) -> None:
+    response = client.get(f"{JOBS}?{query}")
+    assert response.status_code == 400
+    assert unknown in response.json["message"] and unknown in response.json["errors"]["query"]
+    assert "state" in response.json["message"]  # what the operation does take
+
+
+@pytest.fixture
+def served(app: Flask) -> Iterator[str]:
+    server = make_server("127.0.0.1", 0, app, threaded=True)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_port}"
+    server.shutdown()
+
+
+def test_the_client_waits_with_conditional_gets(served: str, app: Flask, scheduler: FakeScheduler) -> None:
+    session = requests.Session()
+    statuses: list[int] = []
+    session.hooks["response"].append(lambda response, *args, **kwargs: statuses.append(response.status_code))
+    client = GatewayClient(served, token=app.config["TEST_TOKENS"]["alice"], session=session)
+    job_id = client.submit(valid_request())["job_id"]
+    service = app.extensions["relion_gateway"]
+    polls = {"n": 0}
+    real_get = client.get_if_changed
+
+    def counting(job: str, etag: str = "") -> tuple[dict[str, Any] | None, str]:
+        polls["n"] += 1
+        if polls["n"] == 4:  # the job ends after three unchanged polls
+            scheduler.set_state("1001", "COMPLETED", exit_code=0)
+            scheduler.set_state("1002", "COMPLETED", exit_code=0)
+            service.poll()
+        return real_get(job, etag)
+
+    client.get_if_changed = counting  # type: ignore[method-assign]
+    job = client.wait(job_id, min_interval=0.01, max_interval=0.01)
+    assert job["status"] == "succeeded"
+    assert statuses.count(304) >= 2 and statuses[-1] == 200
