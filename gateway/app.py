@@ -101,6 +101,7 @@ def create_app(
     register_docs(app, base)  # before Api(): flask-smorest reads the Swagger UI settings at init
     api = Api(app, spec_kwargs={"extra_plugins": [_UnsupportedMediaTypeDoc()]})
     from gateway.api.admin import blp as admin_blueprint
+    from gateway.api.service_info import blp as service_blueprint
     from gateway.api.jobs import blp as jobs_blueprint
     from gateway.api.previews import blp as previews_blueprint
     from gateway.api.errors import register_error_handlers
@@ -108,6 +109,7 @@ def create_app(
     api.register_blueprint(jobs_blueprint, url_prefix=base)
     api.register_blueprint(previews_blueprint, url_prefix=base)
     api.register_blueprint(admin_blueprint, url_prefix=base)
+    api.register_blueprint(service_blueprint, url_prefix=base)
     register_page(app, base)  # the job page (gateway/api/ui/): public, outside the spec
     register_error_handlers(app)
 

@@ -98,3 +98,17 @@ def test_the_client_waits_with_conditional_gets(served: str, app: Flask, schedul
     job = client.wait(job_id, min_interval=0.01, max_interval=0.01)
     assert job["status"] == "succeeded"
     assert statuses.count(304) >= 2 and statuses[-1] == 200
+
+
+def test_service_info_tells_a_portal_what_it_may_submit(client: FlaskClient, anonymous_client: FlaskClient, app: Flask) -> None:
+    config = app.extensions["relion_gateway"].config
+    config["SLURM_PARTITIONS"] = {"gpu": {"max_ranks": 8, "gpus": 2, "max_time": "04:00:00"}, "debug": {"max_ranks": 16, "gpus": 0}}
+    config["SLURM_PARTITION"] = "debug"
+    body = client.get("/v1/relion/service-info").json
+    assert body["modes"] == ["2d", "3d", "autorefine"] and "timeout" in body["states"]
+    assert body["relion_version"] == str(config["RELION_VERSION"]) and body["gateway_version"]
+    partitions = {p["name"]: p for p in body["partitions"]}
+    assert partitions["gpu"]["gpus"] == 2 and partitions["gpu"]["max_time"] == "04:00:00" and partitions["debug"]["default"] is True
+    assert body["limits"]["max_cores_per_job"] == config["LIMITS_MAX_CORES_PER_JOB"]
+    assert body["max_auto_continue"] == config["JOB_MAX_AUTO_CONTINUE"]
+    assert anonymous_client.get("/v1/relion/service-info").status_code == 401
