@@ -111,6 +111,18 @@ def create_app(
     api.register_blueprint(admin_blueprint, url_prefix=base)
     api.register_blueprint(service_blueprint, url_prefix=base)
     register_page(app, base)  # the job page (gateway/api/ui/): public, outside the spec
+    if app.config["SERVER_CORS_ORIGINS"]:
+        from flask_cors import CORS
+
+        # Only the API, only these origins; bearer tokens travel in a header, never in cookies.
+        CORS(
+            app,
+            resources={f"{base}/*": {"origins": list(app.config["SERVER_CORS_ORIGINS"])}},
+            allow_headers=["Authorization", "Content-Type", "Idempotency-Key", "If-None-Match"],
+            expose_headers=["ETag", "Location", "Retry-After"],
+            supports_credentials=False,
+            max_age=600,
+        )
     register_error_handlers(app)
 
     @app.before_request

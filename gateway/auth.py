@@ -367,6 +367,8 @@ class _Anonymous:
 
 
 def _is_public(app: Flask) -> bool:
+    if _is_cors_preflight(app):
+        return True
     endpoint = request.endpoint
     if endpoint is None:
         return False  # unknown URL: no hint about what exists without credentials
@@ -375,6 +377,17 @@ def _is_public(app: Flask) -> bool:
     view = app.view_functions.get(endpoint)
     view_class = getattr(view, "view_class", None)
     return bool(getattr(view, "auth_public", False) or getattr(view_class, "auth_public", False))
+
+
+def _is_cors_preflight(app: Flask) -> bool:
+    """A browser's CORS preflight from a configured origin: it carries no credentials by design
+    (Fetch standard), so it is answered (by flask-cors) without a token; the request it asks
+    about is authenticated as any other."""
+    return (
+        request.method == "OPTIONS"
+        and "Access-Control-Request-Method" in request.headers
+        and request.headers.get("Origin", "") in app.config.get("SERVER_CORS_ORIGINS", ())
+    )
 
 
 def public(view: F) -> F:

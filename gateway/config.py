@@ -33,6 +33,9 @@ def default_config() -> dict[str, Any]:
         "SERVER_PUBLIC_URL": "",
         # HMAC key for per-job event tokens; empty: one kept in <state_dir>/callback.key.
         "SERVER_CALLBACK_SECRET": "",
+        # Browser portals on these origins may call the API (CORS, e.g. ["https://portal.example.org"]);
+        # their preflight OPTIONS is answered without a token. Empty: none.
+        "SERVER_CORS_ORIGINS": [],
         "SERVER_WORKERS": 2,  # gunicorn worker processes (one poller runs among them, by lease)
         "SERVER_THREADS": 4,  # threads per worker (gthread)
         "SERVER_TIMEOUT": 120,  # seconds before gunicorn restarts a stuck worker

@@ -112,3 +112,39 @@ def test_service_info_tells_a_portal_what_it_may_submit(client: FlaskClient, ano
     assert body["limits"]["max_cores_per_job"] == config["LIMITS_MAX_CORES_PER_JOB"]
     assert body["max_auto_continue"] == config["JOB_MAX_AUTO_CONTINUE"]
     assert anonymous_client.get("/v1/relion/service-info").status_code == 401
+
+
+@pytest.fixture
+def cors_app(tmp_path: Any, scheduler: FakeScheduler, storage: Any) -> Flask:
+    from gateway import create_app
+
+    return create_app(
+        {
+            "TESTING": True,
+            "PATHS_STATE_DIR": str(tmp_path / "state"),
+            "STORE_DATABASE_URL": "",
+            "S3_ALLOWED_BUCKETS": ["relion-local"],
+            "AUTH_SCRYPT_N": 2,
+            "SERVER_CORS_ORIGINS": ["https://portal.example.org"],
+        },
+        scheduler=scheduler,
+        storage=storage,
+    )
+
+
+def test_a_configured_origin_gets_its_preflight_without_a_token_and_nothing_else_does(cors_app: Flask) -> None:
+    client = cors_app.test_client()
+    preflight = {"Access-Control-Request-Method": "POST", "Access-Control-Request-Headers": "authorization,content-type"}
+    ok = client.options(JOBS, headers={"Origin": "https://portal.example.org", **preflight})
+    assert ok.status_code == 200 and ok.headers["Access-Control-Allow-Origin"] == "https://portal.example.org"
+    assert "authorization" in ok.headers["Access-Control-Allow-Headers"].lower()
+    other = client.options(JOBS, headers={"Origin": "https://evil.example", **preflight})
+    assert other.status_code == 401 and "Access-Control-Allow-Origin" not in other.headers
+    # The request itself still needs its token; the answer carries the CORS headers.
+    denied = client.get(JOBS, headers={"Origin": "https://portal.example.org"})
+    assert denied.status_code == 401 and denied.headers.get("Access-Control-Allow-Origin") == "https://portal.example.org"
+
+
+def test_without_configured_origins_there_is_no_cors(anonymous_client: FlaskClient) -> None:
+    response = anonymous_client.options(JOBS, headers={"Origin": "https://portal.example.org", "Access-Control-Request-Method": "GET"})
+    assert response.status_code == 401 and "Access-Control-Allow-Origin" not in response.headers
