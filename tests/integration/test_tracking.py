@@ -98,9 +98,10 @@ def test_slurmctld_restart_mid_run_is_tracked_to_the_end(
 ) -> None:
     from gateway.stack import stack_status, stack_up
 
-    # A job step that ends while slurmctld is down retries its completion message a minute later
-    # (slurmstepd), and until then the job holds its afterany hook back: most of this test's time.
-    job = post(http, gateway_url, long_2d(dataset_url, bucket, "ctldrestart", 4))
+    # RELION outlives the outage (~30 s: slurmctld's clean stop, then stack up): a job step that
+    # ends while slurmctld is down retries its completion message only a minute later
+    # (slurmstepd), and until then the job holds its afterany hook back (measured: 45 s).
+    job = post(http, gateway_url, long_2d(dataset_url, bucket, "ctldrestart", 20))
     # Until RELION has finished its first iteration: srun asks slurmctld for its job step, so a
     # controller that is down while the step starts fails the job (srun: "Unable to confirm
     # allocation"); with the dataset in the cache, the stage-in before it is instant.
