@@ -54,9 +54,20 @@ def load_or_create_secret(configured: str, state_dir: str) -> bytes:
     path = Path(state_dir) / "callback.key"
     if not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "w") as handle:
-            handle.write(secrets.token_hex(32))
+        # gunicorn's workers boot at once on a fresh state dir: each writes a whole key to a file of
+        # its own, and link() publishes one atomically. The losers (EEXIST) read the winner's, never
+        # a half-written file; a worker that failed here stopped the whole server (seen in CI).
+        draft = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}")
+        fd = os.open(draft, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            with os.fdopen(fd, "w") as handle:
+                handle.write(secrets.token_hex(32))
+            try:
+                os.link(draft, path)
+            except FileExistsError:
+                pass
+        finally:
+            draft.unlink(missing_ok=True)
     return path.read_text().strip().encode()
 
 

@@ -148,3 +148,17 @@ def test_a_configured_origin_gets_its_preflight_without_a_token_and_nothing_else
 def test_without_configured_origins_there_is_no_cors(anonymous_client: FlaskClient) -> None:
     response = anonymous_client.options(JOBS, headers={"Origin": "https://portal.example.org", "Access-Control-Request-Method": "GET"})
     assert response.status_code == 401 and "Access-Control-Allow-Origin" not in response.headers
+
+
+def test_workers_booting_together_share_one_callback_key(tmp_path: Any) -> None:
+    """gunicorn's workers create the app at once on a fresh state dir: every one gets the same key,
+    none fails (one did, with FileExistsError, and took the whole server down)."""
+    import multiprocessing
+
+    from gateway.callbacks import load_or_create_secret
+
+    with multiprocessing.get_context("fork").Pool(8) as pool:
+        keys = pool.starmap(load_or_create_secret, [("", str(tmp_path))] * 16)
+    assert len(set(keys)) == 1 and len(keys[0]) == 64
+    assert [p.name for p in tmp_path.iterdir()] == ["callback.key"]  # no draft left behind
+    assert (tmp_path / "callback.key").stat().st_mode & 0o777 == 0o600
