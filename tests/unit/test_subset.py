@@ -24,7 +24,8 @@ from gateway.relion.subset import (
     write_subset,
 )
 
-# Real RELION outputs on the development machine (not in the repository): /work/shared/realstar.
+# Real RELION outputs beside the checkout on a development machine (../shared/realstar; never in the
+# repository): the tests that read them are skipped elsewhere.
 REALSTAR = Path(__file__).resolve().parents[3] / "shared" / "realstar"
 needs_realstar = pytest.mark.skipif(not REALSTAR.is_dir(), reason=f"{REALSTAR} is not on this machine")
 
