@@ -2,18 +2,16 @@
 from __future__ import annotations
 
 import json
-import threading
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
 import requests
 from flask import Flask
 from flask.testing import FlaskClient
-from werkzeug.serving import make_server
 
 from gateway.client import GatewayClient
 from tests.conftest import valid_request
+from tests.unit.test_client_cli import served  # noqa: F401 (a fixture: the app on a real port)
 from tests.fakes import FakeScheduler
 
 JOBS = "/v1/relion/jobs"
@@ -66,14 +64,6 @@ def test_an_unknown_query_parameter_is_a_400_naming_it(client: FlaskClient, quer
     assert response.status_code == 400
     assert unknown in response.json["message"] and unknown in response.json["errors"]["query"]
     assert "state" in response.json["message"]  # what the operation does take
-
-
-@pytest.fixture
-def served(app: Flask) -> Iterator[str]:
-    server = make_server("127.0.0.1", 0, app, threaded=True)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{server.server_port}"
-    server.shutdown()
 
 
 def test_the_client_waits_with_conditional_gets(served: str, app: Flask, scheduler: FakeScheduler) -> None:

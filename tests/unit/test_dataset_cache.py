@@ -8,7 +8,6 @@ import json
 import multiprocessing
 import os
 import stat
-import tarfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -113,12 +112,9 @@ def test_miss_fills_once_then_hits_link_the_same_read_only_files(cache: DatasetC
 
 
 def test_fill_with_the_real_extractor(cache: DatasetCache, tmp_path: Path) -> None:
-    buffer = io.BytesIO()
-    with tarfile.open(fileobj=buffer, mode="w:gz") as archive:
-        for name, data in DATASET.items():
-            member = tarfile.TarInfo(name)
-            member.size = len(data)
-            archive.addfile(member, io.BytesIO(data))
+    from tests.unit.test_stage_dataset import tarball
+
+    buffer = io.BytesIO(tarball(DATASET))
 
     def fill(tree: Path) -> dict[str, Any]:
         buffer.seek(0)
