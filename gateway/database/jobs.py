@@ -11,85 +11,16 @@ import logging
 import time
 from collections.abc import Callable, Set as AbstractSet
 from dataclasses import dataclass, fields
-from pathlib import Path
 from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
-from sqlalchemy.exc import DBAPIError, IntegrityError
+from sqlalchemy.exc import IntegrityError
+
+from gateway.database.schema import create_schema
+from gateway.database.tables import job_requests_seen_table, jobs_table, leases_table, tokens_table
 
 log = logging.getLogger(__name__)
-
-metadata_obj = sa.MetaData()
-SCHEMA_ATTEMPTS = 5
-
-jobs_table = sa.Table(
-    "jobs",
-    metadata_obj,
-    sa.Column("job_id", sa.String(128), primary_key=True),
-    sa.Column("user_id", sa.String(64), nullable=False, index=True),
-    sa.Column("workspace_id", sa.String(64), nullable=False),
-    sa.Column("mode", sa.String(16), nullable=False),
-    sa.Column("state", sa.String(32), nullable=False, index=True),
-    sa.Column("slurm_state", sa.String(128), nullable=False, default=""),
-    sa.Column("main_slurm_id", sa.String(32)),
-    sa.Column("archive_slurm_id", sa.String(32)),
-    sa.Column("exit_code", sa.Integer),
-    sa.Column("message", sa.Text, nullable=False, default=""),
-    sa.Column("request_json", sa.Text, nullable=False),
-    sa.Column("request_sha256", sa.String(64), nullable=False, default=""),
-    sa.Column("idempotency_key", sa.String(128)),
-    sa.Column("job_json", sa.Text, nullable=False),
-    sa.Column("main_script", sa.Text, nullable=False, default=""),
-    sa.Column("archive_script", sa.Text, nullable=False, default=""),
-    sa.Column("metadata_json", sa.Text),
-    sa.Column("progress_json", sa.Text),
-    sa.Column("output_url", sa.Text, nullable=False),
-    sa.Column("accepted_at", sa.Float, nullable=False),
-    sa.Column("submitted_at", sa.Float),
-    sa.Column("started_at", sa.Float),
-    sa.Column("ended_at", sa.Float),
-    sa.Column("updated_at", sa.Float, nullable=False),
-    sa.Column("checked_at", sa.Float),
-    sa.Column("submit_claim_until", sa.Float),
-    sa.Column("parent_job_id", sa.String(128), index=True),  # a chained job's input_job_id
-    # The same key from the same user names one job, whatever happens to the HTTP exchange.
-    sa.UniqueConstraint("user_id", "idempotency_key", name="uq_jobs_user_idempotency_key"),
-)
-
-leases_table = sa.Table(
-    "leases",
-    metadata_obj,
-    sa.Column("name", sa.String(64), primary_key=True),
-    sa.Column("holder", sa.String(128), nullable=False),
-    sa.Column("expires_at", sa.Float, nullable=False),
-)
-
-# Bearer tokens: only a salted scrypt hash of each secret is kept; the id (public, the token's
-# prefix) finds the row in one lookup.
-tokens_table = sa.Table(
-    "tokens",
-    metadata_obj,
-    sa.Column("id", sa.String(32), primary_key=True),
-    sa.Column("user", sa.String(64), nullable=False, index=True),
-    sa.Column("admin", sa.Boolean, nullable=False, default=False),
-    sa.Column("salt", sa.String(64), nullable=False),
-    sa.Column("hash", sa.String(256), nullable=False),
-    sa.Column("created_at", sa.Float, nullable=False),
-    sa.Column("revoked_at", sa.Float),
-    sa.Column("last_used_at", sa.Float),
-)
-
-# Signed job requests already taken (the sha256 of each body), so the same body sent twice is
-# refused in every worker and replica. Rows older than the event age limit can go: such a body is
-# refused for its age anyway.
-job_requests_seen_table = sa.Table(
-    "job_requests_seen",
-    metadata_obj,
-    sa.Column("job_id", sa.String(128), primary_key=True),
-    sa.Column("body_sha256", sa.String(64), primary_key=True),
-    sa.Column("seen_at", sa.Float, nullable=False, index=True),
-)
 
 # Built once: the two reads behind every status request (the job, and the bearer token's row for
 # revocation) are the API's hot path, and building a select per call was a fifth of its CPU.
@@ -197,84 +128,12 @@ def _accepted_since_query(user_id: str, since: float) -> sa.Select[Any]:
     )
 
 
-def make_engine(url: str) -> Engine:
-    """Create an engine; SQLite gets WAL and a busy timeout so the API and poller can share it."""
-    if url.startswith("sqlite:///"):
-        Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
-        engine = sa.create_engine(url, connect_args={"timeout": 30, "check_same_thread": False})
-
-        @sa.event.listens_for(engine, "connect")
-        def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
-            cursor = dbapi_connection.cursor()
-            cursor.execute("PRAGMA journal_mode=WAL")
-            cursor.execute("PRAGMA busy_timeout=30000")
-            cursor.execute("PRAGMA synchronous=NORMAL")
-            cursor.close()
-
-        return engine
-    return sa.create_engine(url, pool_pre_ping=True)
-
-
-def _add_missing_columns(engine: Engine) -> None:
-    """Bring a database written by an older gateway up to date (nullable columns only).
-
-    A state directory outlives upgrades; create_all() makes missing tables but never alters one.
-    """
-    inspector = sa.inspect(engine)
-    for table in metadata_obj.sorted_tables:
-        if not inspector.has_table(table.name):
-            continue
-        present = {c["name"] for c in inspector.get_columns(table.name)}
-        for column in table.columns:
-            if column.name in present:
-                continue
-            ddl_type = column.type.compile(dialect=engine.dialect)
-            default = ""
-            if not column.nullable:
-                default = " DEFAULT ''" if isinstance(column.type, (sa.String, sa.Text)) else " DEFAULT 0"
-            with engine.begin() as conn:
-                conn.execute(sa.text(f'ALTER TABLE {table.name} ADD COLUMN {column.name} {ddl_type}{default}'))
-            log.info("store: added column %s.%s", table.name, column.name)
-        _add_missing_indexes(engine, table)
-
-
-def _add_missing_indexes(engine: Engine, table: sa.Table) -> None:
-    """Indexes and unique constraints an older table lacks (ALTER ... ADD COLUMN adds neither).
-
-    Without uq_jobs_user_idempotency_key on an upgraded database, two retries with one
-    Idempotency-Key would both be stored and submitted.
-    """
-    inspector = sa.inspect(engine)  # a fresh one: the columns just changed
-    unique = {tuple(u["column_names"]) for u in inspector.get_unique_constraints(table.name)}
-    unique |= {tuple(i["column_names"]) for i in inspector.get_indexes(table.name) if i.get("unique")}
-    for constraint in table.constraints:
-        columns = tuple(c.name for c in constraint.columns)
-        if isinstance(constraint, sa.UniqueConstraint) and columns not in unique:
-            with engine.begin() as conn:
-                conn.execute(sa.text(f"CREATE UNIQUE INDEX {constraint.name} ON {table.name} ({', '.join(columns)})"))
-            log.info("store: added unique index %s on %s%s", constraint.name, table.name, columns)
-    for index in table.indexes:
-        index.create(engine, checkfirst=True)
-
-
 class JobStore:
     """CRUD for job records, and leases."""
 
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
-        # Gunicorn workers and replicas start together: on a fresh database all but one lose the
-        # race to CREATE TABLE (or ALTER TABLE) and see "already exists". Looking again finds the
-        # winner's tables, so a short retry converges.
-        for attempt in range(SCHEMA_ATTEMPTS):
-            try:
-                metadata_obj.create_all(engine)
-                _add_missing_columns(engine)
-                break
-            except DBAPIError as exc:
-                if attempt == SCHEMA_ATTEMPTS - 1:
-                    raise
-                log.info("store: schema set-up raced another process (%s); retrying", str(exc).splitlines()[0])
-                time.sleep(0.05 * (attempt + 1))
+        create_schema(engine)
 
     # -- jobs ---------------------------------------------------------------------------------
 
