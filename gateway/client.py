@@ -1,17 +1,65 @@
 """A small HTTP client for the gateway's REST API (used by the CLI; importable by portals)."""
 from __future__ import annotations
 
+import logging
+import re
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
+from urllib.parse import urlsplit
 
 import requests
+
+logger = logging.getLogger(__name__)
 
 TERMINAL = frozenset(
     {"succeeded", "failed", "cancelled", "timeout", "out_of_memory", "node_fail", "submit_failed", "archive_failed", "lost"}
 )
 TOKEN_ENV = "RELION_GATEWAY_TOKEN"
 URL_ENV = "RELION_GATEWAY_URL"
+DEFAULT_PORT = 9012
+API_PATH = "/v1/relion"
+URL_FORM = "http(s)://HOST[:PORT], e.g. http://127.0.0.1:9012 (HOST[:PORT] alone means http, port 9012)"
+# "ftp:x", "http:/host": a scheme without "//". A bare "host:9012" is not one: a port is digits.
+_SCHEME_WITHOUT_SLASHES = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*:(?![0-9]+(/|$))")
+
+
+def normalise_base_url(url: str, *, default_port: int = DEFAULT_PORT) -> str:
+    """The gateway's base URL (scheme, host, port) from what a user typed; ValueError says the form expected.
+
+    People paste what they see in the API docs (``http://host:9012/v1/relion/``) or only the host
+    (``localhost``, ``host:9012``), and the client adds ``/v1/relion`` itself, so both are read
+    here. A bare host gets ``--port``'s default, 9012, as ``--host`` would; with a scheme the
+    scheme's own port applies (a gateway behind an HTTPS proxy). A path before ``/v1/relion`` is
+    kept: it is a proxy's prefix.
+    """
+    text = url.strip()
+    explicit_scheme = "://" in text
+    if not explicit_scheme:
+        if _SCHEME_WITHOUT_SLASHES.match(text):
+            raise ValueError(f"{url!r} is not a gateway URL: expected {URL_FORM}")
+        text = f"http://{text}"
+    parts = urlsplit(text)
+    if parts.scheme.lower() not in ("http", "https"):
+        raise ValueError(f"{url!r} is not a gateway URL: the scheme must be http or https; expected {URL_FORM}")
+    try:
+        port = parts.port
+    except ValueError:
+        raise ValueError(f"{url!r} has no valid port (1-65535); expected {URL_FORM}") from None
+    if not parts.hostname:
+        raise ValueError(f"{url!r} names no host; expected {URL_FORM}")
+    if parts.username is not None or parts.password is not None:
+        # requests would send them as Basic auth in place of the bearer token.
+        raise ValueError(f"{url!r} carries credentials; give the token with --token or {TOKEN_ENV}")
+    if parts.query or parts.fragment:
+        raise ValueError(f"{url!r} has a query or fragment; expected {URL_FORM}")
+    path = parts.path.rstrip("/")
+    if API_PATH in path:
+        path = path[: path.index(API_PATH)]
+    host = f"[{parts.hostname}]" if ":" in parts.hostname else parts.hostname
+    if port is None and not explicit_scheme:
+        port = default_port
+    return f"{parts.scheme.lower()}://{host}{f':{port}' if port is not None else ''}{path}"
 
 
 class GatewayError(Exception):
@@ -25,11 +73,11 @@ class GatewayError(Exception):
 
 
 class GatewayClient:
-    """Talk to one gateway: ``GatewayClient("http://host:9012", token)``."""
+    """Talk to one gateway: ``GatewayClient("http://host:9012", token)`` (see normalise_base_url for the forms read)."""
 
     def __init__(self, base_url: str, token: str | None = None, *, session: requests.Session | None = None, timeout: float = 60.0) -> None:
-        self.base_url = base_url.rstrip("/")
-        self.api = f"{self.base_url}/v1/relion"
+        self.base_url = normalise_base_url(base_url)
+        self.api = f"{self.base_url}{API_PATH}"
         self.session = session or requests.Session()
         if token:
             self.session.headers["Authorization"] = f"Bearer {token}"
@@ -81,6 +129,20 @@ class GatewayClient:
                 return
             page += 1
 
+    def first_jobs(self, limit: int, **filters: Any) -> tuple[list[dict[str, Any]], int]:
+        """Up to ``limit`` jobs, newest first, and how many match the filters in all (the listing's total)."""
+        jobs: list[dict[str, Any]] = []
+        page_size = max(1, min(limit, 100))
+        page, total = 1, 0
+        while len(jobs) < limit:
+            listing = self.list(page=page, page_size=page_size, **filters)
+            total = int(listing.get("total", len(jobs) + len(listing["jobs"])))
+            jobs.extend(listing["jobs"][: limit - len(jobs)])
+            if not listing["jobs"] or page * page_size >= total:
+                break
+            page += 1
+        return jobs, total
+
     def cancel(self, job_id: str) -> dict[str, Any]:
         return dict(self._request("DELETE", f"/jobs/{job_id}").json())
 
@@ -99,9 +161,13 @@ class GatewayClient:
             params["tail"] = tail
         return self._request("GET", f"/jobs/{job_id}/logs", params=params).text
 
+    def output_link(self, job_id: str) -> dict[str, Any]:
+        """``{url, expires_in, bytes, sha256}`` for the job's output.tar.gz (bytes and sha256 may be None)."""
+        return dict(self._request("GET", f"/jobs/{job_id}/output").json())
+
     def output_url(self, job_id: str) -> str:
         """A presigned URL for the job's output.tar.gz (the gateway signs it; no S3 credentials needed here)."""
-        return str(self._request("GET", f"/jobs/{job_id}/output").json()["url"])
+        return str(self.output_link(job_id)["url"])
 
     def retry_archive(self, job_id: str) -> dict[str, Any]:
         return dict(self._request("POST", f"/jobs/{job_id}/archive").json())
