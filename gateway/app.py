@@ -22,7 +22,7 @@ from gateway.config import build_config
 from gateway.observability import CachedReadiness, instrumented, render_metrics
 from gateway.storage.s3 import S3Storage
 from gateway.jobs.poller import Poller
-from gateway.jobs.service import build_service
+from gateway.jobs.service import JobService, build_service
 from gateway.slurm.backend import SchedulerBackend
 from gateway.slurm.factory import make_scheduler
 from gateway.database import JobStore
@@ -34,6 +34,7 @@ EXTENSION_KEY = "relion_gateway"
 POLLER_KEY = "relion_gateway_poller"
 AUDIT_KEY = "relion_gateway_audit"
 READINESS_KEY = "relion_gateway_readiness"
+DISPATCHER_KEY = "relion_gateway_dispatcher"
 
 
 def _default_scheduler(config: Mapping[str, Any]) -> SchedulerBackend:
@@ -54,6 +55,29 @@ class _UnsupportedMediaTypeDoc(BasePlugin):  # type: ignore[misc]
             schema = operation.get("requestBody", {}).get("content", {}).get("application/json", {}).get("schema", {})
             if "$ref" in schema:
                 operation.setdefault("responses", {}).setdefault(415, "UNSUPPORTED_MEDIA_TYPE")
+
+
+def _push(app: Flask, config: Mapping[str, Any], service: JobService) -> None:
+    """Webhooks, the event feed and the wait slots: the API's push side (gateway/api/push.py)."""
+    from gateway.api.push import FEED_KEY, SLOTS_KEY, WEBHOOKS_KEY
+    from gateway.database.events import EventStore
+    from gateway.jobs.dispatch import Dispatcher
+    from gateway.jobs.feed import EventFeed, WaitSlots
+    from gateway.jobs.webhooks import WebhookService
+
+    app.extensions[WEBHOOKS_KEY] = WebhookService(dict(config), service.store, service.callback_secret)
+    app.extensions[FEED_KEY] = EventFeed(EventStore(service.store.engine))
+    app.extensions[SLOTS_KEY] = WaitSlots(max_waiters(config))
+    dispatcher = Dispatcher(dict(config), service.store, service.callback_secret)
+    app.extensions[DISPATCHER_KEY] = dispatcher
+    if config["POLLER_ENABLED"] and config["WEBHOOKS_ENABLED"] and service.callback_secret and not config.get("TESTING"):
+        dispatcher.start()
+        atexit.register(dispatcher.stop)
+
+
+def max_waiters(config: Mapping[str, Any]) -> int:
+    """Requests one process may hold waiting: [server] max_waiters, or all threads but four."""
+    return int(config["SERVER_MAX_WAITERS"]) or max(1, int(config["SERVER_THREADS"]) - 4)
 
 
 def create_app(
@@ -97,6 +121,7 @@ def create_app(
         poller.start()
         # Hand the lease back on a clean exit so the next gateway polls at once, not after expiry.
         atexit.register(poller.stop)
+    _push(app, config, service)
 
     register_docs(app, base)  # before Api(): flask-smorest reads the Swagger UI settings at init
     api = Api(app, spec_kwargs={"extra_plugins": [_UnsupportedMediaTypeDoc()]})
@@ -104,12 +129,14 @@ def create_app(
     from gateway.api.service_info import blp as service_blueprint
     from gateway.api.jobs import blp as jobs_blueprint
     from gateway.api.previews import blp as previews_blueprint
+    from gateway.api.push import blp as push_blueprint
     from gateway.api.errors import register_error_handlers
 
     api.register_blueprint(jobs_blueprint, url_prefix=base)
     api.register_blueprint(previews_blueprint, url_prefix=base)
     api.register_blueprint(admin_blueprint, url_prefix=base)
     api.register_blueprint(service_blueprint, url_prefix=base)
+    api.register_blueprint(push_blueprint, url_prefix=base)
     register_page(app, base)  # the job page (gateway/api/ui/): public, outside the spec
     if app.config["SERVER_CORS_ORIGINS"]:
         from flask_cors import CORS

@@ -42,6 +42,11 @@ def default_config() -> dict[str, Any]:
         "SERVER_ACCESS_LOG": False,  # one line per request on stdout (costs ~10% of read throughput)
         "SERVER_JSON_LOGS": True,  # one JSON object per log line, with job_id when about a job
         "SERVER_METRICS_PUBLIC": False,  # true: /metrics needs no token (a scraper on a private network)
+        # Requests each worker process may hold open waiting (Prefer: wait long-polls and server-sent
+        # event streams); beyond, a long-poll is answered at once and a stream gets a 503. Keep it
+        # below threads so reads are always answered.
+        "SERVER_MAX_WAITERS": 0,  # 0: threads - 4 (at least 1)
+        "SERVER_MAX_WAIT_SECONDS": 300,  # the longest Prefer: wait honoured
         # [paths]
         "PATHS_STATE_DIR": DEFAULT_STATE_DIR,
         "PATHS_WORKSPACE_ROOT": "",  # default: <state_dir>/workspaces (must be visible to compute nodes)
@@ -148,6 +153,21 @@ def default_config() -> dict[str, Any]:
         "LIMITS_MAX_ACTIVE_JOBS": 100,  # jobs not yet ended
         "LIMITS_SUBMISSIONS_PER_MINUTE": 60,
         "LIMITS_MAX_CORES_PER_JOB": 1024,  # num_mpi x j (partition limits apply as well)
+        # [webhooks] Portals register URLs that receive every state change of their jobs, signed as
+        # Standard Webhooks define, from a durable outbox in the store (one dispatcher per
+        # deployment, by lease, in a thread of its own: a dead endpoint never slows the poller).
+        "WEBHOOKS_ENABLED": True,
+        "WEBHOOKS_TIMEOUT_SECONDS": 5.0,  # per delivery attempt (connect and read)
+        "WEBHOOKS_MAX_ATTEMPTS": 12,  # then the delivery is failed (the log says why)
+        # Seconds before the 2nd, 3rd, ... attempt (the last repeats): about 5 days in all.
+        "WEBHOOKS_RETRY_SECONDS": [5, 30, 120, 600, 1800, 3600, 7200, 14400, 28800, 86400, 172800],
+        "WEBHOOKS_CONCURRENCY": 4,  # deliveries in flight at once (one per subscription at a time)
+        "WEBHOOKS_MAX_PER_USER": 20,  # live subscriptions per user
+        "WEBHOOKS_LOG_DAYS": 30,  # ended deliveries are kept this long in the delivery log
+        # Targets resolving to loopback, link-local (cloud metadata), multicast or reserved
+        # addresses are refused, so a webhook cannot make the gateway call its own services;
+        # these CIDR blocks are allowed all the same (e.g. ["127.0.0.1/32"] for a local receiver).
+        "WEBHOOKS_ALLOW_NETWORKS": [],
         # [audit] one JSON line per submit, cancel, archive retry and token change (logger gateway.audit)
         "AUDIT_FILE": "",  # also append the lines to this file
     }

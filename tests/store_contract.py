@@ -23,6 +23,7 @@ from gateway.database import (
     leases_table,
     make_engine,
 )
+from gateway.database.events import Delivery, EventStore, Webhook, WebhookStore
 
 NOW = 1_700_000_000.0
 
@@ -249,6 +250,88 @@ def check_concurrent_schema_setup(store: JobStore) -> None:
             s.engine.dispose()
 
 
+def check_job_events(store: JobStore) -> None:
+    """Every committed change of state or progress is an event, recorded with the change; nothing else is."""
+    events = EventStore(store.engine)
+    store.insert(make_record("job_a"))
+    store.update("job_a", message="noise only")
+    store.update("job_a", state="queued", message="same state")
+    store.update("job_a", state="running", message="started")
+    progress = json.dumps({"iteration": 1})
+    store.update("job_a", progress_json=progress)
+    store.update("job_a", progress_json=progress)  # unchanged: no event
+    assert not store.update_if("job_a", expect_state="queued", expect_job_json="{}", state="cancelled")
+    assert store.update_if("job_a", expect_state="running", expect_job_json=store.get("job_a").job_json, state="timeout")
+    got = [(e.type, e.state, e.previous_state, e.message) for e in events.for_job("job_a")]
+    assert got == [
+        ("job.state_changed", "queued", None, ""),
+        ("job.state_changed", "running", "queued", "started"),
+        ("job.progress", "running", None, "started"),
+        ("job.state_changed", "timeout", "running", "started"),
+    ]
+    assert events.for_job("job_a", types=("job.progress",))[0].progress == {"iteration": 1}
+    seqs = [e.seq for e in events.for_job("job_a")]
+    assert seqs == sorted(seqs) and events.latest_seq("job_a") == seqs[-1] == events.max_seq()
+    assert events.latest_seq("job_a", types=("job.progress",)) == seqs[2]
+    assert events.for_job("job_a", after=seqs[1]) == events.for_job("job_a")[2:]
+    assert ("job_a", "job.state_changed", seqs[-1]) in events.recent(0)
+
+
+def check_concurrent_state_changes(store: JobStore) -> None:
+    """Writers racing on one job: the events chain, each previous state the state before it."""
+    store.insert(make_record("job_a"))
+    barrier = threading.Barrier(4)
+
+    def writer(name: str) -> None:
+        barrier.wait()
+        for i in range(10):
+            store.update("job_a", state=f"{name}{i % 2}")
+
+    threads = [threading.Thread(target=writer, args=(n,)) for n in ("a", "b", "c", "d")]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    chain = EventStore(store.engine).for_job("job_a")
+    assert all(later.previous_state == earlier.state for earlier, later in zip(chain, chain[1:]))
+    assert chain[-1].state == store.get("job_a").state
+
+
+def check_webhook_outbox(store: JobStore) -> None:
+    """Subscriptions match their user's events from their creation on; fan-out is done once; one due
+    delivery per subscription at a time; deleting one cancels what it still had to send."""
+    events, hooks = EventStore(store.engine), WebhookStore(store.engine)
+    store.insert(make_record("job_old"))
+    made = events.max_seq()
+    for hook_id, job in (("wh_all", None), ("wh_job", "job_a"), ("wh_other", None)):
+        hooks.insert(Webhook(id=hook_id, user_id="bob" if hook_id == "wh_other" else "alice", job_id=job,
+                             url="https://portal.example/hook", event_types=json.dumps(["job.state_changed"]),
+                             from_seq=made, created_at=NOW))
+    store.insert(make_record("job_a"))
+    store.update("job_a", state="running")
+    store.insert(make_record("job_b"))
+    pending = events.not_fanned_out()
+    assert [e.job_id for e in pending] == ["job_old", "job_a", "job_a", "job_b"]
+    assert [h.id for h in hooks.matching(pending[0])] == []  # made before the subscriptions
+    assert sorted(h.id for h in hooks.matching(pending[1])) == ["wh_all", "wh_job"]
+    assert [h.id for h in hooks.matching(pending[3])] == ["wh_all"]
+    for event in pending:
+        deliveries = [Delivery(id=f"msg_{event.seq}_{h.id}", webhook_id=h.id, event_seq=event.seq, job_id=event.job_id,
+                               user_id=event.user_id, type=event.type, body="{}", status="pending", attempts=0,
+                               next_attempt_at=NOW, created_at=NOW) for h in hooks.matching(event)]
+        events.fan_out(event, deliveries)
+        events.fan_out(event, deliveries)  # a second dispatcher: a no-op, not a duplicate key
+    assert events.not_fanned_out() == []
+    due = hooks.due(NOW, 10)
+    assert sorted((d.webhook_id, d.event_seq) for d in due) == [("wh_all", pending[1].seq), ("wh_job", pending[1].seq)]
+    hooks.attempted(due[0].id, status="delivered", attempts=1, delivered_at=NOW)
+    log, total = hooks.deliveries("wh_all")
+    assert total == 3 and [d.event_seq for d in log] == sorted((e.seq for e in pending[1:]), reverse=True)
+    assert hooks.delete("wh_job", NOW) and not hooks.delete("wh_job", NOW)
+    assert {d.status for d in hooks.deliveries("wh_job")[0]} <= {"cancelled", "delivered"}
+    assert [h.id for h in hooks.list(user_id="alice")] == ["wh_all"] and hooks.count_live("alice") == 1
+
+
 CHECKS: list[Callable[[JobStore], None]] = [
     check_insert_get_update,
     check_unknown_job,
@@ -258,6 +341,9 @@ CHECKS: list[Callable[[JobStore], None]] = [
     check_leases,
     check_add_missing_columns,
     check_concurrent_schema_setup,
+    check_job_events,
+    check_concurrent_state_changes,
+    check_webhook_outbox,
 ]
 
 

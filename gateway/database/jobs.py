@@ -17,6 +17,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError
 
+from gateway.database.events import record_change, record_new_job
 from gateway.database.schema import create_schema
 from gateway.database.tables import job_requests_seen_table, jobs_table, leases_table, tokens_table
 
@@ -94,6 +95,12 @@ class JobRecord:
 _COLUMNS = [f.name for f in fields(JobRecord)]
 
 
+def _insert_job(conn: sa.Connection, record: JobRecord) -> None:
+    """A new job and its first event, in the caller's transaction."""
+    conn.execute(jobs_table.insert().values(**{c: getattr(record, c) for c in _COLUMNS}))
+    record_new_job(conn, record.job_id, record.user_id, record.state, record.message, record.updated_at)
+
+
 class JobNotFound(KeyError):
     pass
 
@@ -140,7 +147,7 @@ class JobStore:
     def insert(self, record: JobRecord) -> None:
         try:
             with self.engine.begin() as conn:
-                conn.execute(jobs_table.insert().values(**{c: getattr(record, c) for c in _COLUMNS}))
+                _insert_job(conn, record)
         except IntegrityError as exc:
             if record.idempotency_key is not None and self.find_by_idempotency_key(record.user_id, record.idempotency_key):
                 raise DuplicateIdempotencyKey(record.idempotency_key) from exc
@@ -149,6 +156,7 @@ class JobStore:
     def update(self, job_id: str, **changes: Any) -> None:
         changes.setdefault("updated_at", time.time())
         with self.engine.begin() as conn:
+            record_change(conn, job_id, changes)
             result = conn.execute(jobs_table.update().where(jobs_table.c.job_id == job_id).values(**changes))
             if result.rowcount == 0:
                 raise JobNotFound(job_id)
@@ -248,7 +256,7 @@ class JobStore:
         active = int(conn.execute(_active_count_query(record.user_id, terminal)).scalar_one())
         recent = [float(v) for v in conn.execute(_accepted_since_query(record.user_id, since)).scalars()]
         check(active, recent)
-        conn.execute(jobs_table.insert().values(**{c: getattr(record, c) for c in _COLUMNS}))
+        _insert_job(conn, record)
 
     def count_active(self, user_id: str, terminal: AbstractSet[str]) -> int:
         """How many of ``user_id``'s jobs have not ended."""
@@ -274,12 +282,10 @@ class JobStore:
         """``update`` only if the job is still in ``expect_state`` with this record (compare and set):
         of two processes continuing one ended job, exactly one wins; the other gets False."""
         changes.setdefault("updated_at", time.time())
+        matches = [jobs_table.c.state == expect_state, jobs_table.c.job_json == expect_job_json]
         with self.engine.begin() as conn:
-            result = conn.execute(
-                jobs_table.update()
-                .where(jobs_table.c.job_id == job_id, jobs_table.c.state == expect_state, jobs_table.c.job_json == expect_job_json)
-                .values(**changes)
-            )
+            record_change(conn, job_id, changes, where=matches)
+            result = conn.execute(jobs_table.update().where(jobs_table.c.job_id == job_id, *matches).values(**changes))
         return bool(result.rowcount)
 
     def extend_claim(self, job_id: str, seconds: float) -> None:

@@ -73,3 +73,63 @@ job_requests_seen_table = sa.Table(
     sa.Column("seen_at", sa.Float, nullable=False, index=True),
 )
 
+
+# Every change of a job's state (and of its progress) as a row, written in the same transaction as
+# the change itself: the outbox the webhook dispatcher fans out from, the history a server-sent
+# events stream replays and what long-polls wait for. seq orders one job's events (its row is
+# locked while one is written); fanned_out marks those the dispatcher has turned into deliveries,
+# so one committed late is never skipped, as a cursor on seq would.
+_SEQ = sa.BigInteger().with_variant(sa.Integer(), "sqlite")  # SQLite autoincrements INTEGER keys only
+job_events_table = sa.Table(
+    "job_events",
+    metadata_obj,
+    sa.Column("seq", _SEQ, primary_key=True, autoincrement=True),
+    sa.Column("job_id", sa.String(128), nullable=False, index=True),
+    sa.Column("user_id", sa.String(64), nullable=False, index=True),
+    sa.Column("type", sa.String(32), nullable=False),
+    sa.Column("state", sa.String(32), nullable=False),
+    sa.Column("previous_state", sa.String(32)),
+    sa.Column("message", sa.Text, nullable=False, default=""),
+    sa.Column("progress_json", sa.Text),
+    sa.Column("at", sa.Float, nullable=False, index=True),
+    sa.Column("fanned_out", sa.Boolean, nullable=False, default=False, index=True),
+)
+
+# Webhook subscriptions: a user's (job_id NULL: all their jobs) or one job's. The signing secret is
+# not stored: it is derived from the gateway's key and the id (gateway/jobs/webhooks.py).
+webhooks_table = sa.Table(
+    "webhooks",
+    metadata_obj,
+    sa.Column("id", sa.String(40), primary_key=True),
+    sa.Column("user_id", sa.String(64), nullable=False, index=True),
+    sa.Column("job_id", sa.String(128), index=True),
+    sa.Column("url", sa.Text, nullable=False),
+    sa.Column("event_types", sa.Text, nullable=False),  # a JSON list
+    sa.Column("description", sa.Text, nullable=False, default=""),
+    sa.Column("from_seq", _SEQ, nullable=False),  # events after this one only
+    sa.Column("created_at", sa.Float, nullable=False),
+    sa.Column("deleted_at", sa.Float),
+)
+
+# One message to one subscription: the delivery log, and the queue the dispatcher works from. The
+# body is fixed when the row is made, so every retry sends the same bytes under the same id.
+webhook_deliveries_table = sa.Table(
+    "webhook_deliveries",
+    metadata_obj,
+    sa.Column("id", sa.String(40), primary_key=True),  # the webhook-id header
+    sa.Column("webhook_id", sa.String(40), nullable=False, index=True),
+    sa.Column("event_seq", _SEQ, nullable=False),
+    sa.Column("job_id", sa.String(128), nullable=False, index=True),
+    sa.Column("user_id", sa.String(64), nullable=False),
+    sa.Column("type", sa.String(32), nullable=False),
+    sa.Column("body", sa.Text, nullable=False),
+    sa.Column("status", sa.String(16), nullable=False, index=True),
+    sa.Column("attempts", sa.Integer, nullable=False, default=0),
+    sa.Column("next_attempt_at", sa.Float, nullable=False, index=True),
+    sa.Column("created_at", sa.Float, nullable=False),
+    sa.Column("last_attempt_at", sa.Float),
+    sa.Column("last_status_code", sa.Integer),
+    sa.Column("last_error", sa.Text, nullable=False, default=""),
+    sa.Column("delivered_at", sa.Float),
+    sa.UniqueConstraint("webhook_id", "event_seq", name="uq_webhook_deliveries_event"),
+)
