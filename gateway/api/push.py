@@ -254,3 +254,49 @@ class JobEvents(MethodView):
 
         return Response(stream_with_context(stream()), mimetype="text/event-stream",
                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
+# -- long-polls (RFC 7240 Prefer: wait) -----------------------------------------------------------
+
+
+def wait_preference(header: str | None, ceiling: float) -> float | None:
+    """The seconds of a ``Prefer: wait=N`` header (among other preferences), capped; None without one."""
+    for preference in (header or "").split(","):
+        name, _, value = preference.split(";")[0].strip().partition("=")
+        if name.strip().lower() == "wait":
+            try:
+                seconds = float(value.strip().strip('"'))
+            except ValueError:
+                return None
+            return max(0.0, min(seconds, ceiling)) if seconds == seconds else None  # NaN: none
+    return None
+
+
+def requested_wait() -> float | None:
+    return wait_preference(request.headers.get("Prefer"), float(current_app.config["SERVER_MAX_WAIT_SECONDS"]))
+
+
+def hold_for_change(job_id: str, seen_state: str, seconds: float, *, until_end: bool = False) -> bool:
+    """Hold the request until the job's state is no longer ``seen_state`` (or, ``until_end``, until it
+    has ended) or ``seconds`` pass. False if no wait slot was free (the caller answers at once, and
+    says no Preference-Applied)."""
+    slots = wait_slots()
+    if not slots.take():
+        return False
+    try:
+        store = job_service().store
+        events = feed()
+        deadline = time.monotonic() + seconds
+        # The seq first, then the state: a change committed in between is then seen either as a
+        # changed state now or as an event newer than this seq, never lost between the two reads.
+        after = events.events.latest_seq(job_id, types=(STATE_CHANGED,))
+        while True:
+            state = store.get(job_id).state
+            if (state in TERMINAL_VALUES) if until_end else (state != seen_state):
+                return True
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 or not events.wait(job_id, after, (STATE_CHANGED,), remaining):
+                return True
+            after = events.events.latest_seq(job_id, types=(STATE_CHANGED,))
+    finally:
+        slots.give()
