@@ -89,6 +89,7 @@ def gateway_config(tmp_path_factory: pytest.TempPathFactory, stack: dict[str, An
             "POLLER_INTERVAL_IDLE": 2.0,
             "JOB_STAGE_IN_QUOTA_BYTES": 32 * 1024 * 1024,
             "SERVER_PUBLIC_URL": "",
+            "WEBHOOKS_ALLOW_NETWORKS": ["127.0.0.1/32"],  # the tests' webhook receivers listen on loopback
         }
     )
     return config

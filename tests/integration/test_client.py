@@ -15,6 +15,7 @@ from click.testing import CliRunner
 
 from gateway.cli import cli
 from gateway.database import JobStore, make_engine
+from tests.webhook_receiver import Receiver
 
 
 def client(url: str, token: str, *args: str) -> tuple[int, str]:
@@ -28,6 +29,10 @@ def test_client_submit_wait_metadata_download(gateway_url: str, gateway_config: 
     store = JobStore(make_engine(gateway_config["STORE_DATABASE_URL"]))
     token = create_token(store, "iclient", n=int(gateway_config["AUTH_SCRYPT_N"]))[1]  # a plain user, not an admin
     saved = tmp_path / "metadata.json"
+    # The portal's webhook hears the job from queued to its end, and the end carries the result.
+    receiver = Receiver()
+    hook = requests.post(f"{gateway_url}/v1/relion/webhooks", json={"url": receiver.url}, headers={"Authorization": f"Bearer {token}"}, timeout=30)
+    assert hook.status_code == 201, hook.text
     code, out = client(
         gateway_url, token,
         "submit", "--user-id", "iclient", "--workspace-id", "cli", "--dataset-s3-url", dataset_url,
@@ -46,6 +51,19 @@ def test_client_submit_wait_metadata_download(gateway_url: str, gateway_config: 
 
     code, out = client(gateway_url, token, "metadata", job_id)
     assert code == 0 and json.loads(out) == metadata
+
+    wait_until(lambda: any(b["data"]["status"] == "succeeded" for b in receiver.bodies()), 30)
+    receiver.verified(hook.json()["secret"])  # every message signed as Standard Webhooks define
+    heard = [b["data"] for _, b in sorted(receiver.by_event().items())]
+    assert {d["job_id"] for d in heard} == {job_id}
+    # Every state change the store saw, in order (a poll cycle on a loaded machine may see staging
+    # and running as one change, so the middle ones are those the store recorded).
+    statuses = [d["status"] for d in heard]
+    assert statuses[0] == "queued" and statuses[-1] == "succeeded" and "archiving" in statuses
+    assert statuses == [s for s in ("queued", "staging", "running", "archiving", "succeeded") if s in statuses]
+    assert all(later["previous_status"] == earlier["status"] for earlier, later in zip(heard, heard[1:]))
+    assert heard[-1]["metadata"] == metadata
+    receiver.server.shutdown()
     target = tmp_path / "out.tar.gz"
     code, out = client(gateway_url, token, "download", job_id, "-o", str(target))
     assert code == 0, out

@@ -3,11 +3,8 @@ the delivery log, and what a webhook may not target. A real receiver on loopback
 from __future__ import annotations
 
 import json
-import threading
 import time
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any
 
 import pytest
 from flask import Flask
@@ -20,36 +17,10 @@ from gateway.jobs.dispatch import Dispatcher
 from gateway.jobs.webhooks import target_problem, webhook_secret
 from tests.conftest import valid_request
 from tests.fakes import FakeScheduler
+from tests.webhook_receiver import Receiver
 
 HOOKS = "/v1/relion/webhooks"
 JOBS = "/v1/relion/jobs"
-
-
-class Receiver:
-    """An HTTP endpoint on loopback that records what it is sent and answers with ``self.status``."""
-
-    def __init__(self) -> None:
-        self.received: list[tuple[dict[str, str], bytes]] = []
-        self.status = 204
-        receiver = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:  # noqa: N802 - http.server's name
-                body = self.rfile.read(int(self.headers["Content-Length"]))
-                receiver.received.append(({k.lower(): v for k, v in self.headers.items()}, body))
-                self.send_response(receiver.status)
-                self.send_header("Content-Length", "0")
-                self.end_headers()
-
-            def log_message(self, *args: Any) -> None:
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/hook"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    def bodies(self) -> list[dict[str, Any]]:
-        return [json.loads(body) for _, body in self.received]
 
 
 @pytest.fixture
