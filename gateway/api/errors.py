@@ -40,6 +40,10 @@ MAX_HEADER_BYTES = 16 * 1024
 MAX_HEADER_FIELDS = 64
 
 
+# The fields every error body has (``errors`` only where there are field messages); the spec marks them required.
+ERROR_REQUIRED = ("code", "status", "message")
+
+
 def error_body(code: int, message: str, errors: dict[str, Any] | None = None, status: str | None = None) -> dict[str, Any]:
     """The one error shape; ``status`` defaults to the code's reason phrase."""
     body: dict[str, Any] = {"code": code, "status": status or _phrase(code), "message": message}

@@ -11,9 +11,9 @@ import shlex
 from flask import Response, current_app, request, url_for
 from marshmallow import ValidationError
 from flask.views import MethodView
-from flask_smorest import Blueprint
 from flask_smorest.error_handler import ErrorSchema
 
+from gateway.api.docs import METADATA_COMPONENT, DocumentedBlueprint
 from gateway.api.parser import StrictJSONParser
 from gateway.observability import SUBMITS
 from gateway.api.schemas import (
@@ -38,7 +38,7 @@ from gateway.jobs.service import JobService
 from gateway.slurm.backend import SchedulerRefused
 from gateway.database import JobNotFound, JobRecord
 
-blp = Blueprint("jobs", __name__, description="Submit and follow RELION jobs")
+blp = DocumentedBlueprint("jobs", __name__, description="Submit and follow RELION jobs")
 blp.ARGUMENTS_PARSER = StrictJSONParser()
 
 # Error responses all have the one shape (flask-smorest's ErrorSchema: code, status, message, errors).
@@ -53,6 +53,9 @@ NOT_MODIFIED = {"description": "Not modified since the ETag in If-None-Match (no
 LOCATION = {"Location": {"schema": {"type": "string"}, "description": "the job's URL (GET it to follow the job)"}}
 INVALID = {"schema": ErrorSchema, "description": "The request breaks a validation rule (the message names the field)"}
 TOO_LARGE = {"schema": ErrorSchema, "description": "The body is larger than the limit"}
+UNAVAILABLE = {"schema": ErrorSchema, "description": "Slurm or S3 did not answer; retry"}
+# RFC 8288 links to the list's neighbouring pages, the same URLs as the body's next and prev.
+LINK = {"Link": {"schema": {"type": "string"}, "description": '<url>; rel="next", <url>; rel="prev" (those that exist)'}}
 RATE_LIMITED = {
     "schema": ErrorSchema,
     "description": "A per-user limit is reached (the message names it)",
@@ -89,6 +92,12 @@ def job_location(job_id: str) -> dict[str, str]:
     return {"Location": url_for("jobs.JobById", job_id=job_id)}
 
 
+def page_url(args: dict[str, Any], page: int) -> str:
+    """The list's URL for another page, with the same filters and page size."""
+    filters = {key: args[key] for key in ("state", "mode", "user_id") if args.get(key)}
+    return url_for("jobs.Jobs", **filters, page=page, page_size=args["page_size"])
+
+
 def shaped(record: JobRecord) -> PortalJob:
     return PortalJob(record, service().next_poll_seconds(record))
 
@@ -114,7 +123,8 @@ class Jobs(MethodView):
     @blp.alt_response(413, **TOO_LARGE)
     @blp.alt_response(422, **INVALID)
     @blp.alt_response(429, **RATE_LIMITED)
-    @blp.doc(parameters=[{"in": "header", "name": "Idempotency-Key", "schema": {"type": "string", "maxLength": 128},
+    @blp.alt_response(503, **UNAVAILABLE)
+    @blp.doc(operationId="submitJob", parameters=[{"in": "header", "name": "Idempotency-Key", "schema": {"type": "string", "maxLength": 128},
                           "description": "the same key from the same user always returns the same job"}])
     def post(self, job_request: dict[str, Any]) -> tuple[PortalJob, int, dict[str, str]]:
         """Submit a RELION job: it is stored, then its main and archive Slurm jobs are submitted."""
@@ -127,12 +137,16 @@ class Jobs(MethodView):
 
     @blp.arguments(JobListArgsSchema, location="query")
     @blp.alt_response(400, **UNKNOWN_QUERY)
-    @blp.response(200, JobListSchema)
+    @blp.response(200, JobListSchema, headers=LINK)
     @blp.alt_response(401, **UNAUTHORIZED)
     @blp.alt_response(403, schema=ErrorSchema, description="The user_id filter names another user (admins only)")
     @blp.alt_response(422, **INVALID)
-    def get(self, args: dict[str, Any]) -> dict[str, Any]:
-        """List jobs, newest first, with filters and pages: the caller's own jobs, or any for admins."""
+    @blp.doc(operationId="listJobs")
+    def get(self, args: dict[str, Any]) -> tuple[dict[str, Any], int, dict[str, str]]:
+        """List jobs, newest first, with filters and pages: the caller's own jobs, or any for admins.
+
+        Each item is a summary (no request, attempts or metadata): GET its links.self for the whole job.
+        """
         principal = current_principal()
         user_id = args.get("user_id")
         if not principal.admin:
@@ -147,7 +161,11 @@ class Jobs(MethodView):
             limit=size,
             offset=(args["page"] - 1) * size,
         )
-        return {"jobs": [shaped(r) for r in records], "total": total, "page": args["page"], "page_size": size}
+        page = args["page"]
+        pages = {"next": page_url(args, page + 1) if page * size < total else None, "prev": page_url(args, page - 1) if page > 1 else None}
+        links = ", ".join(f'<{url}>; rel="{rel}"' for rel, url in pages.items() if url)
+        body = {"jobs": [shaped(r) for r in records], "total": total, "page": page, "page_size": size, **pages}
+        return body, 200, {"Link": links} if links else {}
 
 
 @blp.route("/jobs/<job_id>")
@@ -156,7 +174,7 @@ class JobById(MethodView):
     @blp.alt_response(304, **NOT_MODIFIED)
     @blp.alt_response(401, **UNAUTHORIZED)
     @blp.alt_response(404, **NOT_FOUND)
-    @blp.doc(parameters=[IF_NONE_MATCH])
+    @blp.doc(operationId="getJob", parameters=[IF_NONE_MATCH])
     def get(self, job_id: str) -> Any:
         """A job's state, Slurm's view of it and, once it has ended, its metadata. Reads the store only."""
         record = service().get(job_id, principal=current_principal())
@@ -172,6 +190,8 @@ class JobById(MethodView):
     @blp.alt_response(401, **UNAUTHORIZED)
     @blp.alt_response(404, **NOT_FOUND)
     @blp.alt_response(409, schema=ErrorSchema, description="The job has already ended")
+    @blp.alt_response(503, **UNAVAILABLE)
+    @blp.doc(operationId="cancelJob")
     def delete(self, job_id: str) -> PortalJob:
         """Cancel a job; its archive hook still runs and saves whatever was produced. Repeating is harmless."""
         record = service().cancel(job_id, principal=current_principal())
@@ -187,6 +207,7 @@ class JobScript(MethodView):
     @blp.alt_response(401, **UNAUTHORIZED)
     @blp.alt_response(404, **NOT_FOUND)
     @blp.alt_response(422, **INVALID)
+    @blp.doc(operationId="getJobScript")
     def get(self, args: dict[str, Any], job_id: str) -> Response:
         """The exact text of the main (or, with which=archive, the archive) script as submitted."""
         record = service().get(job_id, principal=current_principal())
@@ -196,9 +217,9 @@ class JobScript(MethodView):
 
 @blp.route("/jobs/<job_id>/metadata")
 class JobMetadata(MethodView):
-    @blp.doc(responses={"200": {
+    @blp.doc(operationId="getJobMetadata", responses={"200": {
         "description": "metadata.json, as the archive job wrote it (schema: gateway/jobside/metadata.schema.json)",
-        "content": {"application/json": {"schema": {"type": "object"}}},
+        "content": {"application/json": {"schema": {"$ref": f"#/components/schemas/{METADATA_COMPONENT}"}}},
         "headers": {"ETag": {"schema": {"type": "string"}}},
     }}, parameters=[IF_NONE_MATCH])
     @blp.alt_response(304, **NOT_MODIFIED)
@@ -221,6 +242,8 @@ class JobArchive(MethodView):
     @blp.alt_response(401, **UNAUTHORIZED)
     @blp.alt_response(404, **NOT_FOUND)
     @blp.alt_response(409, schema=ErrorSchema, description="The job is not archive_failed")
+    @blp.alt_response(503, **UNAVAILABLE)
+    @blp.doc(operationId="retryJobArchive")
     def post(self, job_id: str) -> tuple[PortalJob, int, dict[str, str]]:
         """Run the completion hook again for a job whose archive failed (its workspace was kept)."""
         record = service().retry_archive(job_id, principal=current_principal())
@@ -238,6 +261,8 @@ class JobContinue(MethodView):
         schema=ErrorSchema,
         description="The job has not ended timeout, cancelled, node_fail or failed, or its archived output holds no finished iteration",
     )
+    @blp.alt_response(503, **UNAVAILABLE)
+    @blp.doc(operationId="continueJob")
     def post(self, job_id: str) -> tuple[PortalJob, int, dict[str, str]]:
         """Continue an ended job: a new attempt, RELION resuming from its last finished iteration (relion_refine --continue).
 
@@ -256,6 +281,8 @@ class JobLogs(MethodView):
     @blp.doc(responses={"200": {"description": "The log text", "content": {"text/plain": {"schema": {"type": "string"}}}}})
     @blp.alt_response(401, **UNAUTHORIZED)
     @blp.alt_response(404, **NOT_FOUND)
+    @blp.alt_response(422, **INVALID)
+    @blp.doc(operationId="getJobLogs")
     def get(self, args: dict[str, Any], job_id: str) -> Response:
         """A job's Slurm output: RELION's stdout (out) or stderr (err), or the archive job's (archive-out, archive-err)."""
         text = service().read_log(job_id, args["stream"], args.get("tail"), principal=current_principal())
@@ -267,6 +294,8 @@ class JobOutput(MethodView):
     @blp.response(200, OutputLinkSchema)
     @blp.alt_response(401, **UNAUTHORIZED)
     @blp.alt_response(404, **NOT_FOUND)
+    @blp.alt_response(503, **UNAVAILABLE)
+    @blp.doc(operationId="getJobOutput")
     def get(self, job_id: str) -> dict[str, Any]:
         """A presigned URL (valid one hour) for the job's output.tar.gz: download without S3 credentials."""
         return service().output_link(job_id, principal=current_principal())
@@ -290,6 +319,7 @@ class JobEvents(MethodView):
     @blp.alt_response(404, schema=ErrorSchema, description="No such job")
     @blp.alt_response(413, **TOO_LARGE)
     @blp.alt_response(422, schema=ErrorSchema, description="Not a valid event")
+    @blp.doc(operationId="postJobEvent")
     def post(self, job_id: str) -> None:
         """Signed events from a running job (progress) and from its hook (metadata). Not for portals."""
         service().record_event(job_id, request.get_data(), request.headers.get(SIGNATURE_HEADER, ""))
@@ -305,6 +335,7 @@ class JobStorageRequests(MethodView):
     @blp.alt_response(413, **TOO_LARGE)
     @blp.alt_response(422, schema=ErrorSchema, description="Not a valid request, or a key outside the job's output prefix")
     @blp.alt_response(503, schema=ErrorSchema, description="S3 did not answer; retry")
+    @blp.doc(operationId="requestJobStorage")
     def post(self, job_id: str) -> Any:
         """A job's S3 access: its dataset (main job) and its own output prefix (archive hook). Not for portals.
 
@@ -324,6 +355,8 @@ class Render(MethodView):
     @blp.alt_response(403, **FORBIDDEN_USER)
     @blp.alt_response(413, **TOO_LARGE)
     @blp.alt_response(422, **INVALID)
+    @blp.alt_response(503, **UNAVAILABLE)
+    @blp.doc(operationId="renderJob")
     def post(self, job_request: dict[str, Any], args: dict[str, Any]) -> dict[str, Any]:
         """Validate and render a job without submitting it (optionally asking sbatch --test-only)."""
         authorize_user(current_principal(), job_request["user_id"])

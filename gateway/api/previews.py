@@ -11,15 +11,15 @@ from typing import Any
 
 from flask import Response, request
 from flask.views import MethodView
-from flask_smorest import Blueprint
 from flask_smorest.error_handler import ErrorSchema
 from marshmallow import Schema, fields
 
+from gateway.api.docs import DocumentedBlueprint
 from gateway.api.jobs import NOT_FOUND, UNAUTHORIZED, service
 from gateway.auth import current_principal
 from gateway.jobs.previews import NAME, NAME_RULE
 
-blp = Blueprint("previews", __name__, description="Preview images of running and finished jobs")
+blp = DocumentedBlueprint("previews", __name__, description="Preview images of running and finished jobs")
 
 # A day: a name's bytes change only if Slurm requeues the job and RELION runs that iteration again
 # (a new sha256, so a new ETag once the browser asks again).
@@ -62,6 +62,8 @@ class JobPreviews(MethodView):
     @blp.response(200, PreviewListSchema)
     @blp.alt_response(401, **UNAUTHORIZED)
     @blp.alt_response(404, **NOT_FOUND)
+    @blp.alt_response(503, schema=ErrorSchema, description="S3 did not answer; retry")
+    @blp.doc(operationId="listJobPreviews")
     def get(self, job_id: str) -> dict[str, Any]:
         """The job's preview images: while it runs from its log dir, once archived from metadata.json."""
         return service().previews(job_id, principal=current_principal()).as_dict()
@@ -69,7 +71,7 @@ class JobPreviews(MethodView):
 
 @blp.route("/jobs/<job_id>/previews/<name>")
 class JobPreviewImage(MethodView):
-    @blp.doc(parameters=[NAME_PARAMETER, {"in": "header", "name": "If-None-Match", "schema": {"type": "string"}}],
+    @blp.doc(operationId="getJobPreview", parameters=[NAME_PARAMETER, {"in": "header", "name": "If-None-Match", "schema": {"type": "string"}}],
              responses={"200": PNG_RESPONSE, "304": {"description": "Not modified (If-None-Match holds the ETag)"}})
     @blp.alt_response(401, **UNAUTHORIZED)
     @blp.alt_response(404, schema=ErrorSchema, description="No such job (or not the caller's), or no listed preview of that name")

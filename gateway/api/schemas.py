@@ -4,9 +4,11 @@ from __future__ import annotations
 import base64
 import json
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from typing import Any
 
-from marshmallow import RAISE, Schema, ValidationError, fields, validate, validates, validates_schema
+from flask import url_for
+from marshmallow import RAISE, Schema, ValidationError, fields, pre_dump, validate, validates, validates_schema
 
 from gateway.relion.modes import MODES
 from gateway.jobs.continuation import attempts_view
@@ -30,15 +32,33 @@ class FullMatch(validate.Regexp):
         return value
 
 
+IDENTIFIER_MAX = 64
+IDENTIFIER_PATTERN = rf"^[A-Za-z0-9][A-Za-z0-9._-]{{0,{IDENTIFIER_MAX - 1}}}$"
 IDENTIFIER = validate.And(
-    FullMatch(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$", error="must be 1-64 characters of letters, digits, '.', '_' or '-', starting with a letter or digit"),
+    FullMatch(IDENTIFIER_PATTERN, error=f"must be 1-{IDENTIFIER_MAX} characters of letters, digits, '.', '_' or '-', starting with a letter or digit"),
     validate.NoneOf([".", ".."], error="must not be '.' or '..'"),
 )
+# The same rule for the spec: apispec does not look inside validate.And. The pattern's first
+# character already rules out '.' and '..'.
+IDENTIFIER_DOC = {"pattern": IDENTIFIER_PATTERN, "minLength": 1, "maxLength": IDENTIFIER_MAX}
+STATES = [state.value for state in JobState]
+
+
+def ref(component: str, nullable: bool = False) -> dict[str, Any]:
+    """Field metadata naming a spec component (gateway/api/docs.py registers JobState, Mode and
+    JobMetadata), so a generated client has one enum or model for it wherever it appears. ``nullable``
+    instead of allow_none: apispec turns allow_none beside a reference into an anyOf of it and {}."""
+    return {"allOf": [{"$ref": f"#/components/schemas/{component}"}], **({"nullable": True} if nullable else {})}
 
 
 MAX_FLAGS = 200
 # GPUs per node a request may ask (the partition's own count is checked with the config).
 MAX_GPUS = 64
+
+
+def _at_most_flags(value: dict[str, Any]) -> None:
+    if len(value) > MAX_FLAGS:
+        raise ValidationError(f"at most {MAX_FLAGS} flags")
 
 
 class JobRequestSchema(Schema):
@@ -47,8 +67,8 @@ class JobRequestSchema(Schema):
     class Meta:
         unknown = RAISE
 
-    user_id = fields.String(required=True, validate=IDENTIFIER, metadata={"example": "alice"})
-    workspace_id = fields.String(required=True, validate=IDENTIFIER, metadata={"example": "ws1"})
+    user_id = fields.String(required=True, validate=IDENTIFIER, metadata={"example": "alice", **IDENTIFIER_DOC})
+    workspace_id = fields.String(required=True, validate=IDENTIFIER, metadata={"example": "ws1", **IDENTIFIER_DOC})
     dataset_s3_url = fields.String(
         validate=validate.Length(max=1024),
         metadata={
@@ -81,7 +101,7 @@ class JobRequestSchema(Schema):
         validate=validate.Length(max=1024),
         metadata={"description": "results go to <prefix>/<job_id>/", "example": "s3://relion-local/results"},
     )
-    mode = fields.String(required=True, validate=validate.OneOf(MODES), metadata={"example": "2d"})
+    mode = fields.String(required=True, validate=validate.OneOf(MODES), metadata={"example": "2d", **ref("Mode")})
     num_mpi = fields.Integer(
         load_default=1,
         strict=True,
@@ -123,9 +143,11 @@ class JobRequestSchema(Schema):
     flags = fields.Dict(
         keys=fields.String(validate=validate.Length(min=1, max=64)),
         values=fields.Raw(allow_none=False),
-        validate=validate.Length(max=MAX_FLAGS, error="at most {max} flags"),
+        # Not validate.Length: apispec would document it as maxLength, a string keyword, on an object.
+        validate=_at_most_flags,
         load_default=dict,
         metadata={
+            "maxProperties": MAX_FLAGS,
             "description": "relion_refine options by name (dashes or underscores); true for a switch",
             "example": {"i": "particles.star", "o": "Class2D/run", "K": 3, "iter": 2, "ctf": True, "j": 1},
         },
@@ -147,89 +169,158 @@ class JobRequestSchema(Schema):
             raise ValidationError("must be an s3:// URL")
 
 
+# Response schemas: a field the gateway always writes is required (null where allow_none), so a
+# generated client types it as present; enumerated values carry their enum, from their one owner.
+EPOCH = "epoch seconds (UTC); kept for compatibility: `times` has the same moment as an ISO 8601 date-time"
+
+
+def utc(epoch: float | None) -> datetime | None:
+    return None if epoch is None else datetime.fromtimestamp(epoch, timezone.utc)
+
+
 class SlurmInfoSchema(Schema):
-    main_job_id = fields.String(allow_none=True)
-    archive_job_id = fields.String(allow_none=True)
-    state = fields.String(metadata={"description": "Slurm's own view of the main job, e.g. 'PENDING (Resources)'"})
-    exit_code = fields.Integer(allow_none=True)
+    main_job_id = fields.String(required=True, allow_none=True)
+    archive_job_id = fields.String(required=True, allow_none=True)
+    state = fields.String(required=True, metadata={"description": "Slurm's own view of the main job, e.g. 'PENDING (Resources)'"})
+    exit_code = fields.Integer(required=True, allow_none=True)
+
+
+class AttemptTimesSchema(Schema):
+    created_at = fields.DateTime(required=True)
+    started_at = fields.DateTime(required=True, allow_none=True)
+    ended_at = fields.DateTime(required=True, allow_none=True)
 
 
 class AttemptSchema(Schema):
     """One run of the job in Slurm: the first, or a continuation."""
 
-    number = fields.Integer(metadata={"description": "1 for the first run"})
-    trigger = fields.String(metadata={"description": "submit, auto (auto_continue) or manual (POST .../continue)"})
-    created_at = fields.Float()
-    from_iteration = fields.Integer(metadata={"description": "the iteration RELION continued from; 0: from the start"})
-    continue_from = fields.String(metadata={"description": "RELION's optimiser file it continued from"})
-    workspace = fields.String(metadata={"description": "kept (the earlier workspace) or restored (from the archived output)"})
-    main_slurm_id = fields.String(allow_none=True)
-    archive_slurm_id = fields.String(allow_none=True)
-    state = fields.String(metadata={"description": "gateway state of this attempt (its end, once ended)"})
-    slurm_state = fields.String()
-    exit_code = fields.Integer(allow_none=True)
-    started_at = fields.Float(allow_none=True)
-    ended_at = fields.Float(allow_none=True)
-    last_iteration = fields.Integer(allow_none=True, metadata={"description": "the last iteration it finished"})
-    message = fields.String()
+    number = fields.Integer(required=True, metadata={"description": "1 for the first run"})
+    trigger = fields.String(required=True, metadata={"description": "submit, auto (auto_continue) or manual (POST .../continue)"})
+    created_at = fields.Float(required=True, metadata={"description": EPOCH})
+    from_iteration = fields.Integer(required=True, metadata={"description": "the iteration RELION continued from; 0: from the start"})
+    continue_from = fields.String(required=True, metadata={"description": "RELION's optimiser file it continued from"})
+    workspace = fields.String(required=True, metadata={"description": "kept (the earlier workspace) or restored (from the archived output); empty for the first"})
+    main_slurm_id = fields.String(required=True, allow_none=True)
+    archive_slurm_id = fields.String(required=True, allow_none=True)
+    state = fields.String(required=True, metadata={"description": "gateway state of this attempt (its end, once ended)"})
+    slurm_state = fields.String(required=True)
+    exit_code = fields.Integer(required=True, allow_none=True)
+    started_at = fields.Float(required=True, allow_none=True, metadata={"description": EPOCH})
+    ended_at = fields.Float(required=True, allow_none=True, metadata={"description": EPOCH})
+    last_iteration = fields.Integer(required=True, allow_none=True, metadata={"description": "the last iteration it finished"})
+    message = fields.String(required=True)
+    times = fields.Nested(AttemptTimesSchema, required=True, metadata={"description": "the attempt's moments, ISO 8601 in UTC"})
+
+    @pre_dump
+    def _times(self, attempt: dict[str, Any], **_: Any) -> dict[str, Any]:
+        return {**attempt, "times": {name: utc(attempt.get(name)) for name in ("created_at", "started_at", "ended_at")}}
 
 
-class JobSchema(Schema):
-    """A gateway job as a portal sees it; `status`, `message`, `metadata_b64`, `job_id` as in the seed."""
+class JobTimesSchema(Schema):
+    """The job's moments as ISO 8601 date-times in UTC (the epoch fields beside them are the same)."""
+
+    accepted_at = fields.DateTime(required=True)
+    submitted_at = fields.DateTime(required=True, allow_none=True, metadata={"description": "null: not in Slurm yet"})
+    started_at = fields.DateTime(required=True, allow_none=True, metadata={"description": "null: not started"})
+    ended_at = fields.DateTime(required=True, allow_none=True, metadata={"description": "null: not ended"})
+    updated_at = fields.DateTime(required=True, metadata={"description": "the job's last change"})
+
+
+class JobLinksSchema(Schema):
+    """The job's resources, as paths on this gateway."""
+
+    self = fields.String(required=True, metadata={"description": "the full job (GET)"})
+    metadata = fields.String(required=True, metadata={"description": "its metadata.json, once archived"})
+    previews = fields.String(required=True)
+    logs = fields.String(required=True)
+    output = fields.String(required=True, metadata={"description": "a presigned URL of output.tar.gz, once archived"})
+
+
+class ProgressSchema(Schema):
+    """RELION's progress while the job runs (each key once RELION has said it)."""
+
+    iteration = fields.Integer(allow_none=True)
+    iterations_planned = fields.Integer(allow_none=True)
+    resolution_angstrom = fields.Float(allow_none=True)
+    converged = fields.Boolean(allow_none=True)
+
+
+class _JobFieldsSchema(Schema):
+    """What a job and a job's summary both have."""
 
     job_id = fields.String(required=True)
-    status = fields.String(required=True, metadata={"description": "gateway state (see README, Job states)"})
-    message = fields.String()
-    user_id = fields.String()
-    workspace_id = fields.String()
-    mode = fields.String()
-    num_mpi = fields.Integer()
-    partition = fields.String(allow_none=True, metadata={"description": "as requested; null: the configured default"})
-    gpus = fields.Integer(allow_none=True, metadata={"description": "GPUs per node as requested; null: none"})
-    time_limit = fields.String(allow_none=True, metadata={"description": "as requested; null: the configured default"})
-    flags = fields.Dict()
-    auto_continue = fields.Integer(metadata={"description": "automatic continuations the request allows"})
-    slurm = fields.Nested(SlurmInfoSchema, metadata={"description": "the current attempt's Slurm jobs"})
-    attempts = fields.List(fields.Nested(AttemptSchema), metadata={"description": "every attempt, the current one last"})
-    input_job_id = fields.String(allow_none=True, metadata={"description": "the job this one is chained on"})
-    select_classes = fields.List(fields.Integer(), allow_none=True)
-    ref_class = fields.Integer(allow_none=True)
-    children = fields.List(
-        fields.String(), allow_none=True, metadata={"description": "jobs chained on this one (GET /jobs/<id> only; null in lists)"}
+    status = fields.String(
+        required=True, validate=validate.OneOf(STATES), metadata={"description": "gateway state (see README, Job states)", **ref("JobState")}
     )
-    output_url = fields.String(metadata={"description": "s3:// prefix holding output.tar.gz and metadata.json"})
-    accepted_at = fields.Float()
-    submitted_at = fields.Float(allow_none=True)
-    ended_at = fields.Float(allow_none=True)
-    started_at = fields.Float(allow_none=True)
+    message = fields.String(required=True)
+    user_id = fields.String(required=True)
+    workspace_id = fields.String(required=True)
+    mode = fields.String(required=True, validate=validate.OneOf(MODES), metadata=ref("Mode"))
+    times = fields.Nested(JobTimesSchema, required=True)
+    accepted_at = fields.Float(required=True, metadata={"description": EPOCH})
+    submitted_at = fields.Float(required=True, allow_none=True, metadata={"description": EPOCH})
+    started_at = fields.Float(required=True, allow_none=True, metadata={"description": EPOCH})
+    ended_at = fields.Float(required=True, allow_none=True, metadata={"description": EPOCH})
+    slurm = fields.Nested(SlurmInfoSchema, required=True, metadata={"description": "the current attempt's Slurm jobs"})
     next_poll_s = fields.Float(
-        allow_none=True, metadata={"description": "when this record may next change (seconds); null once the job has ended"}
+        required=True, allow_none=True, metadata={"description": "when this record may next change (seconds); null once the job has ended"}
     )
+    links = fields.Nested(JobLinksSchema, required=True)
+
+
+class JobSummarySchema(_JobFieldsSchema):
+    """A job in a list: what a table of jobs shows. The whole job (request, attempts, metadata) is at links.self."""
+
+    progress = fields.Nested(ProgressSchema, required=True, metadata={"description": "null: no progress reported yet", **ref("Progress", nullable=True)})
+
+
+class JobSchema(_JobFieldsSchema):
+    """A gateway job as a portal sees it; `status`, `message`, `metadata_b64`, `job_id` as in the seed."""
+
+    num_mpi = fields.Integer(required=True)
+    partition = fields.String(required=True, allow_none=True, metadata={"description": "as requested; null: the configured default"})
+    gpus = fields.Integer(required=True, allow_none=True, metadata={"description": "GPUs per node as requested; null: none"})
+    time_limit = fields.String(required=True, allow_none=True, metadata={"description": "as requested; null: the configured default"})
+    flags = fields.Dict(required=True)
+    auto_continue = fields.Integer(required=True, metadata={"description": "automatic continuations the request allows"})
+    attempts = fields.List(fields.Nested(AttemptSchema), required=True, metadata={"description": "every attempt, the current one last"})
+    input_job_id = fields.String(required=True, allow_none=True, metadata={"description": "the job this one is chained on"})
+    select_classes = fields.List(fields.Integer(), required=True, allow_none=True)
+    ref_class = fields.Integer(required=True, allow_none=True)
+    children = fields.List(
+        fields.String(), required=True, allow_none=True, metadata={"description": "jobs chained on this one (GET /jobs/<id> only; null otherwise)"}
+    )
+    output_url = fields.String(required=True, metadata={"description": "s3:// prefix holding output.tar.gz and metadata.json"})
+    # Every key RELION's progress has (the summary's ProgressSchema names the usual ones).
     progress = fields.Dict(
+        required=True,
         allow_none=True,
         metadata={"description": "RELION's progress while it runs: iteration, iterations_planned, resolution_angstrom, converged"},
     )
-    metadata = fields.Dict(allow_none=True, metadata={"description": "metadata.json once the job has ended"})
-    metadata_b64 = fields.String(allow_none=True, metadata={"description": "metadata.json, base64 (seed compatible)"})
+    # Raw, not Dict: a Dict would also say "type: object, additionalProperties" beside the reference.
+    metadata = fields.Raw(required=True, metadata={"description": "metadata.json once the job has ended", **ref("JobMetadata", nullable=True)})
+    metadata_b64 = fields.String(required=True, allow_none=True, metadata={"description": "metadata.json, base64 (seed compatible)"})
 
 
 class JobListArgsSchema(Schema):
     state = fields.List(
-        fields.String(validate=validate.OneOf([s.value for s in JobState])),
+        fields.String(validate=validate.OneOf(STATES), metadata=ref("JobState")),
         validate=validate.Length(max=len(JobState)),
         metadata={"description": "only jobs in these states (repeat the parameter)"},
     )
-    mode = fields.String(validate=validate.OneOf(MODES))
-    user_id = fields.String(validate=IDENTIFIER, metadata={"description": "only this user's jobs (admins only)"})
+    mode = fields.String(validate=validate.OneOf(MODES), metadata=ref("Mode"))
+    user_id = fields.String(validate=IDENTIFIER, metadata={"description": "only this user's jobs (admins only)", **IDENTIFIER_DOC})
     page = fields.Integer(load_default=1, validate=validate.Range(min=1, max=1_000_000))
     page_size = fields.Integer(load_default=50, validate=validate.Range(min=1, max=500))
 
 
 class JobListSchema(Schema):
-    jobs = fields.List(fields.Nested(JobSchema))
-    total = fields.Integer(metadata={"description": "jobs matching the filters, over all pages"})
-    page = fields.Integer()
-    page_size = fields.Integer()
+    jobs = fields.List(fields.Nested(JobSummarySchema), required=True, metadata={"description": "summaries, newest first"})
+    total = fields.Integer(required=True, metadata={"description": "jobs matching the filters, over all pages"})
+    page = fields.Integer(required=True)
+    page_size = fields.Integer(required=True)
+    next = fields.String(required=True, allow_none=True, metadata={"description": "the next page (same filters); null on the last"})
+    prev = fields.String(required=True, allow_none=True, metadata={"description": "the previous page; null on the first"})
 
 
 IDEMPOTENCY_KEY = FullMatch(r"^[\x21-\x7e]{1,128}$", error="must be 1-128 printable ASCII characters without spaces")
@@ -298,6 +389,19 @@ class PortalJob:
         return {"main_job_id": record.main_slurm_id, "archive_job_id": record.archive_slurm_id, "state": record.slurm_state, "exit_code": record.exit_code}
 
     @property
+    def times(self) -> dict[str, datetime | None]:
+        record = self.record
+        moments = ("accepted_at", "submitted_at", "started_at", "ended_at", "updated_at")
+        return {name: utc(getattr(record, name)) for name in moments}
+
+    @property
+    def links(self) -> dict[str, str]:
+        """Paths of the job's resources (a request context's url_for, as the Location header)."""
+        job_id = self.record.job_id
+        views = {"self": "jobs.JobById", "metadata": "jobs.JobMetadata", "previews": "previews.JobPreviews", "logs": "jobs.JobLogs", "output": "jobs.JobOutput"}
+        return {name: url_for(view, job_id=job_id) for name, view in views.items()}
+
+    @property
     def metadata_b64(self) -> str | None:
         metadata = self.record.metadata
         return base64.b64encode(json.dumps(metadata, sort_keys=True).encode()).decode() if metadata else None
@@ -312,14 +416,14 @@ class RenderArgsSchema(Schema):
 class RenderSchema(Schema):
     """A dry run: what would be submitted, nothing stored, nothing queued."""
 
-    job_id = fields.String(metadata={"description": "the id this request would get (a new one on every call)"})
-    main_script = fields.String()
-    archive_script = fields.String(metadata={"description": "its dependency names MAIN_JOB_ID, the main job's id at submit time"})
-    relion_command = fields.List(fields.String(), metadata={"description": "argv of the RELION step"})
-    command_line = fields.String(metadata={"description": "the RELION step as one shell-quoted line"})
-    resources = fields.Dict()
-    warnings = fields.List(fields.String())
-    slurm_test = fields.String(allow_none=True, metadata={"description": "sbatch --test-only's verdict, when asked"})
+    job_id = fields.String(required=True, metadata={"description": "the id this request would get (a new one on every call)"})
+    main_script = fields.String(required=True)
+    archive_script = fields.String(required=True, metadata={"description": "its dependency names MAIN_JOB_ID, the main job's id at submit time"})
+    relion_command = fields.List(fields.String(), required=True, metadata={"description": "argv of the RELION step"})
+    command_line = fields.String(required=True, metadata={"description": "the RELION step as one shell-quoted line"})
+    resources = fields.Dict(required=True, allow_none=True)
+    warnings = fields.List(fields.String(), required=True)
+    slurm_test = fields.String(required=True, allow_none=True, metadata={"description": "sbatch --test-only's verdict, when asked"})
 
 
 class ScriptArgsSchema(Schema):
@@ -327,14 +431,15 @@ class ScriptArgsSchema(Schema):
 
 
 class TokenSchema(Schema):
-    """A bearer token as admins see it: never its secret or hash."""
+    """A bearer token as admins see it: never its secret or hash (its exact fields are pinned by the
+    admin tooling's tests, so its times stay epoch seconds only)."""
 
-    id = fields.String(metadata={"description": "the token's public id: rg_<id>_<secret>"})
-    user = fields.String()
-    admin = fields.Boolean()
-    created_at = fields.Float()
-    last_used_at = fields.Float(allow_none=True)
-    revoked_at = fields.Float(allow_none=True)
+    id = fields.String(required=True, metadata={"description": "the token's public id: rg_<id>_<secret>"})
+    user = fields.String(required=True)
+    admin = fields.Boolean(required=True)
+    created_at = fields.Float(required=True, metadata={"description": "epoch seconds (UTC)"})
+    last_used_at = fields.Float(required=True, allow_none=True, metadata={"description": "epoch seconds (UTC)"})
+    revoked_at = fields.Float(required=True, allow_none=True, metadata={"description": "epoch seconds (UTC)"})
 
 
 class LogArgsSchema(Schema):
@@ -345,5 +450,5 @@ class LogArgsSchema(Schema):
 class OutputLinkSchema(Schema):
     url = fields.String(required=True, metadata={"description": "presigned GET URL of output.tar.gz"})
     expires_in = fields.Integer(required=True, metadata={"description": "seconds the URL stays valid"})
-    bytes = fields.Integer(allow_none=True)
-    sha256 = fields.String(allow_none=True)
+    bytes = fields.Integer(required=True, allow_none=True)
+    sha256 = fields.String(required=True, allow_none=True)

@@ -10,16 +10,16 @@ from typing import Any
 
 from flask import current_app
 from flask.views import MethodView
-from flask_smorest import Blueprint
 from flask_smorest.error_handler import ErrorSchema
-from marshmallow import Schema, fields
+from marshmallow import Schema, fields, validate
 
 from gateway import __version__
+from gateway.api.docs import DocumentedBlueprint
+from gateway.api.schemas import STATES, ref
 from gateway.api.parser import StrictJSONParser
-from gateway.jobs.states import JobState
 from gateway.relion.modes import MODES
 
-blp = Blueprint("service", __name__, description="What this gateway offers")
+blp = DocumentedBlueprint("service", __name__, description="What this gateway offers")
 blp.ARGUMENTS_PARSER = StrictJSONParser()
 
 # The partition settings a portal may show ([slurm.partitions.<name>]); nothing else of the table.
@@ -29,23 +29,23 @@ PARTITION_FIELDS = ("max_ranks", "max_threads", "max_cpus", "max_memory_mb", "ma
 class PartitionSchema(Schema):
     name = fields.String(required=True)
     default = fields.Boolean(required=True)
-    max_ranks = fields.Integer(allow_none=True)
-    max_threads = fields.Integer(allow_none=True)
-    max_cpus = fields.Integer(allow_none=True)
-    max_memory_mb = fields.Integer(allow_none=True)
-    max_time = fields.String(allow_none=True, metadata={"description": "Slurm time, e.g. 2-00:00:00"})
-    cpus_per_node = fields.Integer(allow_none=True)
-    max_nodes = fields.Integer(allow_none=True)
-    memory_per_node_mb = fields.Integer(allow_none=True)
-    gpus = fields.Integer(allow_none=True, metadata={"description": "GPUs per node; 0: none"})
+    max_ranks = fields.Integer(required=True, allow_none=True)
+    max_threads = fields.Integer(required=True, allow_none=True)
+    max_cpus = fields.Integer(required=True, allow_none=True)
+    max_memory_mb = fields.Integer(required=True, allow_none=True)
+    max_time = fields.String(required=True, allow_none=True, metadata={"description": "Slurm time, e.g. 2-00:00:00"})
+    cpus_per_node = fields.Integer(required=True, allow_none=True)
+    max_nodes = fields.Integer(required=True, allow_none=True)
+    memory_per_node_mb = fields.Integer(required=True, allow_none=True)
+    gpus = fields.Integer(required=True, allow_none=True, metadata={"description": "GPUs per node; 0: none"})
 
 
 class ServiceInfoSchema(Schema):
     gateway_version = fields.String(required=True)
     relion_version = fields.String(required=True, metadata={"description": "the site's RELION ([relion] version)"})
-    modes = fields.List(fields.String(), required=True)
-    states = fields.List(fields.String(), required=True, metadata={"description": "every job state (README, Job states)"})
-    default_partition = fields.String(allow_none=True)
+    modes = fields.List(fields.String(validate=validate.OneOf(MODES), metadata=ref("Mode")), required=True)
+    states = fields.List(fields.String(validate=validate.OneOf(STATES), metadata=ref("JobState")), required=True, metadata={"description": "every job state (README, Job states)"})
+    default_partition = fields.String(required=True, allow_none=True)
     default_time_limit = fields.String(required=True)
     partitions = fields.List(fields.Nested(PartitionSchema), required=True)
     limits = fields.Dict(required=True, metadata={"description": "per-user limits: max_active_jobs, submissions_per_minute, max_cores_per_job"})
@@ -64,7 +64,7 @@ def service_info(config: dict[str, Any]) -> dict[str, Any]:
         "gateway_version": __version__,
         "relion_version": str(config["RELION_VERSION"]),
         "modes": list(MODES),
-        "states": [state.value for state in JobState],
+        "states": list(STATES),
         "default_partition": default,
         "default_time_limit": config["SLURM_TIME_LIMIT"],
         "partitions": partitions,
@@ -83,6 +83,7 @@ def service_info(config: dict[str, Any]) -> dict[str, Any]:
 class ServiceInfo(MethodView):
     @blp.response(200, ServiceInfoSchema)
     @blp.alt_response(401, schema=ErrorSchema, description="No valid bearer token")
+    @blp.doc(operationId="getServiceInfo")
     def get(self) -> dict[str, Any]:
         """Versions, modes, partitions and their limits, GPUs, per-user limits: what a submission form needs."""
         return service_info(current_app.extensions["relion_gateway"].config)
