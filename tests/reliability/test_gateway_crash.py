@@ -1,6 +1,7 @@
 """SIGKILL the gateway (gunicorn, all workers) while 200 submissions with Idempotency-Keys are in
 flight from concurrent clients, start it again, let the clients retry: every accepted job exists
-exactly once in the store and once in Slurm.
+exactly once in the store and once in Slurm, and a portal's webhook (a receiver on loopback) has
+heard every job's first state, signed, at least once, across the kill and the restart.
 
 The jobs are submitted held (`#SBATCH --hold` through [slurm] extra_directives), so the scenario
 exercises submission and nothing else: nothing runs, and the test cancels them all at the end.
@@ -25,6 +26,7 @@ from gateway.database import JobStore, make_engine
 from gateway.stack.nodes import HEAD_NAME  # jobs reach the services at the head, never at loopback
 from tests.integration.conftest import ROOT, free_port
 from tests.reliability.conftest import JOBS, Tally, job_request, slurm_jobs_named, wait_until
+from tests.webhook_receiver import Receiver
 
 SUBMISSIONS = 200
 CLIENTS = 16
@@ -49,6 +51,9 @@ def start_gateway(state: Path, port: int, stack: dict[str, Any], log: Any) -> su
             "GATEWAY_POLLER_INTERVAL_QUEUED": "1.0",
             "GATEWAY_POLLER_INTERVAL_ACTIVE": "1.0",
             "GATEWAY_POLLER_INTERVAL_IDLE": "1.0",
+            "GATEWAY_WEBHOOKS_ALLOW_NETWORKS": '["127.0.0.1/32"]',
+            # The dead gateway's leases (poller, webhooks) lapse sooner, so the restart takes over sooner.
+            "GATEWAY_POLLER_LEASE_SECONDS": "10",
         }
     )
     # Its own session: SIGKILL to the group takes the gunicorn master and every worker at once,
@@ -85,6 +90,10 @@ def test_sigkill_under_200_idempotent_submissions_loses_and_duplicates_nothing(
     workspace = f"crash{secrets.token_hex(3)}"
     log = open(state / "serve.log", "ab")
     gateway = start_gateway(state, port, stack, log)
+    receiver = Receiver()
+    hook = requests.post(f"{url}/v1/relion/webhooks", json={"url": receiver.url, "user_id": "crash"},
+                         headers={"Authorization": f"Bearer {token}"}, timeout=30)
+    assert hook.status_code == 201, hook.text
 
     keys = [f"{workspace}-{n:03d}" for n in range(SUBMISSIONS)]
     answers: dict[str, set[str]] = {key: set() for key in keys}  # every job id a key was answered with
@@ -140,6 +149,11 @@ def test_sigkill_under_200_idempotent_submissions_loses_and_duplicates_nothing(
             return all(r.main_slurm_id and r.archive_slurm_id for r in records)
 
         wait_until(all_submitted, 120, "every accepted job to reach Slurm")
+
+        def all_heard() -> bool:
+            return {b["data"]["job_id"] for b in receiver.bodies()} >= {next(iter(a)) for a in answers.values()}
+
+        wait_until(all_heard, 60, "the webhook to hear every accepted job")
         records = {r.job_id: r for r in store.list(user_id="crash", limit=1000)[0]}
         in_slurm = slurm_jobs_named(f"job_2d_{workspace}_")
     finally:
@@ -148,6 +162,7 @@ def test_sigkill_under_200_idempotent_submissions_loses_and_duplicates_nothing(
                 os.killpg(proc.pid, signal.SIGTERM)
                 proc.wait(timeout=60)
         log.close()
+        receiver.server.shutdown()
         named = slurm_jobs_named(f"job_2d_{workspace}_")
         ids = sorted({i for found in named.values() for i in found})
         for start in range(0, len(ids), 100):
@@ -158,7 +173,12 @@ def test_sigkill_under_200_idempotent_submissions_loses_and_duplicates_nothing(
     mains = {name: found for name, found in in_slurm.items() if not name.endswith(".archive")}
     hooks = {name[: -len(".archive")]: found for name, found in in_slurm.items() if name.endswith(".archive")}
     duplicated = sum(len(found) - 1 for found in in_slurm.values()) + sum(len(a) - 1 for a in answers.values())
+    heard = receiver.verified(hook.json()["secret"])  # raises if one message's signature fails
+    message_ids = [headers["webhook-id"] for headers, _ in receiver.received]
     tally.counts.update(
+        webhook_messages=len(heard),
+        webhook_redelivered=len(message_ids) - len(set(message_ids)),
+        webhook_jobs_heard=len({b["data"]["job_id"] for b in heard}),
         submitted=SUBMISSIONS,
         accepted=len(accepted),
         accepted_before_kill=accepted_before_kill,
@@ -180,3 +200,5 @@ def test_sigkill_under_200_idempotent_submissions_loses_and_duplicates_nothing(
         assert hooks[job_id] == {record.archive_slurm_id}, (job_id, hooks[job_id], record.archive_slurm_id)
         assert record.state == "queued", (job_id, record.state, record.message)
     assert duplicated == 0
+    assert {b["data"]["job_id"] for b in heard} == records.keys()  # every job heard, nothing lost
+    assert {(b["data"]["job_id"], b["data"]["status"]) for b in heard} == {(job_id, "queued") for job_id in records}
