@@ -1,14 +1,18 @@
 """A small HTTP client for the gateway's REST API (used by the CLI; importable by portals)."""
 from __future__ import annotations
 
+import hashlib
 import logging
+import os
 import re
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
 import requests
+import urllib3
 
 logger = logging.getLogger(__name__)
 
@@ -60,6 +64,11 @@ def normalise_base_url(url: str, *, default_port: int = DEFAULT_PORT) -> str:
     if port is None and not explicit_scheme:
         port = default_port
     return f"{parts.scheme.lower()}://{host}{f':{port}' if port is not None else ''}{path}"
+
+
+# Aliases: inside GatewayClient, `list` names a method, not the type.
+Jobs = list[dict[str, Any]]
+JobsAndTotal = tuple[Jobs, int]
 
 
 class GatewayError(Exception):
@@ -129,9 +138,9 @@ class GatewayClient:
                 return
             page += 1
 
-    def first_jobs(self, limit: int, **filters: Any) -> tuple[list[dict[str, Any]], int]:
+    def first_jobs(self, limit: int, **filters: Any) -> JobsAndTotal:
         """Up to ``limit`` jobs, newest first, and how many match the filters in all (the listing's total)."""
-        jobs: list[dict[str, Any]] = []
+        jobs: Jobs = []
         page_size = max(1, min(limit, 100))
         page, total = 1, 0
         while len(jobs) < limit:
@@ -169,6 +178,28 @@ class GatewayClient:
         """A presigned URL for the job's output.tar.gz (the gateway signs it; no S3 credentials needed here)."""
         return str(self.output_link(job_id)["url"])
 
+    def download_output(self, job_id: str, target: Path) -> dict[str, Any]:
+        """Download the job's output.tar.gz to ``target``, checked against the size and sha256 the gateway recorded.
+
+        It is written to ``<target>.part`` and renamed only once it matches; a mismatch or a failed
+        transfer removes the partial file and raises GatewayError naming both values. Returns
+        ``{path, bytes, sha256, verified}``; ``verified`` is False when the gateway has no sha256.
+        """
+        link = self.output_link(job_id)
+        partial = target.with_name(target.name + ".part")
+        size, digest = _fetch(str(link["url"]), partial)
+        problems = []
+        if link.get("bytes") is not None and size != link["bytes"]:
+            problems.append(f"{size} bytes, the gateway recorded {link['bytes']}")
+        if link.get("sha256") and digest != link["sha256"]:
+            problems.append(f"sha256 {digest}, the gateway recorded {link['sha256']}")
+        if problems:
+            partial.unlink(missing_ok=True)
+            raise GatewayError(None, f"the download of {job_id}'s output is not what was archived: {'; '.join(problems)}; removed {partial}")
+        os.replace(partial, target)
+        logger.debug("downloaded %s: %d bytes, sha256 %s", target, size, digest)
+        return {"path": str(target), "bytes": size, "sha256": digest, "verified": bool(link.get("sha256"))}
+
     def retry_archive(self, job_id: str) -> dict[str, Any]:
         return dict(self._request("POST", f"/jobs/{job_id}/archive").json())
 
@@ -198,3 +229,22 @@ class GatewayClient:
                 raise TimeoutError(f"{job_id} is still {job['status']} after {timeout:.0f} s")
             hint = job.get("next_poll_s") or min_interval
             time.sleep(min(max(float(hint) / 2, min_interval), max_interval))
+
+
+def _fetch(url: str, path: Path) -> tuple[int, str]:
+    """Stream ``url`` into ``path``; its size and sha256. A failure removes the partial file (GatewayError)."""
+    digest, size = hashlib.sha256(), 0
+    try:
+        with requests.get(url, stream=True, timeout=60) as response:
+            response.raise_for_status()
+            with open(path, "wb") as handle:
+                # The bytes as stored (decode_content=False): the recorded sha256 is of the object,
+                # and requests would undo a Content-Encoding: gzip before it is hashed.
+                for chunk in response.raw.stream(1024 * 1024, decode_content=False):
+                    handle.write(chunk)
+                    digest.update(chunk)
+                    size += len(chunk)
+    except (requests.RequestException, urllib3.exceptions.HTTPError, OSError) as exc:
+        path.unlink(missing_ok=True)
+        raise GatewayError(None, f"download from S3 failed: {exc}") from exc
+    return size, digest.hexdigest()
