@@ -2,49 +2,189 @@
 
 `submit` takes the seed client's options (``--host --port --user-id --workspace-id
 --dataset-s3-url --output-s3-prefix --mode --num-mpi --save-metadata``) and any relion_refine
-option as typed on RELION's command line, with dashes or underscores.
+option as typed on RELION's command line, with dashes or underscores. A misspelt gateway option
+(``--num-mpii``) is a usage error with a suggestion, not a RELION flag (see gateway_option_typo).
 
-Exit codes: 0 success; 1 the job ended but did not succeed; 2 usage error; 3 the gateway refused
-the request or could not be reached; 4 gave up waiting.
+Exit codes: 0 success; 1 the job ended but did not succeed; 2 usage error (also: no token, an
+unusable --url); 3 the gateway refused the request or could not be reached, or a download failed
+or did not match its recorded size and sha256; 4 gave up waiting.
 """
 from __future__ import annotations
 
+import difflib
 import functools
 import json
-import os
+import logging
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
 import click
-import requests
+from click.core import ParameterSource
 
-from gateway.client import TERMINAL, TOKEN_ENV, URL_ENV, GatewayClient, GatewayError
+from gateway.client import DEFAULT_PORT, TERMINAL, TOKEN_ENV, URL_ENV, GatewayClient, GatewayError, normalise_base_url
+from gateway.relion.catalogue import CATALOGUE, GATEWAY_OWNED, closest_names
 from gateway.relion.flags import FlagError, parse_command_line
 from gateway.relion.modes import MODES
+
+logger = logging.getLogger(__name__)
 
 EXIT_JOB_FAILED = 1
 EXIT_GATEWAY = 3
 EXIT_TIMEOUT = 4
 F = TypeVar("F", bound=Callable[..., Any])
+# How alike (difflib ratio) an unknown option must be to a gateway option to count as its typo:
+# one wrong, missing or extra letter in a name of four or more (--hots, --num-mpii, --user-idd).
+TYPO_CUTOFF = 0.75
+MAKE_TOKEN = "an admin makes one: relion-gateway token create --user USER"
+
+
+def _option_key(name: str) -> str:
+    """``--User-Id`` / ``--user_id`` -> ``user_id``: RELION takes both spellings, so typos are compared in one."""
+    return name.lstrip("-").replace("-", "_").lower()
+
+
+def gateway_option_typo(name: str, gateway_options: Sequence[str]) -> str | None:
+    """The gateway option ``name`` (an option the command does not know) is a typo of, or None.
+
+    The rule: an unknown option is a typo of a gateway option when difflib finds that option
+    close to it (TYPO_CUTOFF) and it is neither a relion_refine option RELION knows (the catalogue,
+    GATEWAY_OWNED included: the gateway refuses those with its own reason) nor closer to one of
+    them than to the gateway option. Everything else passes on as a RELION flag, and the gateway
+    checks it against the catalogue (refusing an unknown one with its own "did you mean").
+    No catalogue name is that close to a gateway option today (the closest, --helix to --help,
+    is 0.67), so every genuine RELION option passes.
+    """
+    key = name.lstrip("-").replace("-", "_")
+    if key in CATALOGUE or key in GATEWAY_OWNED:
+        return None
+    by_key = {_option_key(option): option for option in gateway_options}
+    matches = difflib.get_close_matches(key.lower(), list(by_key), n=1, cutoff=TYPO_CUTOFF)
+    if not matches:
+        return None
+    relion = closest_names(key, n=1)
+    if relion and _ratio(key, relion[0]) > _ratio(key, matches[0]):
+        return None
+    return by_key[matches[0]]
+
+
+def _ratio(a: str, b: str) -> float:
+    return difflib.SequenceMatcher(None, a.lower(), b.lower()).ratio()
+
+
+def _unknown_options(ctx: click.Context, command: click.Command, args: Sequence[str]) -> Iterator[str]:
+    """The option names in ``args`` that ``command`` does not know, stepping over known options' values."""
+    takes_value: dict[str, bool] = {}
+    for param in command.get_params(ctx):
+        if isinstance(param, click.Option):
+            for opt in (*param.opts, *param.secondary_opts):
+                takes_value[opt] = not (param.is_flag or param.count)
+    index = 0
+    while index < len(args):
+        token = args[index]
+        index += 1
+        if token == "--":
+            return
+        if not token.startswith("-") or _is_number(token):
+            continue
+        name = token.split("=", 1)[0]
+        if name in takes_value:
+            if takes_value[name] and "=" not in token:
+                index += 1  # its value, whatever it looks like
+            continue
+        yield name
+
+
+def _is_number(token: str) -> bool:
+    try:
+        float(token)  # "--offset -2": a negative number is a value
+        return True
+    except ValueError:
+        return False
+
+
+def check_option_typos(ctx: click.Context, command: click.Command, args: Sequence[str]) -> None:
+    """Raise a usage error (exit 2) for the first unknown option that is a gateway option misspelt."""
+    options = [opt for param in command.get_params(ctx) if isinstance(param, click.Option) for opt in param.opts if opt.startswith("--")]
+    for name in _unknown_options(ctx, command, args):
+        suggestion = gateway_option_typo(name, options)
+        if suggestion is not None:
+            logger.debug("%s is taken as a typo of %s", name, suggestion)
+            raise click.UsageError(
+                f"no such option: {name}; did you mean {suggestion}? "
+                "(relion_refine options pass through; this one is closer to a gateway option)",
+                ctx=ctx,
+            )
+
+
+class GatewayOptionsCommand(click.Command):
+    """A command whose unknown options become RELION flags, except misspelt gateway options.
+
+    The check runs on the raw arguments, before click's own parsing: ``--user-idd alice`` must say
+    "did you mean --user-id?" rather than click's "Missing option '--user-id'".
+    """
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        check_option_typos(ctx, self, args)
+        return super().parse_args(ctx, args)
+
+
+def _base_url(ctx: click.Context, url: str | None, host: str, port: int) -> str:
+    """The base URL from --url (or its variable), else --host/--port; a usage error names where a bad one came from."""
+    if url:
+        raw, hint = url, URL_ENV if ctx.get_parameter_source("url") == ParameterSource.ENVIRONMENT else "--url"
+    else:
+        bare_ipv6 = ":" in host and not host.startswith("[") and "://" not in host  # --host ::1
+        raw, hint = (f"[{host}]:{port}" if bare_ipv6 else f"{host}:{port}"), "--host/--port"
+    try:
+        return normalise_base_url(raw)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), ctx=ctx, param_hint=hint) from exc
+
+
+def _token_hint(ctx: click.Context, sent: bool) -> str:
+    """What to do after a 401, naming where the refused token came from."""
+    if not sent:
+        return f"hint: this gateway needs a token: pass --token TOKEN or set {TOKEN_ENV} ({MAKE_TOKEN})"
+    where = TOKEN_ENV if ctx.get_parameter_source("token") == ParameterSource.ENVIRONMENT else "--token"
+    return f"hint: the gateway did not accept the token from {where} (mistyped, revoked or expired?): set --token or {TOKEN_ENV} to a valid one ({MAKE_TOKEN})"
 
 
 def connection_options(command: F) -> F:
     """--url or --host/--port, --token, --json: shared by every client command."""
 
-    @click.option("--url", envvar=URL_ENV, default=None, help=f"gateway URL (env {URL_ENV}); overrides --host/--port")
+    @click.option(
+        "--url", envvar=URL_ENV, default=None,
+        help=f"gateway URL, e.g. http://127.0.0.1:9012 or host:9012 (env {URL_ENV}); overrides --host/--port",
+    )
     @click.option("--host", default="127.0.0.1", show_default=True)
-    @click.option("--port", type=int, default=9012, show_default=True)
+    @click.option("--port", type=int, default=DEFAULT_PORT, show_default=True)
     @click.option("--token", envvar=TOKEN_ENV, default=None, help=f"bearer token (env {TOKEN_ENV})")
+    @click.option("--no-token", is_flag=True, help='send no token: a gateway with [auth] mode = "none" (development)')
     @click.option("--json", "as_json", is_flag=True, help="machine-readable output")
     @functools.wraps(command)
-    def wrapper(*args: Any, url: str | None, host: str, port: int, token: str | None, as_json: bool, **kwargs: Any) -> Any:
-        client = GatewayClient(url or f"http://{host}:{port}", token)
+    def wrapper(
+        *args: Any, url: str | None, host: str, port: int, token: str | None, no_token: bool, as_json: bool, **kwargs: Any
+    ) -> Any:
+        ctx = click.get_current_context()
+        base_url = _base_url(ctx, url, host, port)
+        if no_token:
+            token = None
+        elif not token:
+            # Said here, before a request: the gateway's 401 alone does not say where a token goes.
+            raise click.UsageError(
+                f"no token: pass --token TOKEN or set {TOKEN_ENV} ({MAKE_TOKEN}); "
+                'a gateway with [auth] mode = "none" takes --no-token instead',
+                ctx=ctx,
+            )
+        client = GatewayClient(base_url, token)
         try:
             return command(*args, client=client, as_json=as_json, **kwargs)
         except GatewayError as exc:
             click.echo(f"error: {exc}", err=True)
+            if exc.status == 401:
+                click.echo(_token_hint(ctx, sent=token is not None), err=True)
             sys.exit(EXIT_GATEWAY)
 
     return wrapper  # type: ignore[return-value]
@@ -53,7 +193,7 @@ def connection_options(command: F) -> F:
 def describe(job: dict[str, Any]) -> str:
     progress = job.get("progress") or {}
     parts = [f"{job['job_id']}  {job['status']}"]
-    if job.get("slurm", {}).get("state"):
+    if (job.get("slurm") or {}).get("state"):
         parts.append(f"Slurm {job['slurm']['main_job_id']}: {job['slurm']['state']}")
     if progress.get("iteration") is not None:
         planned = progress.get("iterations_planned")
@@ -114,6 +254,8 @@ def request_from_command_line(
     ctx: click.Context, user_id: str, workspace_id: str, dataset_s3_url: str, output_s3_prefix: str, mode: str, num_mpi: int
 ) -> dict[str, Any]:
     """A job request from a command's options, relion_refine's own options following them (submit and render)."""
+    # submit has checked its raw arguments already (GatewayOptionsCommand); render's are checked here.
+    check_option_typos(ctx, ctx.command, ctx.args)
     try:
         flags = parse_command_line(list(ctx.args))
     except FlagError as exc:
@@ -129,7 +271,7 @@ def request_from_command_line(
     }
 
 
-@click.command("submit", context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
+@click.command("submit", cls=GatewayOptionsCommand, context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
 @connection_options
 @click.option("--user-id", required=True)
 @click.option("--workspace-id", required=True)
@@ -208,19 +350,18 @@ def status_command(client: GatewayClient, as_json: bool, job_id: str) -> None:
 @click.option("--state", multiple=True, help="only jobs in this state (repeatable)")
 @click.option("--mode", type=click.Choice(MODES), default=None)
 @click.option("--user-id", default=None, help="(admins) only this user's jobs")
-@click.option("--limit", type=int, default=50, show_default=True)
+@click.option("--limit", type=click.IntRange(min=1), default=50, show_default=True)
 def list_command(client: GatewayClient, as_json: bool, state: tuple[str, ...], mode: str | None, user_id: str | None, limit: int) -> None:
-    """List jobs, newest first."""
-    jobs = []
-    for job in client.iter_jobs(state=list(state), mode=mode, user_id=user_id):
-        jobs.append(job)
-        if len(jobs) >= limit:
-            break
+    """List jobs, newest first; "N of M jobs" on stderr (stdout stays one job per line)."""
+    jobs, total = client.first_jobs(limit, state=list(state), mode=mode, user_id=user_id)
     if as_json:
-        click.echo(json.dumps(jobs, indent=2, sort_keys=True))
+        click.echo(json.dumps(jobs, indent=2, sort_keys=True))  # a list, as before: the total is the API's
         return
     for job in jobs:
         click.echo(describe(job))
+    matching = "matching " if state or mode or user_id else ""
+    more = f" (newest first; --limit {total} shows all)" if len(jobs) < total else ""
+    click.echo(f"{len(jobs)} of {total} {matching}jobs{more}", err=True)
 
 
 @click.command("wait")
@@ -238,8 +379,30 @@ def wait_command(client: GatewayClient, as_json: bool, job_id: str, timeout: flo
 @click.argument("job_id")
 def cancel_command(client: GatewayClient, as_json: bool, job_id: str) -> None:
     """Cancel a job (its archive hook still saves what was produced)."""
-    job = client.cancel(job_id)
-    show(job, as_json)
+    try:
+        job = client.cancel(job_id)
+    except GatewayError as exc:
+        if exc.status != 409:
+            raise
+        # The gateway's 409: the job has already ended, so there was nothing to cancel.
+        click.echo(f"error: nothing to cancel: {exc.message}", err=True)
+        sys.exit(EXIT_GATEWAY)
+    if as_json:
+        show(job, as_json)
+        return
+    click.echo(cancel_summary(job))
+
+
+def cancel_summary(job: dict[str, Any]) -> str:
+    """What a cancel did: the answer is the job right after scancel, usually before Slurm has ended it."""
+    slurm_id = (job.get("slurm") or {}).get("main_job_id")
+    which = f"{job['job_id']} (Slurm job {slurm_id})" if slurm_id else f"{job['job_id']} (not in Slurm yet)"
+    if job["status"] in TERMINAL:
+        return f"cancelled {which}: state {job['status']}"
+    return (
+        f"cancel sent for {which}: state {job['status']} for now; it ends once Slurm has stopped it and its "
+        f"archive hook has saved what was produced (relion-gateway wait {job['job_id']} follows it)"
+    )
 
 
 @click.command("continue")
@@ -288,20 +451,12 @@ def logs_command(client: GatewayClient, as_json: bool, job_id: str, stream: str,
 @click.argument("job_id")
 @click.option("--output", "-o", type=click.Path(path_type=Path), default=None, help="file to write (default: <job_id>.tar.gz)")
 def download_command(client: GatewayClient, as_json: bool, job_id: str, output: Path | None) -> None:
-    """Download a job's output.tar.gz through a presigned URL the gateway issues."""
-    url = client.output_url(job_id)
+    """Download a job's output.tar.gz through a presigned URL the gateway issues; check its size and sha256."""
     target = output or Path(f"{job_id}.tar.gz")
-    try:
-        with requests.get(url, stream=True, timeout=60) as response:
-            response.raise_for_status()
-            tmp = target.with_name(target.name + ".part")
-            with open(tmp, "wb") as handle:
-                for chunk in response.iter_content(chunk_size=1024 * 1024):
-                    handle.write(chunk)
-            os.replace(tmp, target)
-    except requests.RequestException as exc:
-        raise GatewayError(None, f"download from S3 failed: {exc}") from exc
-    click.echo(json.dumps({"job_id": job_id, "path": str(target), "bytes": target.stat().st_size}) if as_json else str(target))
+    done = client.download_output(job_id, target)  # a mismatch removes the partial file: GatewayError, exit 3
+    if not done["verified"]:
+        click.echo(f"warning: the gateway has no sha256 for {job_id}'s output: {target} could not be verified", err=True)
+    click.echo(json.dumps({"job_id": job_id, **done}) if as_json else str(target))
 
 
 CLIENT_COMMANDS = [

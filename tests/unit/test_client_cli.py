@@ -73,7 +73,8 @@ def test_submit_wait_follows_to_the_end_and_saves_metadata(served: str, app: Fla
 
 def test_exit_codes_tell_failures_apart(served: str, app: Flask, scheduler: FakeScheduler) -> None:
     token = app.config["TEST_TOKENS"]["alice"]
-    assert run(served, None, "status", "job_2d_x_00000000")[0] == 3  # no token: the gateway refuses (401)
+    assert run(served, None, "status", "job_2d_x_00000000")[0] == 2  # no token: said before any request
+    assert run(served, "rg_not_a_token", "status", "job_2d_x_00000000")[0] == 3  # the gateway refuses it (401)
     assert run(served, token, "status", "job_2d_x_00000000")[0] == 3  # unknown job (404)
     assert run(served, token, "submit", "--user-id", "alice")[0] == 2  # usage error
     code, out, _ = run(served, token, "submit", *SEED)
