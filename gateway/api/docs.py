@@ -92,6 +92,15 @@ def openapi30(node: Any, defs: dict[str, Any] | None = None) -> Any:
             out[key] = {name: openapi30(item, defs) for name, item in value.items()}
         else:
             out[key] = openapi30(value, defs)
+    for key in ("oneOf", "anyOf"):
+        # 3.0 has no null type: a {"type": "null"} branch is the parent's nullable, and one branch
+        # left is the parent itself (a generator then gives X | None, not a union with a null model).
+        branches = out.get(key)
+        if isinstance(branches, list) and any(b.get("type") == "null" for b in branches):
+            kept = [b for b in branches if b.get("type") != "null"]
+            del out[key]
+            out = {**kept[0], **out} if len(kept) == 1 else {**out, key: kept}
+            out["nullable"] = True
     return out
 
 
