@@ -118,7 +118,9 @@ def spec_options(config: dict[str, Any], base: str) -> dict[str, Any]:
         "Error": {"required": list(ERROR_REQUIRED)},
         METADATA_COMPONENT: metadata_component(),
         "JobState": {"type": "string", "enum": STATES, "description": "a job's gateway state (README, Job states)"},
-        "Mode": {"type": "string", "enum": list(MODES), "description": "2D classification, 3D classification, 3D auto-refinement"},
+        # x-enum-varnames: generators name the members (Mode.MODE_2D), not VALUE_0 for a value starting with a digit.
+        "Mode": {"type": "string", "enum": list(MODES), "x-enum-varnames": [f"MODE_{m.upper()}" for m in MODES],
+                 "description": "2D classification, 3D classification, 3D auto-refinement"},
     }
     partitions = sorted(config.get("SLURM_PARTITIONS") or {})
     if partitions:
