@@ -42,8 +42,9 @@ from typing import Any
 import httpx
 
 from relion_gateway_client import AuthenticatedClient
-from relion_gateway_client.api.jobs import cancel_job, get_job, list_jobs, submit_job
-from relion_gateway_client.models import Error, Job, JobList, JobRequest, JobRequestFlags, JobState, JobSummary, Mode
+from relion_gateway_client.types import UNSET
+from relion_gateway_client.api.jobs import cancel_job, get_job, get_job_metadata, list_jobs, submit_job
+from relion_gateway_client.models import Error, Job, JobList, JobMetadata, JobRequest, JobRequestFlags, JobState, JobSummary, Mode
 
 
 def connect(base_url: str, token: str, transport: httpx.BaseTransport | None = None) -> AuthenticatedClient:
@@ -89,8 +90,15 @@ def ended(state: JobState) -> bool:
                      JobState.NODE_FAIL, JobState.SUBMIT_FAILED, JobState.ARCHIVE_FAILED, JobState.LOST)
 
 
-def jobs(client: AuthenticatedClient, page_size: int = 50) -> tuple[list[JobSummary], int, str | None]:
-    page = list_jobs.sync(client=client, page_size=page_size, state=[JobState.QUEUED, JobState.RUNNING, JobState.CANCELLED], mode=Mode.MODE_2D)
+def metadata(client: AuthenticatedClient, job_id: str) -> JobMetadata | None:
+    """metadata.json as its typed model; None while there is none (a 404)."""
+    got = get_job_metadata.sync(client=client, job_id=job_id)
+    return got if isinstance(got, JobMetadata) else None
+
+
+def jobs(client: AuthenticatedClient, page_size: int = 50, user_id: str | None = None) -> tuple[list[JobSummary], int, str | None]:
+    states = [JobState.QUEUED, JobState.RUNNING, JobState.CANCELLED]
+    page = list_jobs.sync(client=client, page_size=page_size, state=states, mode=Mode.MODE_2D, user_id=user_id or UNSET)
     if not isinstance(page, JobList):
         raise RuntimeError("no list")
     summaries: list[JobSummary] = page.jobs
@@ -160,4 +168,5 @@ def test_the_generated_client_submits_reads_and_lists(generated: Path, app: Flas
     assert portal.status(client, ids[0]) is portal.JobState.QUEUED
     summaries, total, following = portal.jobs(client, page_size=2)
     assert total == 3 and [s.job_id for s in summaries] == ids[::-1][:2] and following is not None and "page=2" in following
+    assert portal.metadata(client, ids[0]) is None  # a 404 (the Error model) until it is archived
     assert portal.cancel(client, ids[0]) in (portal.JobState.CANCELLED, portal.JobState.QUEUED)
