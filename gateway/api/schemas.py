@@ -244,6 +244,16 @@ class ProgressSchema(Schema):
     resolution_angstrom = fields.Float(allow_none=True)
     converged = fields.Boolean(allow_none=True)
 
+    @pre_dump
+    def _typed(self, progress: dict[str, Any], **_: Any) -> dict[str, Any]:
+        # Progress is what the job's signed events said: a value not of its documented type is left
+        # out, so it can neither break the list (int("x")) nor reach a typed client mistyped.
+        kinds: dict[str, tuple[type, ...]] = {"iteration": (int,), "iterations_planned": (int,), "resolution_angstrom": (int, float), "converged": (bool,)}
+        return {
+            key: value for key, value in progress.items()
+            if key in kinds and (value is None or (isinstance(value, kinds[key]) and (key == "converged" or not isinstance(value, bool))))
+        }
+
 
 class _JobFieldsSchema(Schema):
     """What a job and a job's summary both have."""

@@ -180,3 +180,12 @@ def test_jobs_carry_iso_times_beside_the_epoch_fields_and_their_links(client: Fl
     assert client.get(job["links"]["self"]).status_code == 200
     attempt = job["attempts"][0]
     assert abs(datetime.fromisoformat(attempt["times"]["created_at"]).timestamp() - attempt["created_at"]) < 1e-5
+
+
+def test_a_malformed_progress_cannot_break_the_list(client: FlaskClient, app: Flask) -> None:
+    job_id = submit(client, 1)[0]
+    progress = {"iteration": "two", "iterations_planned": True, "resolution_angstrom": 7.5, "converged": False, "extra": 1}
+    app.extensions["relion_gateway"].store.update(job_id, progress_json=__import__("json").dumps(progress))
+    listed = client.get(JOBS)
+    assert listed.status_code == 200 and listed.json["jobs"][0]["progress"] == {"resolution_angstrom": 7.5, "converged": False}
+    assert client.get(f"{JOBS}/{job_id}").json["progress"] == progress  # the whole job keeps every key as reported
