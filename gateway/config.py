@@ -79,6 +79,9 @@ def default_config() -> dict[str, Any]:
         # (GPUs per node). Multi-node planning: cpus_per_node (then --nodes is worked out),
         # max_nodes, memory_per_node_mb. A partition not listed here has no gateway-side limits.
         "SLURM_PARTITIONS": {},
+        # Ask sbatch --test-only at submit when Slurm would start the job (one more RPC per
+        # submit; the poller's squeue keeps the estimate fresh afterwards).
+        "SLURM_ESTIMATE_AT_SUBMIT": True,
         "SLURM_SUBMIT_ATTEMPTS": 4,  # sbatch tries on transient errors (controller unreachable, timeout)
         "SLURM_SUBMIT_RETRY_DELAY": 1.0,  # seconds before the first retry; doubles each time
         # [poller] One poller per deployment (a lease in the store elects it). Intervals adapt:

@@ -74,6 +74,9 @@ class JobRecord:
     checked_at: float | None = None
     submit_claim_until: float | None = None
     parent_job_id: str | None = None
+    pending_reason: str | None = None
+    estimated_start_at: float | None = None
+    estimate_source: str | None = None
 
     @property
     def request(self) -> dict[str, Any]:

@@ -35,6 +35,11 @@ jobs_table = sa.Table(
     sa.Column("checked_at", sa.Float),
     sa.Column("submit_claim_until", sa.Float),
     sa.Column("parent_job_id", sa.String(128), index=True),  # a chained job's input_job_id
+    # While the job waits: Slurm's pending reason and its start estimate (epoch), and where the
+    # estimate came from (sbatch --test-only at submit, then the poller's squeue).
+    sa.Column("pending_reason", sa.String(128)),
+    sa.Column("estimated_start_at", sa.Float),
+    sa.Column("estimate_source", sa.String(32)),
     # The same key from the same user names one job, whatever happens to the HTTP exchange.
     sa.UniqueConstraint("user_id", "idempotency_key", name="uq_jobs_user_idempotency_key"),
 )

@@ -26,6 +26,7 @@ from gateway.jobs.scripts import JobScripts
 from gateway.jobs.spec import JobSpec
 from gateway.jobs.states import JobState
 from gateway.slurm.backend import SchedulerError
+from gateway.slurm.times import start_from_test_only
 
 log = logging.getLogger(__name__)
 
@@ -82,8 +83,10 @@ class Submitter:
         spec = prepared.spec
         if self.ctx.storage is not None:
             check_dataset_object(self.ctx.storage, spec.dataset_s3_url, int(self.ctx.config["JOB_STAGE_IN_QUOTA_BYTES"]))
+        estimate = self._estimate(prepared.main_script)
         now = time.time()
         record = JobRecord(
+            **estimate,
             job_id=spec.job_id,
             user_id=spec.user_id,
             workspace_id=spec.workspace_id,
@@ -111,6 +114,19 @@ class Submitter:
             assert existing is not None
             return self._replay(existing, digest)
         return self.submit_record(record)
+
+    def _estimate(self, script: str) -> dict[str, Any]:
+        """When Slurm would start the job, asked before it is queued (``sbatch --test-only``: one
+        more RPC per submit, [slurm] estimate_at_submit). Advisory only: a refusal or an
+        unreachable controller leaves no estimate, and sbatch itself has the last word."""
+        if not self.ctx.config["SLURM_ESTIMATE_AT_SUBMIT"]:
+            return {}
+        try:
+            start = start_from_test_only(self.ctx.scheduler.test_only(script))
+        except SchedulerError as exc:
+            log.info("no start estimate: sbatch --test-only said %s", exc.message)
+            return {}
+        return {"estimated_start_at": start, "estimate_source": "sbatch --test-only"} if start is not None else {}
 
     @property
     def submit_claim_seconds(self) -> float:

@@ -24,6 +24,8 @@ from gateway.jobs.submit import Submitter
 from gateway.relion.logs import error_line
 from gateway.slurm.backend import SchedulerError, SlurmJobInfo
 from gateway.slurm.memory import memory_kill_line
+from gateway.slurm.states import SlurmState
+from gateway.slurm.times import parse_timestamp
 from gateway.storage.s3 import StorageError, parse_s3_url
 
 if TYPE_CHECKING:
@@ -158,13 +160,18 @@ class Tracker:
             log.warning("job %s: Slurm state %r is not in the state table", record.job_id, main.raw_state if main else None)
         if state.value != record.state:
             log.info("job %s: %s -> %s (%s)", record.job_id, record.state, state.value, changes.get("slurm_state", ""))
+        changes.update(wait_estimate(record, state, main))
         if state.is_terminal and self.continuer is not None:
             # Decided before the end is stored: a job its request continues never reads as ended.
             continued, note = self.continuer.after_end(dataclasses.replace(record, **changes), main, stored_state=record.state)
             if continued is not None:
                 return
             changes["message"] += note
-        self.ctx.store.update(record.job_id, **changes)
+        visible = {key: value for key, value in changes.items() if key != "checked_at" and getattr(record, key) != value}
+        # updated_at is the job's last visible change (its ETag and the API's updated_at come from
+        # it): a cycle that found nothing new only notes when it looked, or every poll would
+        # change the ETag of every live job and a conditional GET would never be a 304.
+        self.ctx.store.update(record.job_id, checked_at=now, **(visible or {"updated_at": record.updated_at}))
 
     def _replace_lost_archive(self, record: JobRecord, spec: JobSpec, main: SlurmJobInfo, why: str) -> None:
         name = spec.slurm_archive_name
@@ -259,3 +266,18 @@ def final_message(
     return f"{state.value}: Slurm {slurm}" + (f", exit code {main.exit_code}" if main and main.exit_code is not None else "") + (
         f": {detail}" if detail else ""
     )
+
+
+def wait_estimate(record: JobRecord, state: JobState, main: SlurmJobInfo | None) -> dict[str, Any]:
+    """Why a queued job waits and when Slurm expects to start it, from the poller's one batched
+    query (squeue's %r and %S); cleared once it starts. An estimate squeue does not have (N/A: the
+    backfill scheduler has not planned the job yet) leaves the one sbatch --test-only gave at submit."""
+    if state != JobState.QUEUED or main is None or main.state != SlurmState.PENDING:
+        cleared = {"pending_reason": None, "estimated_start_at": None, "estimate_source": None}
+        return cleared if (record.pending_reason or record.estimated_start_at) else {}
+    reason = main.reason if main.reason not in ("", "None", "(null)") else None
+    start = parse_timestamp(main.start)
+    changes: dict[str, Any] = {"pending_reason": reason}
+    if start is not None:
+        changes.update(estimated_start_at=start, estimate_source="squeue")
+    return changes

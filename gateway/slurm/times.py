@@ -97,3 +97,22 @@ def format_elapsed(seconds: Any) -> str:
     minutes, secs = divmod(rest, 60)
     clock = f"{hours:02d}:{minutes:02d}:{secs:02d}"
     return f"{days}-{clock}" if days else clock
+
+
+# sbatch --test-only's verdict: "sbatch: Job 1003 to start at 2026-01-01T00:00:00 using 3 processors ..."
+_START_AT = re.compile(r"\bto start at (\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2})\b")
+
+
+def parse_timestamp(text: str) -> float | None:
+    """A time as squeue, sacct and sbatch print it (local time, ISO without zone) in epoch seconds;
+    None for what they print when there is none ("N/A", "Unknown", "None", empty)."""
+    try:
+        return time.mktime(time.strptime(text.strip(), "%Y-%m-%dT%H:%M:%S"))
+    except (ValueError, OverflowError):
+        return None
+
+
+def start_from_test_only(output: str) -> float | None:
+    """When ``sbatch --test-only`` expects the job to start (epoch seconds), if it says."""
+    match = _START_AT.search(output)
+    return parse_timestamp(match.group(1)) if match else None
