@@ -5,7 +5,7 @@ import json
 
 import click
 
-from gateway.client_cli import request_from_command_line
+from gateway.client_cli import GatewayOptionsCommand, request_from_command_line
 from gateway.errors import RequestError
 from gateway.config import build_config
 from gateway.relion.modes import MODES
@@ -13,7 +13,7 @@ from gateway.jobs.scripts import DRY_RUN_MAIN_ID
 from gateway.jobs.service import build_service
 
 
-@click.command("render", context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
+@click.command("render", cls=GatewayOptionsCommand, context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
 @click.option("--mode", type=click.Choice(MODES), required=True)
 @click.option("--num-mpi", type=int, default=1, show_default=True)
 @click.option("--user-id", default="admin", show_default=True)

@@ -275,3 +275,12 @@ def test_no_token_reaches_a_gateway_without_authentication(tmp_path: Path, sched
         assert code == 0 and json.loads(out) == [], err
     finally:
         stop()
+
+
+def test_render_says_did_you_mean_for_its_required_options_too() -> None:
+    from click.testing import CliRunner
+
+    from gateway.cli import cli
+
+    result = CliRunner().invoke(cli, ["render", "--mdoe", "2d", "--user-id", "alice"])
+    assert result.exit_code == 2 and "did you mean --mode?" in result.output
