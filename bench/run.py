@@ -35,6 +35,7 @@ BENCHMARKS: dict[str, str] = {
     "topology": "bench.topology",  # Multi-node: 1 vs 2 nodes end to end, poller RPCs, stack up
     "previews": "bench.previews",  # Previews made in the job: render time and RSS against the job's wall time
     "cache": "bench.cache",  # Dataset cache: a hit vs a cold stage-in, its disk, a chain vs a new tarball
+    "push": "bench.push",  # Push instead of poll: conditional reads, waiters and streams, webhook latency
 }
 
 
