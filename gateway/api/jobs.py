@@ -15,6 +15,7 @@ from flask_smorest.error_handler import ErrorSchema
 
 from gateway.api.docs import METADATA_COMPONENT, DocumentedBlueprint
 from gateway.api.parser import StrictJSONParser
+from gateway.api.push import hold_for_change, requested_wait
 from gateway.observability import SUBMITS
 from gateway.api.schemas import (
     LogArgsSchema,
@@ -33,6 +34,7 @@ from gateway.auth import Forbidden, authorize_user, current_principal, public
 from gateway.callbacks import SIGNATURE_HEADER
 from gateway.errors import RequestError
 from gateway.jobs.poller import Poller
+from gateway.jobs.states import TERMINAL_VALUES
 from gateway.jobs.scripts import DRY_RUN_MAIN_ID
 from gateway.jobs.service import JobService
 from gateway.slurm.backend import SchedulerRefused
@@ -98,6 +100,19 @@ def page_url(args: dict[str, Any], page: int) -> str:
     return url_for("jobs.Jobs", **filters, page=page, page_size=args["page_size"])
 
 
+# RFC 7240 long-polls: the answer waits for a change (GET) or the job's end (POST), at most N seconds.
+PREFER_WAIT = {"in": "header", "name": "Prefer", "schema": {"type": "string", "example": "wait=60"},
+               "description": "wait=N: hold the answer until the job's state changes (GET) or it ends (POST), at most N s "
+                              "([server] max_wait_seconds); honoured when Preference-Applied comes back"}
+PREFERENCE_HEADERS = {"Preference-Applied": {"schema": {"type": "string"}, "description": "wait=N when the answer waited"}}
+
+
+def preference_applied(wait: float) -> dict[str, str]:
+    """The headers of an answer that honoured Prefer: wait (RFC 7240: Preference-Applied; caches
+    must key it by Prefer)."""
+    return {"Preference-Applied": f"wait={wait:g}", "Vary": "Prefer"}
+
+
 def shaped(record: JobRecord) -> PortalJob:
     return PortalJob(record, service().next_poll_seconds(record))
 
@@ -124,16 +139,27 @@ class Jobs(MethodView):
     @blp.alt_response(422, **INVALID)
     @blp.alt_response(429, **RATE_LIMITED)
     @blp.alt_response(503, **UNAVAILABLE)
+    @blp.alt_response(200, schema=JobSchema, description="With Prefer: wait=N, the job ended within the wait: its final state and result",
+                      headers={**LOCATION, **PREFERENCE_HEADERS})
     @blp.doc(operationId="submitJob", parameters=[{"in": "header", "name": "Idempotency-Key", "schema": {"type": "string", "maxLength": 128},
-                          "description": "the same key from the same user always returns the same job"}])
+                          "description": "the same key from the same user always returns the same job"}, PREFER_WAIT])
     def post(self, job_request: dict[str, Any]) -> tuple[PortalJob, int, dict[str, str]]:
-        """Submit a RELION job: it is stored, then its main and archive Slurm jobs are submitted."""
-        record = service().submit(
-            job_request, idempotency_key=idempotency_key(), principal=current_principal(), enforce_limits=True
-        )
+        """Submit a RELION job: it is stored, then its main and archive Slurm jobs are submitted.
+
+        With ``Prefer: wait=N`` (RFC 7240) the answer waits until the job has ended or N seconds
+        have passed: a 200 with the final job (its metadata_b64), as the synchronous service this
+        gateway replaces answered, or the usual 202 if it is still going."""
+        principal = current_principal()
+        record = service().submit(job_request, idempotency_key=idempotency_key(), principal=principal, enforce_limits=True)
         SUBMITS.labels(record.mode, "submit_failed" if record.state == "submit_failed" else "accepted").inc()
         poller().wake()
-        return shaped(record), 202, job_location(record.job_id)
+        headers = job_location(record.job_id)
+        wait = requested_wait()
+        if wait and record.state not in TERMINAL_VALUES:
+            if hold_for_change(record.job_id, record.state, wait, until_end=True):
+                headers.update(preference_applied(wait))
+            record = service().get(record.job_id, principal=principal)
+        return shaped(record), 200 if record.state in TERMINAL_VALUES and wait else 202, headers
 
     @blp.arguments(JobListArgsSchema, location="query")
     @blp.alt_response(400, **UNKNOWN_QUERY)
@@ -170,20 +196,34 @@ class Jobs(MethodView):
 
 @blp.route("/jobs/<job_id>")
 class JobById(MethodView):
-    @blp.response(200, JobSchema, headers={"ETag": {"schema": {"type": "string"}}})
+    @blp.response(200, JobSchema, headers={"ETag": {"schema": {"type": "string"}}, **PREFERENCE_HEADERS})
     @blp.alt_response(304, **NOT_MODIFIED)
     @blp.alt_response(401, **UNAUTHORIZED)
     @blp.alt_response(404, **NOT_FOUND)
-    @blp.doc(operationId="getJob", parameters=[IF_NONE_MATCH])
+    @blp.doc(operationId="getJob", parameters=[IF_NONE_MATCH, PREFER_WAIT])
     def get(self, job_id: str) -> Any:
         """A job's state, Slurm's view of it and, once it has ended, its metadata. Reads the store only."""
-        record = service().get(job_id, principal=current_principal())
+        principal = current_principal()
+        record = service().get(job_id, principal=principal)
         children = service().children(record.job_id)
         tag = record_etag(record, children)
+        held: dict[str, str] = {}
+        wait = requested_wait()
+        # A long-poll (Prefer: wait=N) holds the answer until the state changes, unless the client's
+        # copy is already stale (its If-None-Match is not the current ETag) or the job has ended.
+        stale = bool(request.if_none_match) and not request.if_none_match.contains_weak(tag.strip('"'))
+        if wait and not stale and record.state not in TERMINAL_VALUES:
+            if hold_for_change(record.job_id, record.state, wait):
+                held = preference_applied(wait)
+            record = service().get(job_id, principal=principal)
+            children = service().children(record.job_id)
+            tag = record_etag(record, children)
         if request.if_none_match.contains_weak(tag.strip('"')):
-            return not_modified(tag, service().next_poll_seconds(record))
+            response = not_modified(tag, service().next_poll_seconds(record))
+            response.headers.update(held)
+            return response
         body = dataclasses.replace(shaped(record), children=children)
-        headers = {"ETag": tag, **({"Retry-After": str(int(body.next_poll_s))} if body.next_poll_s else {})}
+        headers = {"ETag": tag, **held, **({"Retry-After": str(int(body.next_poll_s))} if body.next_poll_s else {})}
         return body, 200, headers
 
     @blp.response(202, JobSchema)

@@ -15,10 +15,10 @@ from typing import Any
 
 from flask import Response, current_app, request, stream_with_context
 from flask.views import MethodView
-from flask_smorest import Blueprint
 from flask_smorest.error_handler import ErrorSchema
 from marshmallow import Schema, fields, validate
 
+from gateway.api.docs import DocumentedBlueprint
 from gateway.api.parser import StrictJSONParser
 from gateway.api.schemas import IDENTIFIER, IDENTIFIER_DOC
 from gateway.auth import current_principal
@@ -30,7 +30,7 @@ from gateway.jobs.webhooks import MAX_URL_LENGTH, WebhookService, iso8601
 
 log = logging.getLogger(__name__)
 
-blp = Blueprint("push", __name__, description="Webhooks and event streams")
+blp = DocumentedBlueprint("push", __name__, description="Webhooks and event streams")
 blp.ARGUMENTS_PARSER = StrictJSONParser()
 
 FEED_KEY = "relion_gateway_feed"
