@@ -35,6 +35,7 @@ POLLER_KEY = "relion_gateway_poller"
 AUDIT_KEY = "relion_gateway_audit"
 READINESS_KEY = "relion_gateway_readiness"
 DISPATCHER_KEY = "relion_gateway_dispatcher"
+READ_THREADS = 8  # threads of a worker that long-polls and event streams never take
 
 
 def _default_scheduler(config: Mapping[str, Any]) -> SchedulerBackend:
@@ -76,8 +77,8 @@ def _push(app: Flask, config: Mapping[str, Any], service: JobService) -> None:
 
 
 def max_waiters(config: Mapping[str, Any]) -> int:
-    """Requests one process may hold waiting: [server] max_waiters, or all threads but four."""
-    return int(config["SERVER_MAX_WAITERS"]) or max(1, int(config["SERVER_THREADS"]) - 4)
+    """Requests one process may hold waiting: [server] max_waiters, or all threads but eight (for reads)."""
+    return int(config["SERVER_MAX_WAITERS"]) or max(1, int(config["SERVER_THREADS"]) - READ_THREADS)
 
 
 def create_app(

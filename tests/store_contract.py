@@ -315,21 +315,30 @@ def check_webhook_outbox(store: JobStore) -> None:
     assert [h.id for h in hooks.matching(pending[0])] == []  # made before the subscriptions
     assert sorted(h.id for h in hooks.matching(pending[1])) == ["wh_all", "wh_job"]
     assert [h.id for h in hooks.matching(pending[3])] == ["wh_all"]
+    def deliveries(event: Any) -> Callable[[list[Webhook]], list[Delivery]]:
+        return lambda matched: [
+            Delivery(id=f"msg_{event.seq}_{h.id}", webhook_id=h.id, event_seq=event.seq, job_id=event.job_id, user_id=event.user_id,
+                     type=event.type, body="{}", status="pending", attempts=0, next_attempt_at=NOW, created_at=NOW)
+            for h in matched
+        ]
+
     for event in pending:
-        deliveries = [Delivery(id=f"msg_{event.seq}_{h.id}", webhook_id=h.id, event_seq=event.seq, job_id=event.job_id,
-                               user_id=event.user_id, type=event.type, body="{}", status="pending", attempts=0,
-                               next_attempt_at=NOW, created_at=NOW) for h in hooks.matching(event)]
-        events.fan_out(event, deliveries)
-        events.fan_out(event, deliveries)  # a second dispatcher: a no-op, not a duplicate key
+        events.fan_out(event, deliveries(event))
+        events.fan_out(event, deliveries(event))  # a second dispatcher: a no-op, not a duplicate key
     assert events.not_fanned_out() == []
     due = hooks.due(NOW, 10)
     assert sorted((d.webhook_id, d.event_seq) for d in due) == [("wh_all", pending[1].seq), ("wh_job", pending[1].seq)]
     hooks.attempted(due[0].id, status="delivered", attempts=1, delivered_at=NOW)
     log, total = hooks.deliveries("wh_all")
     assert total == 3 and [d.event_seq for d in log] == sorted((e.seq for e in pending[1:]), reverse=True)
+    late = Webhook(id="wh_late", user_id="alice", job_id="job_a", url="https://portal.example/late",
+                   event_types=json.dumps(["job.state_changed"]), from_seq=0, created_at=NOW)
+    assert hooks.insert(late, backfill=lambda done: deliveries(done[0])([late]) + deliveries(done[1])([late]))
+    assert not hooks.insert(late)  # the same id again: already there
+    assert sorted(d.event_seq for d in hooks.deliveries("wh_late")[0]) == [pending[1].seq, pending[2].seq]
     assert hooks.delete("wh_job", NOW) and not hooks.delete("wh_job", NOW)
     assert {d.status for d in hooks.deliveries("wh_job")[0]} <= {"cancelled", "delivered"}
-    assert [h.id for h in hooks.list(user_id="alice")] == ["wh_all"] and hooks.count_live("alice") == 1
+    assert [h.id for h in hooks.list(user_id="alice")] == ["wh_all", "wh_late"] and hooks.count_live("alice") == 2
 
 
 CHECKS: list[Callable[[JobStore], None]] = [

@@ -15,7 +15,8 @@ from flask_smorest.error_handler import ErrorSchema
 
 from gateway.api.docs import METADATA_COMPONENT, DocumentedBlueprint
 from gateway.api.parser import StrictJSONParser
-from gateway.api.push import hold_for_change, requested_wait
+from gateway.api.portal import PortalJob
+from gateway.api.push import hold_for_change, requested_wait, webhooks
 from gateway.observability import SUBMITS
 from gateway.api.schemas import (
     LogArgsSchema,
@@ -28,7 +29,6 @@ from gateway.api.schemas import (
     RenderArgsSchema,
     RenderSchema,
     ScriptArgsSchema,
-    PortalJob,
 )
 from gateway.auth import Forbidden, authorize_user, current_principal, public
 from gateway.callbacks import SIGNATURE_HEADER
@@ -150,16 +150,26 @@ class Jobs(MethodView):
         have passed: a 200 with the final job (its metadata_b64), as the synchronous service this
         gateway replaces answered, or the usual 202 if it is still going."""
         principal = current_principal()
+        # Not part of the job's request (nor its hash): a subscription of its own, checked first so
+        # a webhook the gateway may not call stores no job.
+        hook_request = job_request.pop("webhook", None)
+        if hook_request is not None:
+            webhooks().check_url(hook_request["url"], field="webhook.url")
         record = service().submit(job_request, idempotency_key=idempotency_key(), principal=principal, enforce_limits=True)
         SUBMITS.labels(record.mode, "submit_failed" if record.state == "submit_failed" else "accepted").inc()
         poller().wake()
         headers = job_location(record.job_id)
+        hook_answer = None
+        if hook_request is not None:
+            hook, secret = webhooks().for_submitted_job(principal, record, hook_request["url"], hook_request["event_types"])
+            hook_answer = {"id": hook.id, "job_id": record.job_id, "url": hook.url, "secret": secret}
         wait = requested_wait()
         if wait and record.state not in TERMINAL_VALUES:
             if hold_for_change(record.job_id, record.state, wait, until_end=True):
                 headers.update(preference_applied(wait))
             record = service().get(record.job_id, principal=principal)
-        return shaped(record), 200 if record.state in TERMINAL_VALUES and wait else 202, headers
+        answer = dataclasses.replace(shaped(record), webhook=hook_answer)
+        return answer, 200 if record.state in TERMINAL_VALUES and wait else 202, headers
 
     @blp.arguments(JobListArgsSchema, location="query")
     @blp.alt_response(400, **UNKNOWN_QUERY)

@@ -297,6 +297,8 @@ def hold_for_change(job_id: str, seen_state: str, seconds: float, *, until_end: 
             remaining = deadline - time.monotonic()
             if remaining <= 0 or not events.wait(job_id, after, (STATE_CHANGED,), remaining):
                 return True
-            after = events.events.latest_seq(job_id, types=(STATE_CHANGED,))
+            # From the feed's memory, not the store: hundreds of waiters wake together, and each
+            # costing one read (the state, above) instead of two keeps the pool from queueing.
+            after = events.newest(job_id, (STATE_CHANGED,))
     finally:
         slots.give()

@@ -1,17 +1,13 @@
 """Request and response schemas (marshmallow), seed-compatible field names."""
 from __future__ import annotations
 
-import base64
-import json
-from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
 
-from flask import url_for
 from marshmallow import RAISE, Schema, ValidationError, fields, pre_dump, validate, validates, validates_schema
 
 from gateway.relion.modes import MODES
-from gateway.jobs.continuation import attempts_view
+from gateway.database.events import EVENT_TYPES, STATE_CHANGED
 from gateway.jobs.states import JobState
 from gateway.textrules import text_problem
 
@@ -129,6 +125,11 @@ class JobRequestSchema(Schema):
         ),
         metadata={"description": "Slurm --time for the main job (default: [slurm] time_limit)", "example": "00:30:00"},
     )
+    webhook = fields.Nested(
+        "JobWebhookSchema",
+        metadata={"description": "subscribe a URL to this job's events (Standard Webhooks); the answer carries its id and "
+                                 "secret. Not part of the stored request"},
+    )
     # No load_default, as for gpus: the request_sha256 of a request without it stays as it was.
     auto_continue = fields.Integer(
         strict=True,
@@ -189,6 +190,35 @@ class AttemptTimesSchema(Schema):
     created_at = fields.DateTime(required=True)
     started_at = fields.DateTime(required=True, allow_none=True)
     ended_at = fields.DateTime(required=True, allow_none=True)
+
+
+class JobWebhookSchema(Schema):
+    """A webhook asked for in a submit request: this job's events go to ``url``."""
+
+    class Meta:
+        unknown = RAISE
+
+    url = fields.String(required=True, validate=validate.Length(min=1, max=2048), metadata={"description": "http(s) URL"})
+    event_types = fields.List(fields.String(validate=validate.OneOf(EVENT_TYPES)), validate=validate.Length(min=1),
+                              load_default=lambda: [STATE_CHANGED])
+
+
+class WebhookSecretSchema(Schema):
+    """The subscription a submit request made: verify each message's webhook-signature with the secret."""
+
+    id = fields.String(required=True)
+    job_id = fields.String(required=True)
+    url = fields.String(required=True)
+    secret = fields.String(required=True, metadata={"description": "whsec_... (answered again to a replay of the request)"})
+
+
+class WaitSchema(Schema):
+    """Why a queued job waits and when Slurm expects to start it: an estimate, never a promise."""
+
+    pending_reason = fields.String(required=True, allow_none=True, metadata={"description": "Slurm's reason (Resources, Priority, Dependency, ...)"})
+    estimated_start = fields.DateTime(required=True, allow_none=True, metadata={"description": "Slurm's estimate, ISO 8601 UTC; null: none yet"})
+    estimate_source = fields.String(required=True, allow_none=True, validate=validate.OneOf(["sbatch --test-only", "squeue"]))
+    estimated = fields.Boolean(required=True, metadata={"description": "always true: Slurm's backfill plan changes as jobs come and go"})
 
 
 class AttemptSchema(Schema):
@@ -276,6 +306,7 @@ class _JobFieldsSchema(Schema):
         required=True, allow_none=True, metadata={"description": "when this record may next change (seconds); null once the job has ended"}
     )
     links = fields.Nested(JobLinksSchema, required=True)
+    wait = fields.Nested(WaitSchema, required=True, allow_none=True, metadata={"description": "while queued; null once it started or ended"})
 
 
 class JobSummarySchema(_JobFieldsSchema):
@@ -310,6 +341,8 @@ class JobSchema(_JobFieldsSchema):
     # Raw, not Dict: a Dict would also say "type: object, additionalProperties" beside the reference.
     metadata = fields.Raw(required=True, metadata={"description": "metadata.json once the job has ended", **ref("JobMetadata", nullable=True)})
     metadata_b64 = fields.String(required=True, allow_none=True, metadata={"description": "metadata.json, base64 (seed compatible)"})
+    webhook = fields.Nested(WebhookSecretSchema, required=True, allow_none=True,
+                            metadata={"description": "the answer to a submit that asked for one; null otherwise"})
 
 
 class JobListArgsSchema(Schema):
@@ -334,87 +367,6 @@ class JobListSchema(Schema):
 
 
 IDEMPOTENCY_KEY = FullMatch(r"^[\x21-\x7e]{1,128}$", error="must be 1-128 printable ASCII characters without spaces")
-
-
-@dataclass(frozen=True)
-class PortalJob:
-    """A JobRecord as JobSchema reads it: the schema takes every field it shares with the record
-    from the record itself (``status`` is its ``state``); only what the record does not hold as a
-    field (the request's values, Slurm's ids, the next poll, the seed's base64 copy) is named here."""
-
-    record: Any
-    next_poll_s: float | None = None
-    children: list[str] | None = None
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.record, name)
-
-    @property
-    def status(self) -> str:
-        return str(self.record.state)
-
-    @property
-    def num_mpi(self) -> Any:
-        return self.record.request.get("num_mpi")
-
-    @property
-    def partition(self) -> Any:
-        return self.record.request.get("partition")
-
-    @property
-    def gpus(self) -> Any:
-        return self.record.request.get("gpus")
-
-    @property
-    def time_limit(self) -> Any:
-        return self.record.request.get("time_limit")
-
-    @property
-    def flags(self) -> Any:
-        return self.record.request.get("flags", {})
-
-    @property
-    def input_job_id(self) -> Any:
-        return self.record.request.get("input_job_id")
-
-    @property
-    def select_classes(self) -> Any:
-        return self.record.request.get("select_classes")
-
-    @property
-    def ref_class(self) -> Any:
-        return self.record.request.get("ref_class")
-
-    @property
-    def auto_continue(self) -> int:
-        return int(self.record.request.get("auto_continue") or 0)
-
-    @property
-    def attempts(self) -> list[dict[str, Any]]:
-        return attempts_view(self.record)
-
-    @property
-    def slurm(self) -> dict[str, Any]:
-        record = self.record
-        return {"main_job_id": record.main_slurm_id, "archive_job_id": record.archive_slurm_id, "state": record.slurm_state, "exit_code": record.exit_code}
-
-    @property
-    def times(self) -> dict[str, datetime | None]:
-        record = self.record
-        moments = ("accepted_at", "submitted_at", "started_at", "ended_at", "updated_at")
-        return {name: utc(getattr(record, name)) for name in moments}
-
-    @property
-    def links(self) -> dict[str, str]:
-        """Paths of the job's resources (a request context's url_for, as the Location header)."""
-        job_id = self.record.job_id
-        views = {"self": "jobs.JobById", "metadata": "jobs.JobMetadata", "previews": "previews.JobPreviews", "logs": "jobs.JobLogs", "output": "jobs.JobOutput"}
-        return {name: url_for(view, job_id=job_id) for name, view in views.items()}
-
-    @property
-    def metadata_b64(self) -> str | None:
-        metadata = self.record.metadata
-        return base64.b64encode(json.dumps(metadata, sort_keys=True).encode()).decode() if metadata else None
 
 
 class RenderArgsSchema(Schema):

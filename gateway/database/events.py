@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, fields
 from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
+from sqlalchemy.exc import IntegrityError
 
 from gateway.database.tables import job_events_table, jobs_table, webhook_deliveries_table, webhooks_table
 
@@ -178,18 +180,32 @@ class EventStore:
         with self.engine.connect() as conn:
             return [_event(row) for row in conn.execute(query).mappings()]
 
-    def fan_out(self, event: JobEvent, deliveries: list[Delivery]) -> None:
-        """Store an event's deliveries and mark it fanned out, as one step (a crash repeats neither half)."""
+    def fan_out(self, event: JobEvent, deliveries_for: Callable[[list[Webhook]], list[Delivery]]) -> None:
+        """Mark an event fanned out and store its deliveries to the subscriptions it matches, as one
+        step: a crash repeats neither half, and a job's subscription made meanwhile either is
+        matched here or finds the event fanned out and backfills it (WebhookStore.insert)."""
         with self.engine.begin() as conn:
-            done = conn.execute(
+            done = conn.execute(  # first, so the event's row is this transaction's until COMMIT
                 job_events_table.update()
                 .where(job_events_table.c.seq == event.seq, job_events_table.c.fanned_out.is_(False))
                 .values(fanned_out=True)
             )
             if done.rowcount == 0:
                 return  # another dispatcher got there first
-            for delivery in deliveries:
+            for delivery in deliveries_for(matching(conn, event)):
                 conn.execute(webhook_deliveries_table.insert().values(**_row(delivery)))
+
+
+def matching(conn: sa.Connection, event: JobEvent) -> list[Webhook]:
+    """The live subscriptions an event goes to: its user's, for all jobs or for this one, made before it."""
+    query = sa.select(webhooks_table).where(
+        webhooks_table.c.user_id == event.user_id,
+        webhooks_table.c.deleted_at.is_(None),
+        webhooks_table.c.from_seq < event.seq,
+        sa.or_(webhooks_table.c.job_id.is_(None), webhooks_table.c.job_id == event.job_id),
+    )
+    hooks = [Webhook(**dict(row)) for row in conn.execute(query).mappings()]
+    return [hook for hook in hooks if event.type in hook.types]
 
 
 def _row(record: Any) -> dict[str, Any]:
@@ -202,9 +218,30 @@ class WebhookStore:
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
 
-    def insert(self, webhook: Webhook) -> None:
-        with self.engine.begin() as conn:
-            conn.execute(webhooks_table.insert().values(**_row(webhook)))
+    def insert(self, webhook: Webhook, backfill: Callable[[list[JobEvent]], list[Delivery]] | None = None) -> bool:
+        """Store a subscription; false if one with its id exists (an idempotent replay).
+
+        A job's subscription (``job_id``) with ``backfill`` also gets deliveries for that job's
+        events after ``from_seq`` that the dispatcher has already fanned out: it locks the job's
+        event rows first, so an event being fanned out right now is either seen fanned out here
+        or, once this commits, matched there; never neither."""
+        try:
+            with self.engine.begin() as conn:
+                conn.execute(webhooks_table.insert().values(**_row(webhook)))
+                if webhook.job_id is None or backfill is None:
+                    return True
+                query = sa.select(job_events_table).where(job_events_table.c.job_id == webhook.job_id).order_by(job_events_table.c.seq)
+                if conn.dialect.name == "postgresql":
+                    query = query.with_for_update()
+                events = [_event(row) for row in conn.execute(query).mappings()]
+                done = [e for e in events if e.fanned_out and e.seq > webhook.from_seq and e.type in webhook.types]
+                for delivery in backfill(done):
+                    conn.execute(webhook_deliveries_table.insert().values(**_row(delivery)))
+        except IntegrityError:
+            if self.get(webhook.id) is not None:
+                return False
+            raise
+        return True
 
     def get(self, webhook_id: str) -> Webhook | None:
         with self.engine.connect() as conn:
@@ -223,16 +260,8 @@ class WebhookStore:
             return [Webhook(**dict(row)) for row in conn.execute(query).mappings()]
 
     def matching(self, event: JobEvent) -> list[Webhook]:
-        """The live subscriptions an event goes to: its user's, for all jobs or for this one, made before it."""
-        query = sa.select(webhooks_table).where(
-            webhooks_table.c.user_id == event.user_id,
-            webhooks_table.c.deleted_at.is_(None),
-            webhooks_table.c.from_seq < event.seq,
-            sa.or_(webhooks_table.c.job_id.is_(None), webhooks_table.c.job_id == event.job_id),
-        )
         with self.engine.connect() as conn:
-            hooks = [Webhook(**dict(row)) for row in conn.execute(query).mappings()]
-        return [hook for hook in hooks if event.type in hook.types]
+            return matching(conn, event)
 
     def count_live(self, user_id: str) -> int:
         query = sa.select(sa.func.count()).select_from(webhooks_table).where(

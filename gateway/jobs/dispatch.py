@@ -9,11 +9,9 @@ endpoint answers 2xx, so a gateway killed mid-send sends it again on its next st
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
 import random
-import secrets
 import socket
 import threading
 import time
@@ -26,9 +24,9 @@ import requests
 from standardwebhooks.webhooks import Webhook as Signer
 
 from gateway import __version__
-from gateway.database import JobNotFound, JobStore
-from gateway.database.events import DELIVERED, FAILED, PENDING, Delivery, EventStore, JobEvent, WebhookStore
-from gateway.jobs.webhooks import Resolver, message, resolve, target_problem, webhook_secret
+from gateway.database import JobNotFound, JobRecord, JobStore
+from gateway.database.events import DELIVERED, FAILED, Delivery, EventStore, WebhookStore
+from gateway.jobs.webhooks import Resolver, deliveries_for, resolve, target_problem, webhook_secret
 
 log = logging.getLogger(__name__)
 
@@ -37,10 +35,6 @@ TICK_S = 0.5  # how often the leader looks for new events and due deliveries (tw
 PRUNE_EVERY_S = 3600.0
 BURST = 100  # deliveries one sender makes in a row to a subscription that keeps answering 2xx
 RESPONSE_SAMPLE = 300  # characters of a failed answer kept in the delivery log
-
-
-def _compact(body: Any) -> str:
-    return json.dumps(body, separators=(",", ":"), sort_keys=True)
 
 
 class Dispatcher:
@@ -86,25 +80,14 @@ class Dispatcher:
     def fan_out(self) -> int:
         events = self.events.not_fanned_out()
         for event in events:
-            self.events.fan_out(event, self._deliveries_for(event))
+            self.events.fan_out(event, lambda hooks, event=event: deliveries_for(event, hooks, self._record(event.job_id)))  # type: ignore[misc]
         return len(events)
 
-    def _deliveries_for(self, event: JobEvent) -> list[Delivery]:
-        hooks = self.hooks.matching(event)
-        if not hooks:
-            return []
+    def _record(self, job_id: str) -> JobRecord | None:
         try:
-            record = self.store.get(event.job_id)
+            return self.store.get(job_id)
         except JobNotFound:
-            record = None
-        body = _compact(message(event, record))
-        now = time.time()
-        return [
-            Delivery(id=f"msg_{secrets.token_hex(12)}", webhook_id=hook.id, event_seq=event.seq, job_id=event.job_id,
-                     user_id=event.user_id, type=event.type, body=body, status=PENDING, attempts=0,
-                     next_attempt_at=now, created_at=now)
-            for hook in hooks
-        ]
+            return None
 
     def deliver_due(self, now: float) -> list[str]:
         with self._lock:

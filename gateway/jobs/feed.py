@@ -23,6 +23,8 @@ from gateway.database.events import EventStore
 log = logging.getLogger(__name__)
 
 WINDOW_S = 30.0
+# One grouped read this often per process: a held request hears of a change within about this.
+INTERVAL_S = 0.25
 
 
 @dataclass
@@ -48,7 +50,7 @@ class WaitSlots:
 
 
 class EventFeed:
-    def __init__(self, events: EventStore, *, interval: float = 0.5) -> None:
+    def __init__(self, events: EventStore, *, interval: float = INTERVAL_S) -> None:
         self.events = events
         self.interval = interval
         self._newest: dict[tuple[str, str], tuple[int, float]] = {}  # (job, type) -> (seq, seen at)
@@ -59,8 +61,9 @@ class EventFeed:
         self.reads = 0  # store reads so far (the benchmark counts them)
 
     def newest(self, job_id: str, types: tuple[str, ...]) -> int:
+        """The newest seq of the job's events of ``types`` the feed has seen (0: none lately)."""
         with self._changed:
-            return max((self._newest.get((job_id, t), (0, 0.0))[0] for t in types), default=0)
+            return self.newest_locked(job_id, types)
 
     def wait(self, job_id: str, after: int, types: tuple[str, ...], timeout: float) -> bool:
         """Block until ``job_id`` has an event of ``types`` newer than seq ``after``, or ``timeout``

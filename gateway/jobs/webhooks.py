@@ -27,7 +27,7 @@ from urllib.parse import urlsplit
 from gateway.audit import Actor
 from gateway.auth import authorize_user
 from gateway.database import JobNotFound, JobRecord, JobStore
-from gateway.database.events import EVENT_TYPES, STATE_CHANGED, Delivery, EventStore, JobEvent, Webhook, WebhookStore
+from gateway.database.events import EVENT_TYPES, PENDING, STATE_CHANGED, Delivery, EventStore, JobEvent, Webhook, WebhookStore
 from gateway.errors import LimitExceeded, RequestError
 from gateway.jobs.states import TERMINAL_VALUES
 
@@ -109,6 +109,20 @@ def message(event: JobEvent, record: JobRecord | None) -> dict[str, Any]:
     return {"type": event.type, "timestamp": iso8601(event.at), "data": data}
 
 
+def deliveries_for(event: JobEvent, hooks: list[Webhook], record: JobRecord | None) -> list[Delivery]:
+    """One pending delivery of ``event`` per subscription, each with its own webhook-id and the
+    same body (fixed now: every retry sends these bytes)."""
+    if not hooks:
+        return []
+    body = json.dumps(message(event, record), separators=(",", ":"), sort_keys=True)
+    now = time.time()
+    return [
+        Delivery(id=f"msg_{secrets.token_hex(12)}", webhook_id=hook.id, event_seq=event.seq, job_id=event.job_id,
+                 user_id=event.user_id, type=event.type, body=body, status=PENDING, attempts=0, next_attempt_at=now, created_at=now)
+        for hook in hooks
+    ]
+
+
 class WebhookService:
     """Subscriptions as the API and the submit path manage them, each checked against the caller."""
 
@@ -142,6 +156,8 @@ class WebhookService:
         """Register a subscription; returns it and its secret (which no later read shows)."""
         owner = user_id or principal.user
         authorize_user(principal, owner)
+        if webhook_id is not None and (known := self.hooks.get(webhook_id)) is not None and known.deleted_at is None:
+            return known, webhook_secret(self.key, known.id)  # the same request again: the same subscription
         self.check_url(url, field)
         unknown = sorted(set(event_types) - set(EVENT_TYPES))
         if unknown or not event_types:
@@ -162,13 +178,26 @@ class WebhookService:
             job_id=job_id,
             url=url,
             event_types=json.dumps(list(dict.fromkeys(event_types))),
-            from_seq=self.events.max_seq(),
+            # A user's subscription hears what happens from now on; a job's hears all of the job,
+            # from its first state (the events already sent out to others are backfilled).
+            from_seq=self.events.max_seq() if job_id is None else 0,
             created_at=time.time(),
             description=description,
         )
-        self.hooks.insert(hook)
+        record = self.jobs.get(job_id) if job_id is not None else None
+        if not self.hooks.insert(hook, backfill=lambda events: [d for e in events for d in deliveries_for(e, [hook], record)]):
+            existing = self.hooks.get(hook.id)
+            assert existing is not None
+            return existing, webhook_secret(self.key, hook.id)  # the same request again: the same subscription
         log.info("webhook %s registered for user %s%s", hook.id, owner, f" job {job_id}" if job_id else "")
         return hook, webhook_secret(self.key, hook.id)
+
+    def for_submitted_job(self, principal: Actor, record: JobRecord, url: str, event_types: Sequence[str]) -> tuple[Webhook, str]:
+        """The subscription a submit request's ``webhook`` asks for: one per job and URL, so a
+        replay of the request (Idempotency-Key) answers the same id and secret."""
+        digest = hashlib.sha256(f"{record.job_id}\0{url}".encode()).hexdigest()[:24]
+        return self.create(principal, url=url, user_id=record.user_id, job_id=record.job_id, event_types=event_types,
+                           webhook_id=f"wh_{digest}", field="webhook.url", description="from the job's request")
 
     def secret(self, hook: Webhook) -> str:
         return webhook_secret(self.key, hook.id)

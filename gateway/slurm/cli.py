@@ -6,6 +6,7 @@ into ``SlurmJobInfo`` objects by field name, never by column position.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import re
@@ -177,6 +178,12 @@ class SlurmCliBackend:
                     # often named "allocation". Report it unknown rather than as a live stranger.
                     log.warning("Slurm job %s: sacct says %s (%r) but slurmctld does not know it", i, info.raw_state, info.name)
                     continue
+                if i in found:
+                    # A job cancelled before it ever started is named "allocation" by slurmdbd for
+                    # a few seconds (measured: 2.5 s after scancel of a held job) while squeue still
+                    # shows its real name; sacct adds the exit code, squeue keeps the identity, or
+                    # the tracker would take the job for a stranger and skip a cycle.
+                    info = dataclasses.replace(info, name=found[i].name or info.name, comment=found[i].comment or info.comment)
                 found[i] = info
         return found
 

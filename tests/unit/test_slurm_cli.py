@@ -95,3 +95,12 @@ def test_a_job_only_accounting_calls_live_is_unknown() -> None:
     invalid = CommandError(["squeue"], 1, "", "slurm_load_jobs error: Invalid job id specified")
     jobs = SlurmCliBackend(RecordedRunner({"squeue": invalid, "sacct": SACCT + stub})).status(["3", "9124"])
     assert set(jobs) == {"3"}
+
+
+def test_a_job_cancelled_before_it_started_keeps_squeues_name_while_sacct_calls_it_allocation() -> None:
+    # Measured: for a few seconds after scancel of a held job sacct names it "allocation" while
+    # squeue still shows its name; the tracker must not take it for another job.
+    squeue = FIELD_SEPARATOR.join(["9125", "CANCELLED", "None", "job_2d_ws_abc", "N/A", ""]) + "\n"
+    sacct = FIELD_SEPARATOR.join(["9125", "CANCELLED by 0", "0:0", "None", "allocation", "Unknown", "Unknown", "00:00:00", ""]) + "\n"
+    jobs = SlurmCliBackend(RecordedRunner({"squeue": squeue, "sacct": sacct})).status(["9125"])
+    assert jobs["9125"].name == "job_2d_ws_abc" and jobs["9125"].raw_state == "CANCELLED by 0" and jobs["9125"].exit_code == 0

@@ -79,3 +79,19 @@ def test_a_poll_that_finds_nothing_new_keeps_the_etag(client: FlaskClient, app: 
     scheduler.set_state("1001", "RUNNING")
     service.poll()
     assert client.get(f"{JOBS}/{job_id}", headers={"If-None-Match": first.headers["ETag"]}).status_code == 200
+
+
+def test_a_queued_job_says_why_it_waits_and_when_it_may_start_as_an_estimate(client: FlaskClient, app: Flask, scheduler: FakeScheduler) -> None:
+    answer = client.post(JOBS, json=valid_request()).json
+    wait = answer["wait"]
+    assert (wait["pending_reason"], wait["estimate_source"], wait["estimated"]) == (None, "sbatch --test-only", True)
+    assert wait["estimated_start"].startswith(time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(TEST_ONLY_START)))
+    pending(scheduler, "1001", "Resources", "2026-03-04T05:06:07")
+    app.extensions["relion_gateway"].poll()
+    job = client.get(f"{JOBS}/{answer['job_id']}").json
+    assert job["wait"]["pending_reason"] == "Resources" and job["wait"]["estimate_source"] == "squeue"
+    listed = client.get(JOBS).json["jobs"][0]
+    assert listed["wait"] == job["wait"]  # in the list's summaries too: a queue page shows it
+    scheduler.set_state("1001", "RUNNING")
+    app.extensions["relion_gateway"].poll()
+    assert client.get(f"{JOBS}/{answer['job_id']}").json["wait"] is None

@@ -120,7 +120,8 @@ def test_a_job_scoped_webhook_hears_only_its_job_and_another_user_sees_none(
     client.post(JOBS, json=valid_request(workspace_id="ws2"))
     client.delete(f"{JOBS}/{first}")  # a message only: no state change yet
     dispatcher.run_once(wait=True)
-    assert receiver.received == []  # created after the first job's queued event, and the second is not its job
+    # A job's subscription hears all of its job, from its first state; never another job.
+    assert [(b["data"]["job_id"], b["data"]["status"]) for b in receiver.bodies()] == [(first, "queued")]
     assert client.get(f"{HOOKS}/{hook['id']}").json["job_id"] == first
     assert "secret" not in client.get(f"{HOOKS}/{hook['id']}").json
 
@@ -194,3 +195,36 @@ def test_a_dead_endpoint_holds_one_slot_and_others_are_still_delivered(
     assert len(receiver.received) == 3 and time.monotonic() - started < 1.5  # not behind the dead one's 2 s
     dispatcher.drain()
     silent.close()
+
+
+def test_a_jobs_webhook_made_after_its_events_went_out_is_backfilled(
+    client: FlaskClient, receiver: Receiver, dispatcher: Dispatcher, app: Flask
+) -> None:
+    job_id = client.post(JOBS, json=valid_request()).json["job_id"]
+    app.extensions["relion_gateway"].store.update(job_id, state="staging")
+    dispatcher.run_once(wait=True)  # both events fanned out (to nobody) before the subscription
+    client.post(HOOKS, json={"url": receiver.url, "job_id": job_id})
+    dispatcher.run_once(wait=True)
+    assert [b["data"]["status"] for b in sorted(receiver.bodies(), key=lambda b: b["data"]["event_id"])] == ["queued", "staging"]
+
+
+def test_a_webhook_in_the_submit_request_hears_that_job_and_a_replay_answers_the_same(
+    client: FlaskClient, receiver: Receiver, dispatcher: Dispatcher
+) -> None:
+    request = valid_request(webhook={"url": receiver.url})
+    first = client.post(JOBS, json=request, headers={"Idempotency-Key": "k-1"})
+    assert first.status_code == 202, first.json
+    hook = first.json["webhook"]
+    assert hook["id"].startswith("wh_") and hook["secret"].startswith("whsec_") and hook["job_id"] == first.json["job_id"]
+    again = client.post(JOBS, json=request, headers={"Idempotency-Key": "k-1"})
+    assert again.json["job_id"] == first.json["job_id"] and again.json["webhook"] == hook
+    assert len(client.get(HOOKS).json["webhooks"]) == 1
+    assert "webhook" not in client.get(f"{JOBS}/{first.json['job_id']}").json["flags"]
+    dispatcher.run_once(wait=True)
+    assert [b["data"]["status"] for b in receiver.verified(hook["secret"])] == ["queued"]
+
+
+def test_a_submit_with_a_webhook_the_gateway_may_not_call_stores_no_job(client: FlaskClient, app: Flask) -> None:
+    refused = client.post(JOBS, json=valid_request(webhook={"url": "http://127.0.0.1:6820/"}))
+    assert refused.status_code == 422 and "webhook.url" in refused.json["errors"]["json"]
+    assert app.extensions["relion_gateway"].store.list()[1] == 0
