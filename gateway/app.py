@@ -131,6 +131,7 @@ def create_app(
     from gateway.api.jobs import blp as jobs_blueprint
     from gateway.api.previews import blp as previews_blueprint
     from gateway.api.push import blp as push_blueprint
+    from gateway.api.usage import blp as usage_blueprint
     from gateway.api.errors import register_error_handlers
 
     api.register_blueprint(jobs_blueprint, url_prefix=base)
@@ -138,6 +139,7 @@ def create_app(
     api.register_blueprint(admin_blueprint, url_prefix=base)
     api.register_blueprint(service_blueprint, url_prefix=base)
     api.register_blueprint(push_blueprint, url_prefix=base)
+    api.register_blueprint(usage_blueprint, url_prefix=base)
     register_page(app, base)  # the job page (gateway/api/ui/): public, outside the spec
     if app.config["SERVER_CORS_ORIGINS"]:
         from flask_cors import CORS

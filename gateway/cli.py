@@ -8,6 +8,7 @@ import click
 from gateway.maintenance import archive_retry_command, janitor_command
 from gateway.auth import token_group
 from gateway.client_cli import CLIENT_COMMANDS
+from gateway.client_usage import usage_command
 from gateway.demo import demo_command
 from gateway.jobside.program import job_group
 from gateway.relion.dataset import make_dataset_command
@@ -35,6 +36,7 @@ cli.add_command(job_group)
 cli.add_command(archive_retry_command)
 cli.add_command(janitor_command)
 cli.add_command(token_group)
+cli.add_command(usage_command)
 for _command in CLIENT_COMMANDS:
     cli.add_command(_command)
 

@@ -125,6 +125,11 @@ class GatewayClient:
             return None, response.headers.get("ETag", etag)
         return dict(response.json()), response.headers.get("ETag", "")
 
+    def usage(self, **filters: Any) -> dict[str, Any]:
+        """The usage report (GET /usage): ``from``/``to``/``group_by``/``user_id``/``account``."""
+        params = {k: v for k, v in filters.items() if v not in (None, [], ())}
+        return dict(self._request("GET", "/usage", params=params).json())
+
     def list(self, **filters: Any) -> dict[str, Any]:
         params = {k: v for k, v in filters.items() if v not in (None, [], ())}
         return dict(self._request("GET", "/jobs", params=params).json())

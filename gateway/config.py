@@ -66,6 +66,9 @@ def default_config() -> dict[str, Any]:
         "SLURM_PARTITION": "",
         "SLURM_ACCOUNT": "",
         "SLURM_QOS": "",
+        # Portal users -> the Slurm accounts (grants) they may charge, the first their default, e.g.
+        # {alice = ["lab-a", "grant-123"], "*" = "facility"}. Empty: every job gets [slurm] account.
+        "SLURM_ACCOUNTS": {},
         "SLURM_TIME_LIMIT": "01:00:00",
         "SLURM_ARCHIVE_TIME_LIMIT": "01:00:00",
         # --mem of the archive hook, whatever RELION was given: it holds up to four 64 MiB upload
@@ -174,13 +177,21 @@ def default_config() -> dict[str, Any]:
         # addresses are refused, so a webhook cannot make the gateway call its own services;
         # these CIDR blocks are allowed all the same (e.g. ["127.0.0.1/32"] for a local receiver).
         "WEBHOOKS_ALLOW_NETWORKS": [],
+        # [budgets] CPU- and GPU-hours a user or a Slurm account may use per period ("month",
+        # "year" or "all"), checked at submit: used (costed from sacct) + what its unfinished jobs
+        # may still use + this request's maximum. Tables: [budgets.users.<user>] and
+        # [budgets.accounts.<account>], each with cpu_hours and/or gpu_hours. Empty: no budgets.
+        "BUDGETS_PERIOD": "month",
+        "BUDGETS_USERS": {},
+        "BUDGETS_ACCOUNTS": {},
         # [audit] one JSON line per submit, cancel, archive retry and token change (logger gateway.audit)
         "AUDIT_FILE": "",  # also append the lines to this file
     }
 
 
 # Keys whose value is itself a table (kept as a dict, not flattened further).
-TABLE_KEYS = frozenset({"RELION_ENVIRONMENT", "SLURM_PARTITIONS", "RELION_MEMORY_PER_RANK_MB", "JOB_RUN_AS_USERS"})
+TABLE_KEYS = frozenset({"RELION_ENVIRONMENT", "SLURM_PARTITIONS", "RELION_MEMORY_PER_RANK_MB", "JOB_RUN_AS_USERS", "SLURM_ACCOUNTS",
+                        "BUDGETS_USERS", "BUDGETS_ACCOUNTS"})
 
 
 def _flatten(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -294,9 +305,31 @@ def _partition_counts(name: str, limits: Mapping[str, Any]) -> dict[str, int]:
     return counts
 
 
+BUDGET_PERIODS = ("month", "year", "all")
+BUDGET_KEYS = ("cpu_hours", "gpu_hours")
+
+
+def _budgets(config: dict[str, Any]) -> None:
+    if config["BUDGETS_PERIOD"] not in BUDGET_PERIODS:
+        raise ValueError(f"[budgets] period: must be one of {list(BUDGET_PERIODS)}, not {config['BUDGETS_PERIOD']!r}")
+    for table in ("users", "accounts"):
+        for name, budget in config[f"BUDGETS_{table.upper()}"].items():
+            if not isinstance(budget, Mapping) or not budget or set(budget) - set(BUDGET_KEYS):
+                raise ValueError(f"[budgets.{table}.{name}]: must set cpu_hours and/or gpu_hours, not {budget!r}")
+            for key, value in budget.items():
+                if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+                    raise ValueError(f"[budgets.{table}.{name}] {key}: must be a number of hours >= 0, not {value!r}")
+    for user, accounts in config["SLURM_ACCOUNTS"].items():
+        names = [accounts] if isinstance(accounts, str) else accounts
+        if not isinstance(names, list) or not names or not all(isinstance(a, str) and a for a in names):
+            raise ValueError(f"[slurm.accounts] {user}: must be an account name or a non-empty list of them, not {accounts!r}")
+
+
 def validate(config: dict[str, Any]) -> None:
     """Refuse at load what would otherwise fail every request: a config error names its key."""
     from gateway.slurm.times import parse_slurm_time
+
+    _budgets(config)
 
     config["SLURM_TIME_LIMIT"] = _time_limit("[slurm] time_limit", config["SLURM_TIME_LIMIT"])
     config["SLURM_ARCHIVE_TIME_LIMIT"] = _time_limit("[slurm] archive_time_limit", config["SLURM_ARCHIVE_TIME_LIMIT"])

@@ -6,6 +6,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from gateway.process import CommandError
+from gateway.slurm.accounting import SlurmUsage
 from gateway.slurm.backend import SchedulerError, SlurmJobInfo
 from gateway.slurm.states import SlurmState
 from gateway.storage.base import ObjectInfo
@@ -25,6 +26,8 @@ class FakeScheduler:
     fail_submit_at: int | None = None  # 0-based index of the submission that fails
     transient_failures: int = 0  # this many submissions fail with a transient error first
     next_id: int = 1000
+    usages: dict[str, SlurmUsage] = field(default_factory=dict)
+    usage_calls: list[list[str]] = field(default_factory=list)
 
     def submit(self, script: str, *, environment: Mapping[str, str] | None = None) -> str:
         if self.transient_failures > 0:
@@ -81,6 +84,20 @@ class FakeScheduler:
     def ping(self) -> bool:
         return True
 
+    def usage(self, job_ids: Iterable[str]) -> dict[str, SlurmUsage]:
+        """What ``set_usage`` recorded for these ids (accounting knows nothing else)."""
+        ids = list(job_ids)
+        self.usage_calls.append(ids)
+        return {i: self.usages[i] for i in ids if i in self.usages}
+
+    def set_usage(self, job_id: str, *, cpus: int = 2, elapsed: int = 60, used: float | None = None, gpus: int = 0,
+                  memory_mb: int = 2000, peak_mb: int = 500, ntasks: int = 2, limit_s: int = 3600, account: str = "",
+                  complete: bool = True) -> None:
+        self.usages[job_id] = SlurmUsage(
+            job_id=job_id, state="COMPLETED" if complete else "RUNNING", complete=complete, elapsed_s=elapsed, cpu_seconds=cpus * elapsed,
+            cpu_seconds_used=cpus * elapsed * 0.5 if used is None else used, gpus=gpus, memory_bytes=memory_mb * 2**20,
+            peak_task_rss_bytes=peak_mb * 2**20, peak_step_rss_bytes=peak_mb * 2**20 * ntasks, time_limit_s=limit_s, nodes=1, account=account)
+
 
 @dataclass
 class RecordedRunner:
@@ -118,6 +135,11 @@ class FakeStorage:
             raise StorageError("HEAD", location.bucket, location.key, code, code)
         size = len(self.objects[location.url]) if location.url in self.objects else self.sizes.get(location.url, 1000)
         return ObjectInfo(size, "etag")
+
+    def put_json(self, document: object, location: S3Location) -> None:
+        import json
+
+        self.objects[location.url] = json.dumps(document).encode()
 
     def get_bytes(self, location: S3Location) -> bytes:
         if location.url not in self.objects:

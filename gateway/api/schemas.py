@@ -125,6 +125,11 @@ class JobRequestSchema(Schema):
         ),
         metadata={"description": "Slurm --time for the main job (default: [slurm] time_limit)", "example": "00:30:00"},
     )
+    account = fields.String(
+        validate=FullMatch(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$", error="must be a Slurm account name"),
+        metadata={"description": "the Slurm account (grant) to charge (#SBATCH --account): one of the user's in [slurm.accounts]; "
+                                 "default: the user's first", "example": "lab-a"},
+    )
     webhook = fields.Nested(
         "JobWebhookSchema",
         metadata={"description": "subscribe a URL to this job's events (Standard Webhooks); the answer carries its id and "

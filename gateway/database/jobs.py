@@ -77,6 +77,15 @@ class JobRecord:
     pending_reason: str | None = None
     estimated_start_at: float | None = None
     estimate_source: str | None = None
+    slurm_account: str | None = None
+    usage_json: str | None = None
+    usage_cpu_hours: float | None = None
+    usage_gpu_hours: float | None = None
+    usage_at: float | None = None
+
+    @property
+    def usage(self) -> dict[str, Any] | None:
+        return json.loads(self.usage_json) if self.usage_json else None
 
     @property
     def request(self) -> dict[str, Any]:
@@ -268,6 +277,37 @@ class JobStore:
 
     def live(self, terminal: AbstractSet[str]) -> list[JobRecord]:
         query = sa.select(jobs_table).where(jobs_table.c.state.not_in(sorted(terminal)))
+        with self.engine.connect() as conn:
+            return [JobRecord(**dict(row)) for row in conn.execute(query).mappings()]
+
+    def budget_records(self, column: str, value: str, *, since: float, terminal: AbstractSet[str]) -> list[JobRecord]:
+        """A user's (``column`` user_id) or an account's (slurm_account) jobs that count against a
+        budget period starting at ``since``: those not ended, and those that ended in it."""
+        query = sa.select(jobs_table).where(
+            jobs_table.c[column] == value,
+            sa.or_(jobs_table.c.state.not_in(sorted(terminal)), jobs_table.c.ended_at >= since),
+        )
+        with self.engine.connect() as conn:
+            return [JobRecord(**dict(row)) for row in conn.execute(query).mappings()]
+
+    def ended_between(self, since: float, until: float, *, user_id: str | None = None, account: str | None = None) -> list[JobRecord]:
+        """Jobs that ended in [since, until), for a usage report."""
+        conditions = [jobs_table.c.ended_at >= since, jobs_table.c.ended_at < until]
+        if user_id is not None:
+            conditions.append(jobs_table.c.user_id == user_id)
+        if account is not None:
+            conditions.append(jobs_table.c.slurm_account == account)
+        with self.engine.connect() as conn:
+            return [JobRecord(**dict(row)) for row in conn.execute(sa.select(jobs_table).where(*conditions).order_by(jobs_table.c.ended_at)).mappings()]
+
+    def needing_usage(self, terminal: AbstractSet[str], *, since: float, limit: int) -> list[JobRecord]:
+        """Ended jobs not costed yet that ended after ``since``, oldest end first."""
+        query = (
+            sa.select(jobs_table)
+            .where(jobs_table.c.state.in_(sorted(terminal)), jobs_table.c.usage_at.is_(None), jobs_table.c.ended_at >= since)
+            .order_by(jobs_table.c.ended_at)
+            .limit(limit)
+        )
         with self.engine.connect() as conn:
             return [JobRecord(**dict(row)) for row in conn.execute(query).mappings()]
 

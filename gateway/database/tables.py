@@ -40,6 +40,15 @@ jobs_table = sa.Table(
     sa.Column("pending_reason", sa.String(128)),
     sa.Column("estimated_start_at", sa.Float),
     sa.Column("estimate_source", sa.String(32)),
+    # The Slurm account the job is charged to (--account), as chosen at submit ([slurm.accounts]).
+    sa.Column("slurm_account", sa.String(64), index=True),
+    # What the job cost (gateway/jobs/usage.py), once Slurm's accounting has it: the figures a
+    # usage report sums, and the whole record. usage_at NULL: not costed yet.
+    sa.Column("usage_json", sa.Text),
+    sa.Column("usage_cpu_hours", sa.Float),
+    sa.Column("usage_gpu_hours", sa.Float),
+    sa.Column("usage_at", sa.Float),
+    sa.Index("ix_jobs_state_usage_at", "state", "usage_at"),
     # The same key from the same user names one job, whatever happens to the HTTP exchange.
     sa.UniqueConstraint("user_id", "idempotency_key", name="uq_jobs_user_idempotency_key"),
 )

@@ -1,6 +1,7 @@
 """Prepare a job: check a request against the rules, plan its allocation, build its record, render its script."""
 from __future__ import annotations
 
+import dataclasses
 import secrets
 import time
 from dataclasses import dataclass, field
@@ -106,6 +107,7 @@ class Preparer:
             time_limit=request.get("time_limit"),
             gpus=gpus,
         )
+        plan = dataclasses.replace(plan, account=rules.check_account(config, user, request.get("account")))
         auto_continue = rules.check_auto_continue(config, request.get("auto_continue"))
         accepted_at = time.time()
         spec = JobSpec(

@@ -162,3 +162,39 @@ def inside(root: Path, *parts: str) -> Path:
     if not path.resolve().is_relative_to(resolved_root) or path.resolve() == resolved_root:
         raise RequestError("workspace_id", f"the job's directory {str(path)!r} would leave {str(root)!r}")
     return path
+
+
+def user_accounts(config: dict[str, Any], user: str) -> list[str]:
+    """The Slurm accounts a user may charge, the default first ([] if none)."""
+    accounts: dict[str, Any] = config["SLURM_ACCOUNTS"]
+    if not accounts:
+        return [str(config["SLURM_ACCOUNT"])] if config["SLURM_ACCOUNT"] else []
+    allowed = accounts.get(user, accounts.get("*"))
+    if allowed is None:
+        return []
+    return [allowed] if isinstance(allowed, str) else [str(a) for a in allowed]
+
+
+def check_account(config: dict[str, Any], user: str, requested: str | None) -> str:
+    """The Slurm account a user's job is charged to (--account).
+
+    ``[slurm.accounts]`` maps portal users to the accounts (grants) they may charge, the first being
+    their default; a ``"*"`` entry is everyone else's. With a map, a user it does not name (and no
+    ``"*"``) may not submit, and a request's ``account`` must be one of the user's. Without one, only
+    ``[slurm] account`` (or none) is charged.
+    """
+    default = str(config["SLURM_ACCOUNT"])
+    accounts: dict[str, Any] = config["SLURM_ACCOUNTS"]
+    if not accounts:
+        if requested not in (None, default):
+            raise RequestError("account", f"this gateway charges every job to {default or 'the users default account'!r}; "
+                                          "[slurm.accounts] would let users choose")
+        return default
+    allowed = user_accounts(config, user)
+    if not allowed:
+        raise RequestError("account", f"user {user!r} has no Slurm account to charge ([slurm.accounts])", status=403)
+    if requested is None:
+        return allowed[0]
+    if requested not in allowed:
+        raise RequestError("account", f"user {user!r} may charge {allowed} ([slurm.accounts]), not {requested!r}", status=403)
+    return requested

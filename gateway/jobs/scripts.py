@@ -114,7 +114,8 @@ class JobScripts:
             "comment": f"relion-gateway:{spec.job_id}",
             "log_dir": spec.log_dir,
             "partition": resources.partition,
-            "account": self.config["SLURM_ACCOUNT"],
+            # Records made before [slurm.accounts] have none: the configured one, as they were rendered.
+            "account": resources.account or self.config["SLURM_ACCOUNT"],
             "qos": self.config["SLURM_QOS"],
             "extra_directives": list(self.config["SLURM_EXTRA_DIRECTIVES"]),
             "setup_lines": list(self.config["RELION_SETUP_LINES"]),

@@ -25,6 +25,7 @@ from gateway.jobs.spec import JobSpec
 from gateway.jobs.states import TERMINAL_VALUES, JobState
 from gateway.jobs.submit import Submitter
 from gateway.jobs.track import Tracker, next_poll_seconds
+from gateway.jobs.usage import UsageCollector
 from gateway.callbacks import ROLE_ARCHIVE, ROLE_MAIN
 from gateway.sbatch.render import ScriptRenderer
 from gateway.slurm.backend import SchedulerBackend
@@ -52,7 +53,7 @@ class JobService:
         self.preparer = Preparer(config, self.scripts, find_job=lambda job_id: self.ctx.store.get(job_id))
         self.submitter = Submitter(self.ctx, self.preparer, self.scripts)
         self.continuer = Continuer(self.ctx, self.submitter, self.scripts)
-        self.tracker = Tracker(self.ctx, self.submitter, self.scripts, self.continuer)
+        self.tracker = Tracker(self.ctx, self.submitter, self.scripts, self.continuer, UsageCollector(self.ctx))
 
     # The clients live in the shared context, so one swapped here is the one every part uses.
     config = property(lambda self: self.ctx.config)

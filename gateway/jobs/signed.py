@@ -119,6 +119,11 @@ def apply_event(store: JobStore, record: JobRecord, role: str, event: dict[str, 
     if kind == "progress":
         store.update(job_id, progress_json=json.dumps(data, sort_keys=True))
     else:
+        # What the job cost is the gateway's to say (from Slurm's accounting, gateway/jobs/usage.py):
+        # a job cannot report its own, and one already costed keeps it.
+        data.pop("usage", None)
+        if record.usage is not None:
+            data["usage"] = record.usage
         store.update(job_id, metadata_json=json.dumps(data, sort_keys=True))
     log.info("job %s: %s event", job_id, kind)
 

@@ -37,6 +37,13 @@ class Resources:
     # Records written before multi-node planning have neither: one node, no GPUs.
     nodes: int = 1  # --nodes, worked out from the partition's cpus_per_node
     gpus_per_node: int = 0  # --gres=gpu:<n>, the request's gpus
+    account: str = ""  # --account ([slurm.accounts], the request's account); "": [slurm] account
+
+    @property
+    def time_limit_s(self) -> int:
+        from gateway.slurm.times import parse_slurm_time
+
+        return parse_slurm_time(self.time_limit)
 
     @property
     def total_cpus(self) -> int:

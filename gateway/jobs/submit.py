@@ -19,6 +19,7 @@ from gateway.database import DuplicateIdempotencyKey, JobRecord
 from gateway.errors import RequestError
 from gateway.jobs.context import JobContext, audit_outcome, audit_reason
 from gateway.jobs.dirs import make_cache_dir, make_job_dirs, write_job_file
+from gateway.jobs.budgets import check_budgets
 from gateway.jobs.limits import insert_within_limits
 from gateway.jobs.prepare import Preparer
 from gateway.jobs.rules import check_dataset_object, request_hash
@@ -102,7 +103,9 @@ class Submitter:
             main_script=prepared.main_script,
             submit_claim_until=now + self.submit_claim_seconds,
             parent_job_id=spec.chain.parent_job_id if spec.chain else None,
+            slurm_account=spec.resources.account if spec.resources else None,
         )
+        check_budgets(store, self.ctx.config, record, spec)
         # The record exists before Slurm hears of the job, so an accepted job is never lost.
         try:
             if enforce_limits:  # count and insert as one step per user: a burst cannot overshoot

@@ -30,6 +30,7 @@ from gateway.storage.s3 import StorageError, parse_s3_url
 
 if TYPE_CHECKING:
     from gateway.jobs.continuation import Continuer
+    from gateway.jobs.usage import UsageCollector
 
 log = logging.getLogger(__name__)
 
@@ -39,11 +40,14 @@ FINISHED_BUT_RUNNING_S = 120.0
 
 
 class Tracker:
-    def __init__(self, ctx: JobContext, submitter: Submitter, scripts: JobScripts, continuer: "Continuer | None" = None) -> None:
+    def __init__(
+        self, ctx: JobContext, submitter: Submitter, scripts: JobScripts, continuer: "Continuer | None" = None, usage: "UsageCollector | None" = None
+    ) -> None:
         self.ctx = ctx
         self.submitter = submitter
         self.scripts = scripts
         self.continuer = continuer
+        self.usage = usage  # costs the jobs that have ended, once a cycle
 
     def poll(self) -> int:
         """One poll cycle: resume cut-short submissions, then one batched status query for the rest.
@@ -57,6 +61,8 @@ class Tracker:
             if not record.archive_slurm_id and (record.submit_claim_until or 0) < now:
                 self.submitter.resume(record)
         self.refresh([r for r in live if r.main_slurm_id and r.archive_slurm_id])
+        if self.usage is not None:
+            self.usage.collect()
         return len(live)
 
     def refresh(self, records: list[JobRecord]) -> None:

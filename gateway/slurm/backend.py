@@ -4,7 +4,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from gateway.process import CommandError
 from gateway.slurm.states import SlurmState
@@ -19,6 +19,14 @@ TRANSIENT_TEXT = re.compile(
     r"|Connection refused|Transport endpoint|Zero Bytes were transmitted|Communication connection failure",
     re.IGNORECASE,
 )
+
+
+# Between the fields of squeue's and sacct's parsable output: a control character no job name,
+# comment or state carries (a "|" could be in a job name).
+FIELD_SEPARATOR = "\x1f"
+
+if TYPE_CHECKING:  # accounting.py imports this module
+    from gateway.slurm.accounting import SlurmUsage
 
 
 class SchedulerError(Exception):
@@ -108,4 +116,8 @@ class SchedulerBackend(Protocol):
 
     def ping(self) -> bool:
         """Whether the controller answers."""
+        ...
+
+    def usage(self, job_ids: Iterable[str]) -> dict[str, SlurmUsage]:
+        """What these ended jobs used, from Slurm's accounting (gateway/slurm/accounting.py), in one query."""
         ...

@@ -14,13 +14,11 @@ import time
 from collections.abc import Iterable, Mapping, Sequence
 
 from gateway.process import CommandError, Runner, run_command
-from gateway.slurm.backend import TRANSIENT_TEXT, SchedulerError, SlurmJobInfo, test_only_error
+from gateway.slurm.accounting import SacctAccounting, SlurmUsage
+from gateway.slurm.backend import FIELD_SEPARATOR, TRANSIENT_TEXT, SchedulerError, SlurmJobInfo, test_only_error
 from gateway.slurm.states import SlurmState
 
 log = logging.getLogger(__name__)
-
-# A separator that cannot occur in job names or comments we write: the ASCII unit separator.
-FIELD_SEPARATOR = "\x1f"
 
 # squeue --format codes, by the field name we parse them as.
 SQUEUE_FIELDS: dict[str, str] = {
@@ -220,27 +218,8 @@ class SlurmCliBackend:
         ]
         return parse_sacct(self._call(argv))
 
-    def accounting(self, job_id: str) -> dict[str, str]:
-        """CPU time and nodes of an ended job, for metadata.json.
-
-        Asked without -X on purpose: in 22.05 the -X allocation record reports TotalCPU 00:00:00;
-        without -X the allocation row carries the sum of its steps.
-        """
-        fields = ["JobID", "TotalCPU", "CPUTime", "AllocCPUS", "NNodes", "NodeList", "MaxRSS"]
-        out = self._call(
-            ["sacct", "--noheader", "--parsable2", f"--delimiter={FIELD_SEPARATOR}", f"--jobs={job_id}", f"--format={','.join(fields)}"]
-        )
-        rows = [row for row in _rows(out, fields) if row["JobID"] == str(job_id)]
-        if not rows:
-            return {}
-        row = rows[-1]
-        return {
-            "total_cpu": row["TotalCPU"],
-            "cpu_time_allocated": row["CPUTime"],
-            "alloc_cpus": row["AllocCPUS"],
-            "nodes": row["NNodes"],
-            "node_list": row["NodeList"],
-        }
+    def usage(self, job_ids: Iterable[str]) -> dict[str, SlurmUsage]:
+        return SacctAccounting(self._run, self._timeout).usage(job_ids)
 
     def find_by_name(self, name: str, *, since: float) -> list[str]:
         # squeue first (cheap, in slurmctld memory); sacct for jobs that already left it.

@@ -38,6 +38,7 @@ from typing import Any
 
 from gateway.process import Runner, run_command
 from gateway.slurm.backend import TRANSIENT_ERRNOS, SchedulerError, SlurmJobInfo
+from gateway.slurm.accounting import SacctAccounting, SlurmUsage
 from gateway.slurm.cli import sbatch_test_only
 from gateway.slurm.directives import job_environment, map_directives
 from gateway.slurm.states import SlurmState
@@ -263,6 +264,10 @@ class PyslurmBackend:
             ps.Job(int(job_id)).cancel()
         except ps.RPCError as exc:
             raise self._error(f"cancel of job {job_id}", exc) from exc
+
+    def usage(self, job_ids: Iterable[str]) -> dict[str, SlurmUsage]:
+        # Accounting through sacct on this host, as test_only asks sbatch (see gateway/slurm/accounting.py).
+        return SacctAccounting(self._run, self._timeout).usage(job_ids)
 
     def test_only(self, script: str) -> str:
         # pyslurm has no will_run/test-only call; ask sbatch, as the REST backend does (a refusal is

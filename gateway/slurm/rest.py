@@ -56,6 +56,7 @@ from gateway.slurm.backend import (
     SchedulerError,
     SlurmJobInfo,
 )
+from gateway.slurm.accounting import SacctAccounting, SlurmUsage
 from gateway.slurm.cli import sbatch_test_only
 from gateway.slurm.directives import (
     SBATCH_FLAGS,
@@ -334,6 +335,10 @@ class SlurmRestBackend:
                 log.info("cancel %s: Slurm no longer knows the job", job_id)
                 return
             raise
+
+    def usage(self, job_ids: Iterable[str]) -> dict[str, SlurmUsage]:
+        # Accounting through sacct on this host, as test_only asks sbatch (see gateway/slurm/accounting.py).
+        return SacctAccounting(self._run, self.timeout).usage(job_ids)
 
     def test_only(self, script: str) -> str:
         # slurmrestd 22.05 has no test-only endpoint (job/submit always submits), so ask sbatch on

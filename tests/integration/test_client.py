@@ -50,10 +50,27 @@ def test_client_submit_wait_metadata_download(gateway_url: str, gateway_config: 
     assert metadata["request"]["flags"]["tau2_fudge"] == 2 and metadata["relion"]["results"]["iterations_run"] == 2
 
     code, out = client(gateway_url, token, "metadata", job_id)
-    assert code == 0 and json.loads(out) == metadata
+    # The cost ("usage") joins metadata.json shortly after the end: the rest is the same document.
+    assert code == 0 and without_usage(json.loads(out)) == without_usage(metadata)
 
     wait_until(lambda: any(b["data"]["status"] == "succeeded" for b in receiver.bodies()), 30)
     receiver.verified(hook.json()["secret"])  # every message signed as Standard Webhooks define
+    # What it cost, from Slurm's accounting, once the poller has costed it: in the record, in
+    # metadata.json (API and S3) and in the usage report, whose CSV the CLI writes.
+    def costed() -> dict[str, Any] | None:
+        return json.loads(client(gateway_url, token, "metadata", job_id)[1]).get("usage")
+
+    usage = wait_until(costed, 30)
+    assert usage["cpu_hours"] > 0 and usage["cpu_hours_used"] > 0 and len(usage["slurm_jobs"]) == 2
+    assert 0 < usage["cpu_efficiency"] <= 1.5 and usage["peak_task_rss_bytes"] > 0
+    bucket_name, key = metadata["output"]["url"].removeprefix("s3://").split("/", 1)
+    from gateway.storage.s3 import S3Storage, make_s3_client, parse_s3_url
+
+    s3 = S3Storage(make_s3_client(gateway_config["S3_ENDPOINT_URL"], gateway_config["S3_REGION"]))
+    stored = json.loads(s3.get_bytes(parse_s3_url(f"s3://{bucket_name}/{key.rsplit('/', 1)[0]}/metadata.json")))
+    assert stored["usage"] == usage
+    code, out = client(gateway_url, token, "usage", "--csv", "--group-by", "user")
+    assert code == 0 and out.splitlines()[1].startswith("iclient,1,1,"), out
     heard = [b["data"] for _, b in sorted(receiver.by_event().items())]
     assert {d["job_id"] for d in heard} == {job_id}
     # Every state change the store saw, in order (a poll cycle on a loaded machine may see staging
@@ -62,7 +79,7 @@ def test_client_submit_wait_metadata_download(gateway_url: str, gateway_config: 
     assert statuses[0] == "queued" and statuses[-1] == "succeeded" and "archiving" in statuses
     assert statuses == [s for s in ("queued", "staging", "running", "archiving", "succeeded") if s in statuses]
     assert all(later["previous_status"] == earlier["status"] for earlier, later in zip(heard, heard[1:]))
-    assert heard[-1]["metadata"] == metadata
+    assert without_usage(heard[-1]["metadata"]) == without_usage(metadata)
     receiver.server.shutdown()
     target = tmp_path / "out.tar.gz"
     code, out = client(gateway_url, token, "download", job_id, "-o", str(target))
@@ -73,6 +90,10 @@ def test_client_submit_wait_metadata_download(gateway_url: str, gateway_config: 
     assert code == 0 and out.strip()
     code, out = client(gateway_url, token, "list", "--json")
     assert code == 0 and [j["job_id"] for j in json.loads(out)] == [job_id]  # a user sees only their jobs
+
+
+def without_usage(metadata: dict[str, Any]) -> dict[str, Any]:
+    return {key: value for key, value in metadata.items() if key != "usage"}
 
 
 def readyz(url: str) -> dict[str, Any]:

@@ -7,7 +7,7 @@ from pathlib import Path
 from gateway.config import TABLE_KEYS, default_config
 
 README = Path(__file__).resolve().parents[2] / "README.md"
-SECTIONS = ("server", "paths", "store", "slurm", "poller", "relion", "s3", "job", "auth", "limits", "webhooks", "audit")
+SECTIONS = ("server", "paths", "store", "slurm", "poller", "relion", "s3", "job", "auth", "limits", "webhooks", "budgets", "audit")
 
 
 def documented_keys() -> set[str]:

@@ -22,7 +22,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("gateway.jobs",),
     (
         "gateway.api", "gateway.app", "gateway.jobside", "gateway.maintenance", "gateway.dry_run", "gateway.demo",
-        "gateway.serve", "gateway.cli", "gateway.client", "gateway.client_cli", "gateway.stack", "gateway.__main__",
+        "gateway.serve", "gateway.cli", "gateway.client", "gateway.client_cli", "gateway.client_usage", "gateway.stack", "gateway.__main__",
     ),
 ]
 
