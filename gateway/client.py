@@ -14,11 +14,11 @@ from urllib.parse import urlsplit
 import requests
 import urllib3
 
+from gateway.jobs.states import TERMINAL_VALUES
+
 logger = logging.getLogger(__name__)
 
-TERMINAL = frozenset(
-    {"succeeded", "failed", "cancelled", "timeout", "out_of_memory", "node_fail", "submit_failed", "archive_failed", "lost"}
-)
+TERMINAL = TERMINAL_VALUES  # the portal's terminal states, from their one owner
 TOKEN_ENV = "RELION_GATEWAY_TOKEN"
 URL_ENV = "RELION_GATEWAY_URL"
 DEFAULT_PORT = 9012

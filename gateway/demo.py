@@ -15,6 +15,7 @@ import click
 import requests
 
 from gateway.config import CONFIG_FILE_ENV, DEFAULT_STATE_DIR, build_config
+from gateway.jobs.states import TERMINAL_VALUES
 from gateway.relion.presets import TINY_FLAGS
 from gateway.stack.nodes import HEAD_NAME
 from gateway.storage.s3 import S3Location, S3Storage, make_s3_client, parse_s3_url
@@ -126,7 +127,7 @@ def follow(
         if line != last:
             click.echo(f"  {time.strftime('%H:%M:%S')}  {line}")
             last = line
-        if job["status"] in {"succeeded", "failed", "cancelled", "timeout", "out_of_memory", "node_fail", "submit_failed", "archive_failed", "lost"}:
+        if job["status"] in TERMINAL_VALUES:
             return job
         if time.monotonic() > deadline:
             raise click.ClickException(f"job {job_id} did not end within {timeout:.0f} s")

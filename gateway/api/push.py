@@ -284,14 +284,14 @@ def hold_for_change(job_id: str, seen_state: str, seconds: float, *, until_end: 
     if not slots.take():
         return False
     try:
-        store = job_service().store
+        service = job_service()
         events = feed()
         deadline = time.monotonic() + seconds
         # The seq first, then the state: a change committed in between is then seen either as a
         # changed state now or as an event newer than this seq, never lost between the two reads.
         after = events.events.latest_seq(job_id, types=(STATE_CHANGED,))
         while True:
-            state = store.get(job_id).state
+            state = service.get(job_id).state
             if (state in TERMINAL_VALUES) if until_end else (state != seen_state):
                 return True
             remaining = deadline - time.monotonic()

@@ -20,14 +20,12 @@ from gateway.api.docs import DocumentedBlueprint
 from gateway.api.parser import StrictJSONParser
 from gateway.api.schemas import IDENTIFIER, IDENTIFIER_DOC
 from gateway.auth import authorize_user, current_principal
-from gateway.jobs.budgets import budget_status, period_start
-from gateway.jobs.rules import user_accounts
+from gateway.jobs.budgets import period_start
 from gateway.jobs.service import JobService
-from gateway.jobs.usage import GROUPS, usage_report
+from gateway.jobs.usage import GROUPS
 from gateway.jobs.webhooks import iso8601
 
 blp = DocumentedBlueprint("usage", __name__, description="What jobs cost")
-NOTHING = {"jobs": 0, "costed_jobs": 0, "cpu_hours": 0.0, "cpu_hours_used": 0.0, "gpu_hours": 0.0, "elapsed_hours": 0.0, "cpu_efficiency": None}
 blp.ARGUMENTS_PARSER = StrictJSONParser()
 
 
@@ -113,20 +111,5 @@ class Usage(MethodView):
         now = time.time()
         since = args.get("from_", period_start("month", now))
         until = args.get("to", now)
-        records = service.store.ended_between(since, until, user_id=user_id, account=args.get("account"))
-        rows = usage_report(records, args["group_by"])
-        total = usage_report(records, [])
-        config = service.config
-        if user_id is None:  # an admin's whole view: every budget configured
-            users, accounts = sorted(config["BUDGETS_USERS"]), sorted(config["BUDGETS_ACCOUNTS"])
-        else:  # a user's own, and those of the accounts the user may charge
-            users, accounts = [user_id], user_accounts(config, user_id)
-        if args.get("account"):
-            accounts = [a for a in accounts if a == args["account"]]
-        budgets = [b for u in users for b in budget_status(service.store, config, u, [])]
-        budgets += budget_status(service.store, config, "", accounts)
-        return {
-            "from_": iso8601(since), "to": iso8601(until), "group_by": args["group_by"], "rows": rows,
-            "total": total[0] if total else NOTHING,
-            "budgets": budgets,
-        }
+        summary = service.usage(since=since, until=until, user_id=user_id, account=args.get("account"), group_by=args["group_by"])
+        return {"from_": iso8601(since), "to": iso8601(until), "group_by": args["group_by"], **summary}

@@ -25,7 +25,7 @@ from gateway.jobs.spec import JobSpec
 from gateway.jobs.states import TERMINAL_VALUES, JobState
 from gateway.jobs.submit import Submitter
 from gateway.jobs.track import Tracker, next_poll_seconds
-from gateway.jobs.usage import UsageCollector
+from gateway.jobs.usage import UsageCollector, usage_summary
 from gateway.callbacks import ROLE_ARCHIVE, ROLE_MAIN
 from gateway.sbatch.render import ScriptRenderer
 from gateway.slurm.backend import SchedulerBackend
@@ -139,6 +139,10 @@ class JobService:
     ) -> tuple[list[JobRecord], int]:
         """A page of jobs, newest first, and how many match (the view has already scoped ``user_id``)."""
         return self.store.list(user_id=user_id, states=states, mode=mode, limit=limit, offset=offset)
+
+    def usage(self, **query: Any) -> dict[str, Any]:
+        """The usage report (gateway.jobs.usage.usage_summary): the view has already scoped ``user_id``."""
+        return usage_summary(self.store, self.config, **query)
 
     def children(self, job_id: str) -> list[str]:
         """The jobs chained on this one (their input_job_id), oldest first."""

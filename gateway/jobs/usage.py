@@ -14,7 +14,7 @@ import time
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from gateway.database import JobRecord
+from gateway.database import JobRecord, JobStore
 from gateway.jobs.context import JobContext
 from gateway.jobs.spec import JobSpec
 from gateway.jobs.states import TERMINAL_VALUES
@@ -169,3 +169,25 @@ def usage_report(records: list[JobRecord], group_by: list[str]) -> list[dict[str
         for name in ("cpu_hours", "cpu_hours_used", "gpu_hours", "elapsed_hours"):
             row[name] = round(row[name], 4)
     return [rows[key] for key in sorted(rows)]
+
+
+NOTHING = {"jobs": 0, "costed_jobs": 0, "cpu_hours": 0.0, "cpu_hours_used": 0.0, "gpu_hours": 0.0, "elapsed_hours": 0.0, "cpu_efficiency": None}
+
+
+def usage_summary(
+    store: JobStore, config: dict[str, Any], *, since: float, until: float, user_id: str | None, account: str | None, group_by: list[str]
+) -> dict[str, Any]:
+    """The usage report's rows, total and budgets (``user_id`` None: an admin's whole view)."""
+    from gateway.jobs.budgets import budget_status
+    from gateway.jobs.rules import user_accounts
+
+    records = store.ended_between(since, until, user_id=user_id, account=account)
+    total = usage_report(records, [])
+    if user_id is None:  # every budget configured
+        users, accounts = sorted(config["BUDGETS_USERS"]), sorted(config["BUDGETS_ACCOUNTS"])
+    else:  # the user's own, and those of the accounts the user may charge
+        users, accounts = [user_id], user_accounts(config, user_id)
+    if account:
+        accounts = [a for a in accounts if a == account]
+    budgets = [b for u in users for b in budget_status(store, config, u, [])] + budget_status(store, config, "", accounts)
+    return {"rows": usage_report(records, group_by), "total": total[0] if total else dict(NOTHING), "budgets": budgets}
