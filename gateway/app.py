@@ -15,7 +15,7 @@ from gateway import __version__
 from gateway import auth
 from gateway.audit import Auditor
 from gateway.jobs.dirs import secure_state
-from gateway.api.docs import register_docs
+from gateway.api.docs import RelativePaths, register_docs
 from gateway.api.page import register_page
 from gateway.api.errors import MAX_BODY_BYTES, RequestLimits, error_response
 from gateway.config import build_config
@@ -125,7 +125,7 @@ def create_app(
     _push(app, config, service)
 
     register_docs(app, base)  # before Api(): flask-smorest reads the Swagger UI settings at init
-    api = Api(app, spec_kwargs={"extra_plugins": [_UnsupportedMediaTypeDoc()]})
+    api = Api(app, spec_kwargs={"extra_plugins": [_UnsupportedMediaTypeDoc(), RelativePaths(base)]})
     from gateway.api.admin import blp as admin_blueprint
     from gateway.api.service_info import blp as service_blueprint
     from gateway.api.jobs import blp as jobs_blueprint

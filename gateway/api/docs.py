@@ -13,6 +13,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from apispec import BasePlugin
 from flask import Blueprint, Flask, send_from_directory
 from flask_smorest import Blueprint as SmorestBlueprint
 from werkzeug.wrappers import Response
@@ -127,9 +128,10 @@ def spec_options(config: dict[str, Any], base: str) -> dict[str, Any]:
         # A request may name only a configured partition when any is (gateway/jobs/resources.py).
         schemas["JobRequest"] = {"properties": {"partition": {"enum": partitions}}}
     return {
-        # The paths carry the base path themselves (/v1/relion/jobs): the server is this gateway's
-        # origin, so Swagger UI and generated clients (base_url: the origin) reach them as they are.
-        "servers": [{"url": "/", "description": f"this gateway; every path begins with its base path {base or '/'}"}],
+        # The base path is the server's (RelativePaths strips it from every path): generated
+        # clients take it as their base URL (http://host:9012/v1/relion) and name operations by
+        # operationId, never by the base path; Swagger UI resolves it against the spec's origin.
+        "servers": [{"url": base or "/", "description": "this gateway's API (relative to its origin)"}],
         "components": {"schemas": schemas, "responses": {name: _error_response(text) for name, text in COMMON_RESPONSES.values()}},
     }
 
@@ -160,3 +162,16 @@ def register_docs(app: Flask, base: str) -> None:
         OPENAPI_SWAGGER_UI_URL=f"{base}/{ASSETS_PATH}/",
         API_SPEC_OPTIONS=_merge(dict(app.config.get("API_SPEC_OPTIONS") or {}), spec_options(app.config, base)),
     )
+
+
+class RelativePaths(BasePlugin):  # type: ignore[misc]
+    """The spec's paths relative to its server (``/jobs``, not ``/v1/relion/jobs``): the base path
+    is said once, in ``servers``."""
+
+    def __init__(self, base: str) -> None:
+        self.base = base.rstrip("/")
+
+    def path_helper(self, path: str | None = None, **_: Any) -> str | None:
+        if path and self.base and path.startswith(self.base + "/"):
+            return path[len(self.base):]
+        return path

@@ -27,7 +27,7 @@ def portal(gateway_url: str, tmp_path_factory: pytest.TempPathFactory) -> Module
 
 
 def test_the_generated_client_runs_a_job(portal: ModuleType, gateway_url: str, admin_token: tuple[Any, str], dataset_url: str, bucket: str) -> None:
-    client = portal.connect(gateway_url, admin_token[1])  # the origin: the spec's paths carry /v1/relion
+    client = portal.connect(f"{gateway_url}/v1/relion", admin_token[1])  # the spec's server: its paths are relative to it
     request = {
         "user_id": USER, "workspace_id": "generated", "dataset_s3_url": dataset_url, "output_s3_prefix": f"s3://{bucket}/results/{USER}",
         "mode": "2d", "num_mpi": 1, "flags": {**TINY_FLAGS["2d"], "j": 1},

@@ -242,7 +242,7 @@ def test_cancel_of_an_ended_job_is_409(client: FlaskClient, scheduler: FakeSched
 
 def test_openapi_spec_lists_the_job_endpoints(client: FlaskClient) -> None:
     spec = client.get("/v1/relion/openapi.json").json
-    assert {"/v1/relion/jobs", "/v1/relion/jobs/{job_id}", "/v1/relion/jobs/{job_id}/script", "/v1/relion/render"} <= set(spec["paths"])
+    assert {"/jobs", "/jobs/{job_id}", "/jobs/{job_id}/script", "/render"} <= set(spec["paths"])
     assert "JobRequest" in spec["components"]["schemas"]
 
 

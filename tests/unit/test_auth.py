@@ -135,7 +135,7 @@ def test_health_and_the_spec_are_open(anonymous_client: FlaskClient) -> None:
     spec = anonymous_client.get("/v1/relion/openapi.json")
     assert spec.status_code == 200
     assert spec.json["components"]["securitySchemes"]["bearerAuth"]["scheme"] == "bearer"
-    assert spec.json["paths"]["/v1/relion/jobs/{job_id}/events"]["post"]["security"] == []
+    assert spec.json["paths"]["/jobs/{job_id}/events"]["post"]["security"] == []
 
 
 def test_job_events_need_their_signature_not_a_bearer_token(client: FlaskClient, app: Flask, scheduler: FakeScheduler) -> None:

@@ -556,8 +556,8 @@ def test_secrets_never_reach_scripts_logs_metadata_or_errors(
 
 def test_the_415_is_in_the_spec_where_the_parser_reads_the_body(client: FlaskClient) -> None:
     spec = client.get("/v1/relion/openapi.json").json
-    for path in ("/v1/relion/jobs", "/v1/relion/render"):
+    for path in ("/jobs", "/render"):
         assert "415" in spec["paths"][path]["post"]["responses"], path
-    assert "415" not in spec["paths"]["/v1/relion/jobs/{job_id}/events"]["post"]["responses"]  # read by its view, signed
+    assert "415" not in spec["paths"]["/jobs/{job_id}/events"]["post"]["responses"]  # read by its view, signed
     response = client.post("/v1/relion/render", data=json.dumps(valid_request()), content_type="text/plain")
     assert_error_shape(response, 415)

@@ -163,7 +163,7 @@ def test_the_generated_client_types_the_job(generated: Path) -> None:
 
 def test_the_generated_client_submits_reads_and_lists(generated: Path, app: Flask) -> None:
     portal = load_portal(generated)
-    client = portal.connect("http://gateway.test", app.config["TEST_TOKENS"]["alice"], httpx.WSGITransport(app=app))
+    client = portal.connect("http://gateway.test/v1/relion", app.config["TEST_TOKENS"]["alice"], httpx.WSGITransport(app=app))
     ids = [portal.submit(client, valid_request(workspace_id=f"gen{i}")).job_id for i in range(3)]
     assert portal.status(client, ids[0]) is portal.JobState.QUEUED
     summaries, total, following = portal.jobs(client, page_size=2)

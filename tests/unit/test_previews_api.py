@@ -302,9 +302,9 @@ def test_the_log_dir_copy_wins_while_it_is_there(app: Flask, client: FlaskClient
 
 def test_the_spec_documents_both_endpoints(client: FlaskClient) -> None:
     paths = client.get("/v1/relion/openapi.json").json["paths"]
-    listing = paths["/v1/relion/jobs/{job_id}/previews"]["get"]
+    listing = paths["/jobs/{job_id}/previews"]["get"]
     assert {"200", "401", "404"} <= set(listing["responses"])
-    image = paths["/v1/relion/jobs/{job_id}/previews/{name}"]["get"]
+    image = paths["/jobs/{job_id}/previews/{name}"]["get"]
     assert {"200", "304", "401", "404", "503"} <= set(image["responses"])
     assert "image/png" in image["responses"]["200"]["content"]
     assert "ETag" in image["responses"]["200"]["headers"]
