@@ -63,6 +63,9 @@ def default_config() -> dict[str, Any]:
         "SLURM_REST_USER": "root",
         "SLURM_REST_API_VERSION": "v0.0.38",
         "SLURM_REST_TOKEN_LIFESPAN": 3600,
+        # slurmrestd's HS256 key (slurm.conf AuthAltParameters=jwt_key=): set, the rest backend mints
+        # its JWTs itself (PyJWT) instead of running `scontrol token`, so it needs no Slurm binaries.
+        "SLURM_REST_JWT_KEY_FILE": "",
         "SLURM_PARTITION": "",
         "SLURM_ACCOUNT": "",
         "SLURM_QOS": "",
