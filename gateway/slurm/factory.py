@@ -5,15 +5,19 @@ Config keys (their defaults are gateway/config.py's, the one owner; DEFAULTS rea
 - SLURM_BACKEND: "cli" (sbatch/squeue/sacct), "rest" (slurmrestd), "pyslurm" (Slurm >= 25.11 only)
 - SLURM_COMMAND_TIMEOUT: seconds for each command, HTTP request or token mint
 - SLURM_REST_URL, SLURM_REST_USER, SLURM_REST_API_VERSION, SLURM_REST_TOKEN_LIFESPAN (seconds)
+- SLURM_REST_JWT_KEY_FILE: slurmrestd's HS256 key; set, tokens are signed here (no `scontrol token`)
 """
 from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from gateway.config import default_config
 from gateway.slurm.backend import SchedulerBackend
+
+if TYPE_CHECKING:
+    from gateway.slurm.tokens import TokenProvider
 
 log = logging.getLogger(__name__)
 
@@ -45,11 +49,9 @@ def make_scheduler(config: Mapping[str, Any], **overrides: Any) -> SchedulerBack
         return SlurmCliBackend(timeout=timeout, **overrides)
     if name == "rest":
         from gateway.slurm.rest import SlurmRestBackend
-        from gateway.slurm.tokens import TokenProvider
 
         user = str(_get(config, "SLURM_REST_USER"))
-        lifespan = int(_get(config, "SLURM_REST_TOKEN_LIFESPAN"))
-        tokens = overrides.pop("token_provider", None) or TokenProvider(user, lifespan=lifespan, timeout=timeout)
+        tokens = overrides.pop("token_provider", None) or make_token_provider(config)
         return SlurmRestBackend(
             str(_get(config, "SLURM_REST_URL")),
             user,
@@ -65,3 +67,17 @@ def make_scheduler(config: Mapping[str, Any], **overrides: Any) -> SchedulerBack
         # SchedulerError then, not at app start-up.
         return PyslurmBackend(timeout=timeout, **overrides)
     raise ValueError(f"unknown SLURM_BACKEND {name!r}: allowed values are {', '.join(BACKENDS)}")
+
+
+def make_token_provider(config: Mapping[str, Any]) -> TokenProvider:
+    """slurmrestd's tokens: signed with [slurm] rest_jwt_key_file when set, else from `scontrol token`."""
+    from gateway.slurm.tokens import JwtTokenProvider, TokenProvider
+
+    user = str(_get(config, "SLURM_REST_USER"))
+    lifespan = int(_get(config, "SLURM_REST_TOKEN_LIFESPAN"))
+    timeout = float(_get(config, "SLURM_COMMAND_TIMEOUT"))
+    key_file = str(config.get("SLURM_REST_JWT_KEY_FILE") or DEFAULTS["SLURM_REST_JWT_KEY_FILE"])
+    if key_file:
+        log.info("slurmrestd tokens for %s are signed with the key in %s", user, key_file)
+        return JwtTokenProvider(user, key_file, lifespan=lifespan, timeout=timeout)
+    return TokenProvider(user, lifespan=lifespan, timeout=timeout)

@@ -1,7 +1,16 @@
-"""slurmrestd's JWTs: minted by ``scontrol token``, reused until they near expiry.
+"""slurmrestd's JWTs: minted by ``scontrol token`` or signed here with the HS256 key, reused until they near expiry.
 
 The REST backend (gateway.slurm.rest) sends them as ``X-SLURM-USER-TOKEN``; the local stack's
 slurmrestd readiness probe (gateway.stack.slurmrestd) mints its own the same way.
+
+Two sources, one interface (``token()``, ``invalidate()``, ``for_user()``):
+
+- ``TokenProvider``: ``scontrol token username=<u> lifespan=<s>`` (needs Slurm's client and munge).
+- ``JwtTokenProvider``: signs the token itself with slurmrestd's key, the file slurm.conf's
+  ``AuthAltParameters=jwt_key=`` names (``[slurm] rest_jwt_key_file``), as ``scontrol token`` does
+  in slurmctld: HS256 with the claims ``sun`` (the user), ``iat`` and ``exp``. No Slurm binary is
+  needed, so a gateway in a container reaches slurmrestd with the key mounted in. Whoever holds the
+  key can act as any user, root included: it is a secret of the same weight as munge's key.
 """
 from __future__ import annotations
 
@@ -10,6 +19,7 @@ import re
 import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 from gateway.process import CommandError, Runner, run_command
 from gateway.slurm.backend import TRANSIENT_TEXT, SchedulerError
@@ -93,3 +103,55 @@ class TokenProvider:
             ) from exc
         log.debug("minted a slurmrestd token for %s (lifespan %d s)", self.user, self.lifespan)
         return parse_scontrol_token(out)
+
+
+def mint_jwt(key: bytes, user: str, lifespan: int, *, now: float | None = None) -> str:
+    """An HS256 JWT slurmrestd accepts for ``user``: the claims Slurm's auth/jwt reads (sun, exp) and iat."""
+    import jwt  # PyJWT
+
+    issued = int(time.time() if now is None else now)
+    return jwt.encode({"sun": user, "iat": issued, "exp": issued + int(lifespan)}, key, algorithm="HS256")
+
+
+def read_jwt_key(path: str | Path) -> bytes:
+    """The key file's bytes, as Slurm uses them (the whole file, no trimming); a clear error if unreadable."""
+    try:
+        key = Path(path).read_bytes()
+    except OSError as exc:
+        raise SchedulerError(f"cannot read slurmrestd's JWT key [slurm] rest_jwt_key_file={path}: {exc.strerror}") from exc
+    if not key:
+        raise SchedulerError(f"slurmrestd's JWT key {path} is empty")
+    return key
+
+
+class JwtTokenProvider(TokenProvider):
+    """Sign slurmrestd JWTs with its HS256 key instead of running ``scontrol token``.
+
+    The key file is read at each mint (a rotated key is picked up after ``invalidate()``, which the
+    REST backend calls when slurmrestd rejects a token), never kept in a log or an error.
+    """
+
+    def __init__(
+        self,
+        user: str,
+        key_file: str | Path,
+        *,
+        lifespan: int = 3600,
+        clock: Callable[[], float] = time.monotonic,
+        wall_clock: Callable[[], float] = time.time,
+        refresh_fraction: float = 0.2,
+        timeout: float = 30.0,
+    ) -> None:
+        super().__init__(user, lifespan=lifespan, clock=clock, refresh_fraction=refresh_fraction, timeout=timeout)
+        self.key_file = Path(key_file)
+        self._wall_clock = wall_clock
+
+    def for_user(self, user: str) -> JwtTokenProvider:
+        """A provider signing tokens for ``user`` with the same key and lifespan."""
+        return JwtTokenProvider(user, self.key_file, lifespan=self.lifespan, wall_clock=self._wall_clock,
+                                timeout=self._timeout)
+
+    def _mint(self) -> str:
+        token = mint_jwt(read_jwt_key(self.key_file), self.user, self.lifespan, now=self._wall_clock())
+        log.debug("signed a slurmrestd token for %s (lifespan %d s)", self.user, self.lifespan)
+        return token
