@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 GATEWAY := $(VENV)/bin/relion-gateway
 
-.PHONY: install stack browser demo test unit integration reliability bench stack-down clean
+.PHONY: install stack browser demo test unit integration reliability bench stack-down clean image image-test
 
 $(VENV)/.installed: setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -39,6 +39,14 @@ integration: stack
 # Fault injection on the real stack (kills the gateway, slurmctld, slurmd, the S3 server).
 reliability: stack
 	$(PY) -m pytest tests/reliability
+
+# The service's container image, built offline with podman (a debootstrap base; reused per commit).
+image: install
+	$(GATEWAY) image build
+
+# The image run on the local stack (health, readiness, a token, non-root, the store across a restart).
+image-test: image stack
+	$(PY) -m pytest -m container tests/container
 
 bench: stack
 	$(PY) bench/run.py

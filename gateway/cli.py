@@ -15,6 +15,7 @@ from gateway.relion.dataset import make_dataset_command
 from gateway.dry_run import render_command
 from gateway.serve import serve_command
 from gateway.stack.control import stack_group
+from gateway.stack.image import image_group
 
 
 @click.group()
@@ -28,6 +29,7 @@ def cli(verbose: bool) -> None:
 
 
 cli.add_command(stack_group)
+cli.add_command(image_group)
 cli.add_command(make_dataset_command)
 cli.add_command(serve_command)
 cli.add_command(demo_command)
