@@ -26,9 +26,11 @@ demo: stack
 browser:
 	command -v chromium >/dev/null || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium)
 
-# The whole suite: unit tests and the integration tests on the real stack.
+# The whole suite: the unit tests (CPU-bound, fakes at the seams: one worker per CPU), then the
+# hostile, integration and reliability tests on the real stack, one at a time.
 test: stack browser
-	$(PY) -m pytest
+	$(PY) -m pytest -n auto tests/unit
+	$(PY) -m pytest --ignore=tests/unit
 
 unit: install
 	$(PY) -m pytest tests/unit

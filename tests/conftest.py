@@ -7,6 +7,7 @@ token, and every client that ``app.test_client()`` makes sends alice's unless to
 from __future__ import annotations
 
 import stat
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -30,8 +31,12 @@ def _job_accounts_reach_tmp(tmp_path_factory: pytest.TempPathFactory) -> None:
     must reach their workspaces and logs below the tests' temporary directories, which pytest makes
     mode 700: allow search (o+x, never listing) on the way down."""
     base = tmp_path_factory.getbasetemp()
-    for directory in (base.parent, base):
-        _searchable(directory)
+    # Every directory between /tmp and the base: under pytest-xdist the base is one more level
+    # down (<...>/pytest-N/popen-gw0), below pytest's own 0700 pytest-of-<user>.
+    tmp = Path(tempfile.gettempdir())
+    for directory in [*reversed(base.parents), base]:
+        if tmp in directory.parents:
+            _searchable(directory)
 
 
 @pytest.fixture
