@@ -218,6 +218,30 @@ class SlurmCliBackend:
         ]
         return parse_sacct(self._call(argv))
 
+    def accounting(self, job_id: str) -> dict[str, str]:
+        """CPU time and nodes of an ended job, for metadata.json's resources: the archive hook asks it
+        for its main job from the compute node (gateway.jobside.program). What the job cost, for the
+        gateway's records and reports, is usage() (gateway/slurm/accounting.py).
+
+        Asked without -X on purpose: in 22.05 the -X allocation record reports TotalCPU 00:00:00;
+        without -X the allocation row carries the sum of its steps.
+        """
+        fields = ["JobID", "TotalCPU", "CPUTime", "AllocCPUS", "NNodes", "NodeList", "MaxRSS"]
+        out = self._call(
+            ["sacct", "--noheader", "--parsable2", f"--delimiter={FIELD_SEPARATOR}", f"--jobs={job_id}", f"--format={','.join(fields)}"]
+        )
+        rows = [row for row in _rows(out, fields) if row["JobID"] == str(job_id)]
+        if not rows:
+            return {}
+        row = rows[-1]
+        return {
+            "total_cpu": row["TotalCPU"],
+            "cpu_time_allocated": row["CPUTime"],
+            "alloc_cpus": row["AllocCPUS"],
+            "nodes": row["NNodes"],
+            "node_list": row["NodeList"],
+        }
+
     def usage(self, job_ids: Iterable[str]) -> dict[str, SlurmUsage]:
         return SacctAccounting(self._run, self._timeout).usage(job_ids)
 
