@@ -11,6 +11,8 @@ What `build` does (every step skipped when its result is there already):
    tag names; uncommitted changes are not in it) and of every dependency (``pip wheel``).
 4. ``podman build --format docker`` (the OCI format drops HEALTHCHECK) tagged
    ``localhost/relion-gateway:<version>-<short sha>``; an image already tagged so is reused.
+   Afterwards the untagged build stage and all but the newest ``--keep`` images are removed
+   (each is ~360 MB, most of it the venv layer).
 
 This machine's hybrid cgroups need podman's runc runtime, the cgroupfs manager and ulimits within
 the process's hard limits (../shared/notes/containers.md): PODMAN_GLOBAL and ULIMITS carry them.
@@ -108,6 +110,7 @@ class BuildReport:
     steps: list[Step] = field(default_factory=list)
     reused: bool = False
     size_bytes: int | None = None
+    removed: list[str] = field(default_factory=list)
 
     @property
     def seconds(self) -> float:
@@ -116,6 +119,7 @@ class BuildReport:
     def lines(self) -> list[str]:
         out = [f"{step.name:<10} {step.outcome:<8} {step.seconds:7.1f} s" for step in self.steps]
         size = f", {self.size_bytes / 1e6:.0f} MB" if self.size_bytes else ""
+        out += [f"removed    {name}" for name in self.removed]
         out.append(f"image {self.tag} ({'reused' if self.reused else 'built'}{size}) in {self.seconds:.1f} s")
         return out
 
@@ -211,6 +215,23 @@ class ImageBuilder:
                 "-t", tag, str(context)]
         self._run(podman(*args), timeout=BUILD_TIMEOUT_S)
 
+    def prune(self, keep: int, current: str) -> list[str]:
+        """Drop the untagged build stages and all but the ``keep`` newest images of REPO (never ``current``)."""
+        self._run(podman("image", "prune", "-f", "--filter", "label=io.relion-gateway.stage=build"), timeout=BUILD_TIMEOUT_S)
+        listed = json.loads(self._run(podman("images", "--format", "json", REPO), timeout=QUERY_TIMEOUT_S) or "[]")
+        tagged = sorted(((int(i.get("Created", 0)), name) for i in listed for name in i.get("Names") or []
+                         if name.startswith(f"{REPO}:")), reverse=True)
+        removed = []
+        for _, name in tagged[max(keep, 1):]:
+            if name == current:
+                continue
+            try:
+                self._run(podman("rmi", name), timeout=QUERY_TIMEOUT_S)
+                removed.append(name)
+            except CommandError as exc:  # a container still uses it
+                log.info("kept %s: %s", name, exc.stderr.strip()[:200])
+        return removed
+
     @contextmanager
     def _timed(self, report: BuildReport, name: str) -> Iterator[list[str]]:
         outcome = ["done"]
@@ -218,7 +239,8 @@ class ImageBuilder:
         yield outcome
         report.steps.append(Step(name, self._clock() - start, outcome[0]))
 
-    def build(self, *, force: bool = False, base: str = BASE_IMAGE, uid: int = 10001, gid: int = 10001) -> BuildReport:
+    def build(self, *, force: bool = False, base: str = BASE_IMAGE, uid: int = 10001, gid: int = 10001,
+              keep: int = 3) -> BuildReport:
         full, short = self.commit()
         report = BuildReport(tag=image_tag(__version__, short), commit=full)
         with self._timed(report, "tools") as outcome:
@@ -240,6 +262,8 @@ class ImageBuilder:
                     context = self.build_context(work, full)
                 with self._timed(report, "build"):
                     self.build_image(context, report.tag, version=__version__, commit=full, base=base, uid=uid, gid=gid)
+                with self._timed(report, "prune"):
+                    report.removed = self.prune(keep, report.tag)
         else:
             report.steps[-1].outcome = "reused"
         report.size_bytes = self.inspect(report.tag).get("Size")
@@ -257,13 +281,14 @@ def image_group() -> None:
               help="base image (another one, e.g. docker.io/library/debian:bookworm-slim, skips debootstrap)")
 @click.option("--uid", type=int, default=10001, show_default=True, help="the service user's uid in the image")
 @click.option("--gid", type=int, default=10001, show_default=True, help="the service user's gid in the image")
-def build_command(force: bool, base: str, uid: int, gid: int) -> None:
+@click.option("--keep", type=int, default=3, show_default=True, help="images of older commits kept (the newest first)")
+def build_command(force: bool, base: str, uid: int, gid: int, keep: int) -> None:
     """Build localhost/relion-gateway:<version>-<commit> from the committed tree (reused when it exists)."""
     builder = ImageBuilder()
     if builder.dirty():
         click.echo("note: uncommitted changes are not in the image (it is built from HEAD)", err=True)
     try:
-        report = builder.build(force=force, base=base, uid=uid, gid=gid)
+        report = builder.build(force=force, base=base, uid=uid, gid=gid, keep=keep)
     except CommandError as exc:
         raise click.ClickException(str(exc)[:4000]) from exc
     for line in report.lines():

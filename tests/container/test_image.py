@@ -1,6 +1,7 @@
 """The container image run with podman on the local stack (issue 18).
 
-Needs the image of this commit (`make image`, i.e. `relion-gateway image build`) and the local stack
+Needs the image of this commit (`make image`, i.e. `relion-gateway image build`; or the image named
+by RELION_GATEWAY_TEST_IMAGE) and the local stack
 with slurmrestd (`relion-gateway stack up --with-rest`); skipped with the reason otherwise. The
 stack is read, never started or stopped here.
 
@@ -52,12 +53,13 @@ def free_port() -> int:
 def image_ref() -> str:
     if shutil.which("podman") is None:
         pytest.skip("podman is not installed (`make image` installs it and builds the image)")
-    short = run_command(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], timeout=30).strip()
-    ref = image_tag(__version__, short)
+    # Another image (one built from an earlier commit, a site's) by name: RELION_GATEWAY_TEST_IMAGE.
+    ref = os.environ.get("RELION_GATEWAY_TEST_IMAGE") or image_tag(
+        __version__, run_command(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], timeout=30).strip())
     try:
         pod("image", "exists", ref, timeout=30)
     except CommandError:
-        pytest.skip(f"the image of this commit, {ref}, is not built: run `make image`")
+        pytest.skip(f"the image {ref} is not built: run `make image` (or name one in RELION_GATEWAY_TEST_IMAGE)")
     return ref
 
 
@@ -208,7 +210,8 @@ def test_a_token_made_inside_works_and_the_store_survives_a_restart(gateway: Gat
     assert requests.get(f"{gateway.url}/v1/relion/jobs", headers=headers, timeout=30).status_code == 200
 
 
-def test_demo_2d_job_through_the_container(image_ref: str, stack: dict[str, Any], tmp_path_factory: pytest.TempPathFactory) -> None:
+def test_demo_2d_job_through_the_container(image_ref: str, stack: dict[str, Any], tmp_path_factory: pytest.TempPathFactory,
+                                          monkeypatch: pytest.MonkeyPatch) -> None:
     """The demo's 2D classification submitted to the container's gateway, to succeeded with its output in S3.
 
     Jobs need what the host gateway's jobs need: the gateway package on the nodes ([job] python is
@@ -230,6 +233,9 @@ def test_demo_2d_job_through_the_container(image_ref: str, stack: dict[str, Any]
         (shared / sub).mkdir(parents=True)
         os.chown(shared / sub, *owner)
     os.chown(shared, *owner)
+    for key, value in stack["environment"].items():
+        if key.startswith("AWS_"):
+            monkeypatch.setenv(key, value)  # this process uploads the dataset and checks the output
     storage = S3Storage(make_s3_client(stack["s3"]["endpoint_url"], stack["s3"]["region"]))
     bucket = stack["s3"]["bucket"]
     dataset = S3Location(bucket, "datasets/tiny-container.tar.gz")
@@ -249,7 +255,9 @@ def test_demo_2d_job_through_the_container(image_ref: str, stack: dict[str, Any]
         job = submit_and_follow(session, ctr.url, bucket, dataset, 3, 600)
         elapsed = time.monotonic() - started
         print(f"demo 2D job through the container: {job['status']} in {elapsed:.0f} s")
-        assert job["status"] == "succeeded", (job, pod("logs", "--tail", "60", ctr.name))
+        if job["status"] != "succeeded":
+            errs = {p.name: p.read_text()[-1500:] for p in (shared / "logs").rglob("*.err")}
+            pytest.fail(f"{job['status']}: {job['message']}\n{errs}\n{pod('logs', '--tail', '30', ctr.name)}")
         output = parse_s3_url(job["output_url"])
         storage.head(output.child("metadata.json"))
         assert (job["metadata"] or {}).get("output", {}).get("bytes", 0) > 0

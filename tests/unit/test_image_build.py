@@ -47,6 +47,9 @@ class FakeRunner:
             raise CommandError(argv, 1)
         if "inspect" in argv:
             return json.dumps([{"Size": 123_000_000}])
+        if "images" in argv:
+            return json.dumps([{"Names": [f"localhost/relion-gateway:0.1.0-old{i}"], "Created": i} for i in range(5)]
+                              + [{"Names": ["localhost/relion-gateway:0.1.0-abc1234"], "Created": 99}])
         return ""
 
     def named(self, word: str) -> list[list[str]]:
@@ -74,7 +77,11 @@ def test_a_cold_build_makes_the_base_the_wheels_and_the_image(monkeypatch: pytes
     monkeypatch.setattr(image.ImageBuilder, "build_base", lambda self, work: runner(["debootstrap", "stub"], timeout=1))
     report = builder(runner).build()
     assert not report.reused
-    assert [s.name for s in report.steps] == ["tools", "reuse", "base", "wheels", "build"]
+    assert [s.name for s in report.steps] == ["tools", "reuse", "base", "wheels", "build", "prune"]
+    # the untagged build stage, then all but the 3 newest images (the new one among them)
+    assert runner.named("prune")[0][-2:] == ["--filter", "label=io.relion-gateway.stage=build"]
+    assert report.removed == ["localhost/relion-gateway:0.1.0-old2", "localhost/relion-gateway:0.1.0-old1",
+                              "localhost/relion-gateway:0.1.0-old0"]
     (build,) = runner.named("build")
     assert build[:4] == ["podman", "--runtime", "runc", "--cgroup-manager=cgroupfs"]
     assert "--format" in build and build[build.index("--format") + 1] == "docker"  # keeps HEALTHCHECK
