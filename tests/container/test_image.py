@@ -39,8 +39,13 @@ TERMINAL = {"succeeded", "failed", "cancelled", "timeout", "out_of_memory", "nod
             "archive_failed", "lost"}
 
 
-def pod(*args: str, timeout: float = 120) -> str:
-    return run_command(podman(*args), timeout=timeout)
+def pod(*args: str, timeout: float = 120, merge_stderr: bool = False) -> str:
+    return run_command(podman(*args), timeout=timeout, merge_stderr=merge_stderr)
+
+
+def logs(name: str, tail: int = 40) -> str:
+    """The container's output (gunicorn and the gateway log to stderr)."""
+    return pod("logs", "--tail", str(tail), name, merge_stderr=True)
 
 
 def free_port() -> int:
@@ -92,8 +97,7 @@ class Gateway:
             except requests.RequestException:
                 pass
             time.sleep(0.5)
-        logs = pod("logs", "--tail", "40", self.name)
-        raise AssertionError(f"{self.name} not healthy after {timeout:.0f} s:\n{logs}")
+        raise AssertionError(f"{self.name} not healthy after {timeout:.0f} s:\n{logs(self.name)}")
 
 
 def run_gateway(image: str, stack: dict[str, Any], work: Path, *, user: tuple[int, int] | None = None,
@@ -257,7 +261,7 @@ def test_demo_2d_job_through_the_container(image_ref: str, stack: dict[str, Any]
         print(f"demo 2D job through the container: {job['status']} in {elapsed:.0f} s")
         if job["status"] != "succeeded":
             errs = {p.name: p.read_text()[-1500:] for p in (shared / "logs").rglob("*.err")}
-            pytest.fail(f"{job['status']}: {job['message']}\n{errs}\n{pod('logs', '--tail', '30', ctr.name)}")
+            pytest.fail(f"{job['status']}: {job['message']}\n{errs}\n{logs(ctr.name, 30)}")
         output = parse_s3_url(job["output_url"])
         storage.head(output.child("metadata.json"))
         assert (job["metadata"] or {}).get("output", {}).get("bytes", 0) > 0
