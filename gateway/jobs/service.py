@@ -146,8 +146,7 @@ class JobService:
 
     def children(self, job_id: str) -> list[str]:
         """The jobs chained on this one (their input_job_id), oldest first."""
-        rows, _ = self.store.list(parent_job_id=job_id, limit=1000)
-        return [r.job_id for r in reversed(rows)]
+        return self.store.child_ids(job_id)
 
     def read_log(self, job_id: str, stream: str, tail: int | None, *, principal: Actor | None = None) -> str:
         """The text of one of the job's Slurm log files (the log dir outlives the workspace)."""
