@@ -28,6 +28,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import requests
+
 from gateway.process import run_command
 from gateway.stack.nodes import HEAD_NAME
 
@@ -510,3 +512,18 @@ def held_templates(directory: Path) -> Path:
         lines.insert(at + 1, "#SBATCH --hold\n")
         (directory / source.name).write_text("".join(lines))
     return directory
+
+
+def wait_serving(base: str, proc: subprocess.Popen[bytes], log_path: Path, timeout: float = 60.0) -> None:
+    """Until a served gateway answers /healthz; RuntimeError with its log's end if it exits or never does."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode}: {log_path.read_text(errors='replace')[-2000:]}")
+        try:
+            if requests.get(f"{base}/healthz", timeout=2).status_code == 200:
+                return
+        except requests.RequestException:
+            pass
+        time.sleep(0.2)
+    raise RuntimeError(f"server did not answer in {timeout:.0f} s: {log_path.read_text(errors='replace')[-2000:]}")

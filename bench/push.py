@@ -47,6 +47,7 @@ from typing import Any
 import requests
 
 from bench.common import (
+    wait_serving,
     ROOT,
     Context,
     bench_gateway_config,
@@ -183,20 +184,7 @@ class Served:
                 cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=log_file, start_new_session=True,
             )
         self.base = f"http://{self.host}:{self.port}"
-        self._wait_up()
-
-    def _wait_up(self, timeout: float = 60.0) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"serve exited with {self.proc.returncode}: {self.log_tail()}")
-            try:
-                if requests.get(f"{self.base}/healthz", timeout=2).status_code == 200:
-                    return
-            except requests.RequestException:
-                pass
-            time.sleep(0.2)
-        raise RuntimeError(f"serve did not answer in {timeout:.0f} s: {self.log_tail()}")
+        wait_serving(self.base, self.proc, self.log_path)
 
     def log_tail(self) -> str:
         return self.log_path.read_text(errors="replace")[-2000:]

@@ -29,6 +29,7 @@ import requests
 from werkzeug.serving import make_server
 
 from bench.common import (
+    wait_serving,
     MEASURE_USER,
     ROOT,
     Context,
@@ -322,7 +323,7 @@ class Bench:
                 )
             base = f"http://127.0.0.1:{port}"
             try:
-                _wait_up(base, proc, log_path)
+                wait_serving(base, proc, log_path)
                 status_urls = [f"{base}/v1/relion/jobs/{j}" for j in job_ids]
                 _load(status_urls, 200, threads)  # warm-up
                 status = _load(status_urls, total, threads, server_sid=proc.pid)
@@ -376,18 +377,6 @@ def _net_note(measured: Measured, commands: dict[str, int]) -> str:
     return f"gateway ran Slurm commands: {ran}; " + _ctld_note(measured, 1, "phase")
 
 
-def _wait_up(base: str, proc: subprocess.Popen[bytes], log_path: Path, timeout: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited with {proc.returncode}: {log_path.read_text(errors='replace')[-2000:]}")
-        try:
-            if requests.get(f"{base}/healthz", timeout=2).status_code == 200:
-                return
-        except requests.RequestException:
-            pass
-        time.sleep(0.2)
-    raise RuntimeError(f"server did not answer in {timeout:.0f} s: {log_path.read_text(errors='replace')[-2000:]}")
 
 
 def _stop(proc: subprocess.Popen[bytes]) -> None:
