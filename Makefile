@@ -46,7 +46,7 @@ reliability: stack
 image: install
 	$(GATEWAY) image build
 
-# The image run on the local stack (health, readiness, a token, non-root, the store across a restart).
+# The image run on the local stack (health, readiness, non-root, a token across a restart, the demo 2D job): ~30 s.
 image-test: image stack
 	$(PY) -m pytest -m container tests/container
 
