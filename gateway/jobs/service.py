@@ -254,6 +254,7 @@ def build_service(
     from gateway.slurm.factory import make_scheduler
 
     renderer = ScriptRenderer(config["PATHS_TEMPLATE_DIR"] or None)
+    warn_if_jobs_get_loopback(config)
     if offline:
         return JobService(
             config=config,
@@ -272,6 +273,21 @@ def build_service(
         callback_secret=load_or_create_secret(config["SERVER_CALLBACK_SECRET"], config["PATHS_STATE_DIR"]),
         auditor=auditor,
     )
+
+
+def warn_if_jobs_get_loopback(config: dict[str, Any]) -> list[str]:
+    """Say so (a WARNING) when jobs would be told to call a loopback address: on a cluster the
+    compute nodes cannot reach the gateway or S3 there. Returns what was warned about."""
+    from urllib.parse import urlsplit
+
+    from gateway.jobs.scripts import callback_url as jobs_callback_url
+
+    seen = {"[server] public_url (where jobs send events)": jobs_callback_url(config),
+            "[s3] job_endpoint_url (S3 for jobs)": config["S3_JOB_ENDPOINT_URL"] or config["S3_ENDPOINT_URL"]}
+    loopback = [f"{key} = {url}" for key, url in seen.items() if url and (urlsplit(url).hostname or "") in ("127.0.0.1", "localhost", "::1")]
+    for line in loopback:
+        log.warning("jobs will call a loopback address, which compute nodes cannot reach: %s; fine on one host only", line)
+    return loopback
 
 
 def _s3_storage(config: dict[str, Any]) -> S3Storage:

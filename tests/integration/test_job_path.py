@@ -57,6 +57,10 @@ def test_2d_classification_runs_end_to_end(
     assert metadata["slurm"]["state"] == "COMPLETED" and metadata["slurm"]["exit_code"] == 0
     assert metadata["slurm"]["main_job_id"] == main_id
     if stack["multinode"]:
+        # Nothing the job was told to call is loopback: the scripts name the gateway (and through it S3) by the head's name.
+        for which in ("main", "archive"):
+            script = http.get(f"{gateway_url}/v1/relion/jobs/{job['job_id']}/script", params={"which": which}, timeout=30).text
+            assert "127.0.0.1" not in script and "localhost" not in script, which
         # RELION's own output says where each rank ran: the leader and a follower on one node, the other follower on the other.
         assert len(metadata["resources"]["hosts"]) == 2 and len(metadata["resources"]["rank_hosts"]) == 3, metadata["resources"]
         assert metadata["resources"]["node_list"] and metadata["resources"]["nodes"] == "2"

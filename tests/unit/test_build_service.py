@@ -30,3 +30,14 @@ def test_the_online_service_has_its_store_storage_and_key(tmp_path: Path) -> Non
     assert (tmp_path / "state" / "callback.key").exists()
     offline = build_service(config, offline=True)
     assert offline.storage is None and offline.callback_secret == b""
+
+
+def test_a_gateway_whose_jobs_would_call_loopback_says_so(caplog: pytest.LogCaptureFixture) -> None:
+    from gateway.config import build_config
+    from gateway.jobs.service import warn_if_jobs_get_loopback
+
+    with caplog.at_level("WARNING"):
+        warned = warn_if_jobs_get_loopback(build_config(environ={"GATEWAY_S3_ENDPOINT_URL": "http://localhost:9010"}))
+    assert len(warned) == 2 and "public_url" in caplog.text and "compute nodes cannot reach" in caplog.text
+    assert warn_if_jobs_get_loopback(build_config(environ={"GATEWAY_SERVER_PUBLIC_URL": "http://head.cluster:9012",
+                                                           "GATEWAY_S3_ENDPOINT_URL": "http://s3.cluster:9000"})) == []
