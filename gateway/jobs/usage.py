@@ -93,6 +93,7 @@ class UsageCollector:
 
     def __init__(self, ctx: JobContext) -> None:
         self.ctx = ctx  # the scheduler's usage() is the one accounting query (a fake in unit tests)
+        self._warned = False
 
     def collect(self, now: float | None = None) -> int:
         """Cost what can be costed now; the number of jobs costed (or given up on)."""
@@ -104,8 +105,12 @@ class UsageCollector:
         try:
             found = self.ctx.scheduler.usage([i for r in pending for ids in slurm_ids(r) for i in ids])
         except SchedulerError as exc:
-            log.warning("usage not collected this cycle: %s", exc.message)
+            # Said once as a WARNING (sacct missing, as in the container image, would otherwise
+            # repeat it every cycle), then at INFO; the jobs are costed when it answers again.
+            log.log(logging.INFO if self._warned else logging.WARNING, "usage not collected this cycle: %s", exc.message)
+            self._warned = True
             return 0
+        self._warned = False
         done = 0
         for record in pending:
             usage = job_usage(record, found, now)

@@ -144,3 +144,22 @@ def test_the_usage_command_writes_csv(served: str, app: Flask, scheduler: FakeSc
     assert lines[0] == "user,jobs,costed_jobs,cpu_hours,cpu_hours_used,gpu_hours,elapsed_hours,cpu_efficiency"
     assert lines[1].startswith("alice,1,1,1.0,0.5,0.0,0.25,0.5") and lines[2].startswith("total,1,1,")
     assert CliRunner().invoke(cli, ["usage", "--url", served, "--token", token, "--group-by", "colour"]).exit_code == 2
+
+
+def test_accounting_out_of_reach_is_said_once_not_every_cycle(
+    client: FlaskClient, app: Flask, scheduler: FakeScheduler, caplog: pytest.LogCaptureFixture
+) -> None:
+    from gateway.slurm.backend import SchedulerError
+
+    service = app.extensions["relion_gateway"]
+    job_id = finished(client, app, scheduler)
+
+    def no_sacct(job_ids: object) -> dict:
+        raise SchedulerError("sacct failed: could not be started: No such file or directory")
+
+    scheduler.usage = no_sacct  # type: ignore[method-assign]
+    with caplog.at_level("INFO", logger="gateway.jobs.usage"):
+        for _ in range(3):
+            service.poll()
+    warnings = [r for r in caplog.records if r.name == "gateway.jobs.usage" and r.levelname == "WARNING"]
+    assert len(warnings) == 1 and service.store.get(job_id).usage_at is None
