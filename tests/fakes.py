@@ -20,6 +20,7 @@ class FakeScheduler:
     submitted: list[str] = field(default_factory=list)
     environments: list[dict[str, str]] = field(default_factory=list)
     cancelled: list[str] = field(default_factory=list)
+    released: list[str] = field(default_factory=list)
     status_calls: list[list[str]] = field(default_factory=list)
     jobs: dict[str, SlurmJobInfo] = field(default_factory=dict)
     names: dict[str, str] = field(default_factory=dict)
@@ -69,6 +70,11 @@ class FakeScheduler:
         ids = list(job_ids)
         self.status_calls.append(ids)
         return {i: self.jobs[i] for i in ids if i in self.jobs}
+
+    def release(self, job_id: str) -> None:
+        self.released.append(job_id)
+        if job_id in self.jobs:
+            self.set_state(job_id, "PENDING", reason="Priority")
 
     def cancel(self, job_id: str) -> None:
         self.cancelled.append(job_id)

@@ -22,7 +22,7 @@ from gateway.jobs.spec import JobSpec
 from gateway.jobs.states import TERMINAL_VALUES, JobState, gateway_state
 from gateway.jobs.submit import Submitter
 from gateway.relion.logs import error_line
-from gateway.slurm.backend import SchedulerError, SlurmJobInfo
+from gateway.slurm.backend import LAUNCH_FAILED_HELD, SchedulerError, SlurmJobInfo
 from gateway.slurm.memory import memory_kill_line
 from gateway.slurm.states import SlurmState
 from gateway.slurm.times import parse_timestamp
@@ -33,6 +33,8 @@ if TYPE_CHECKING:
     from gateway.jobs.usage import UsageCollector
 
 log = logging.getLogger(__name__)
+
+RELEASED_AFTER_FAILED_LAUNCH = "Slurm held the job after its launch failed; the gateway released main job"
 
 # A main job Slurm still lists as running this long after its script stamped "finished" is
 # reported as suspect (see Tracker.apply).
@@ -167,6 +169,8 @@ class Tracker:
         if state.value != record.state:
             log.info("job %s: %s -> %s (%s)", record.job_id, record.state, state.value, changes.get("slurm_state", ""))
         changes.update(wait_estimate(record, state, main))
+        if main is not None and main.state == SlurmState.PENDING and LAUNCH_FAILED_HELD in main.reason.lower():
+            changes["message"] = self._release_after_failed_launch(record, main)
         if state.is_terminal and self.continuer is not None:
             # Decided before the end is stored: a job its request continues never reads as ended.
             continued, note = self.continuer.after_end(dataclasses.replace(record, **changes), main, stored_state=record.state)
@@ -178,6 +182,19 @@ class Tracker:
         # it): a cycle that found nothing new only notes when it looked, or every poll would
         # change the ETag of every live job and a conditional GET would never be a 304.
         self.ctx.store.update(record.job_id, checked_at=now, **(visible or {"updated_at": record.updated_at}))
+
+    def _release_after_failed_launch(self, record: JobRecord, main: SlurmJobInfo) -> str:
+        """Release a main job Slurm held after its launch failed, once: seen when slurmctld was
+        SIGKILLed as the job started (the job would wait held forever). A second hold is an admin's."""
+        if record.message.startswith(RELEASED_AFTER_FAILED_LAUNCH):
+            return (f"Slurm holds main job {main.job_id} after a failed launch although the gateway released it once: "
+                    f"an admin must look (scontrol show job {main.job_id}; scontrol release {main.job_id})")
+        try:
+            self.ctx.scheduler.release(main.job_id)
+        except SchedulerError as exc:
+            return f"Slurm held main job {main.job_id} after a failed launch and releasing it failed: {exc.message}"
+        log.warning("job %s: Slurm held main job %s after a failed launch; released it", record.job_id, main.job_id)
+        return f"{RELEASED_AFTER_FAILED_LAUNCH} {main.job_id} (Slurm: {main.describe()}); it runs again from the start"
 
     def _replace_lost_archive(self, record: JobRecord, spec: JobSpec, main: SlurmJobInfo, why: str) -> None:
         name = spec.slurm_archive_name

@@ -27,6 +27,7 @@ log = logging.getLogger(__name__)
 
 GIVE_UP_S = 3600.0  # slurmdbd normally has a job's end within seconds; an hour covers an outage
 BATCH = 100  # ended jobs costed per poll cycle (one sacct for all of them)
+RETRY_FIRST_S, RETRY_MAX_S = 5.0, 300.0
 
 
 @dataclass(frozen=True)
@@ -94,12 +95,16 @@ class UsageCollector:
     def __init__(self, ctx: JobContext) -> None:
         self.ctx = ctx  # the scheduler's usage() is the one accounting query (a fake in unit tests)
         self._warned = False
+        self._retry: dict[str, tuple[float, int]] = {}  # job id -> (when to ask again, times asked)
 
     def collect(self, now: float | None = None) -> int:
         """Cost what can be costed now; the number of jobs costed (or given up on)."""
         now = time.time() if now is None else now
         pending = self.ctx.store.needing_usage(TERMINAL_VALUES, since=now - 2 * GIVE_UP_S, limit=BATCH)
-        pending = [r for r in pending if r.main_slurm_id]
+        # A job accounting has not completed yet is asked again later and later (5 s, 10 s, ... 5 min),
+        # not every cycle: a poller at 1 s would otherwise run sacct every second for an hour for a
+        # job whose Slurm ids accounting never shows (lost ones).
+        pending = [r for r in pending if r.main_slurm_id and self._retry.get(r.job_id, (0.0, 0))[0] <= now]
         if not pending:
             return 0
         try:
@@ -121,6 +126,11 @@ class UsageCollector:
                 why = {"unavailable": "Slurm's accounting never showed every Slurm job of this job as ended"}
                 self._store(record, why, None, None, now)
                 done += 1
+            else:
+                tries = self._retry.get(record.job_id, (0.0, 0))[1] + 1
+                self._retry[record.job_id] = (now + min(RETRY_MAX_S, RETRY_FIRST_S * 2 ** (tries - 1)), tries)
+                continue
+            self._retry.pop(record.job_id, None)
         return done
 
     def _store(self, record: JobRecord, usage: dict[str, Any], cpu: float | None, gpu: float | None, now: float) -> None:

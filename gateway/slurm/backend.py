@@ -21,6 +21,10 @@ TRANSIENT_TEXT = re.compile(
 )
 
 
+# squeue's reason for a batch job whose launch failed (a node or the controller went away as it
+# started): Slurm requeues it and holds it, so it would wait forever without an admin's release.
+LAUNCH_FAILED_HELD = "launch failed requeued held"
+
 # Between the fields of squeue's and sacct's parsable output: a control character no job name,
 # comment or state carries (a "|" could be in a job name).
 FIELD_SEPARATOR = "\x1f"
@@ -104,6 +108,10 @@ class SchedulerBackend(Protocol):
 
     def cancel(self, job_id: str) -> None:
         """Cancel a job (no error if it has already ended)."""
+        ...
+
+    def release(self, job_id: str) -> None:
+        """Release a held job (``scontrol release``), as an admin would after a failed launch."""
         ...
 
     def find_by_name(self, name: str, *, since: float) -> list[str]:

@@ -51,6 +51,15 @@ def is_transient(exc: CommandError) -> bool:
     return exc.returncode is None and "could not be started" not in exc.reason or bool(TRANSIENT_TEXT.search(exc.stderr))
 
 
+def release_with_scontrol(run: Runner, timeout: float, job_id: str) -> None:
+    """``scontrol release <id>``, one SchedulerError for every way it fails."""
+    try:
+        run(["scontrol", "release", str(job_id)], timeout=timeout)
+    except CommandError as exc:
+        raise SchedulerError(f"scontrol release {job_id} failed ({exc.reason}): {exc.stderr.strip()[:300]}", argv=exc.argv,
+                             stderr=exc.stderr, transient=is_transient(exc)) from exc
+
+
 def sbatch_test_only(run: Runner, script: str, timeout: float, *, backend: str = "") -> str:
     """Ask ``sbatch --test-only`` whether Slurm would take ``script`` (every backend asks it this way).
 
@@ -258,6 +267,9 @@ class SlurmCliBackend:
     def cancel(self, job_id: str) -> None:
         # scancel of an unknown or finished id exits 0 silently (22.05); that is what we want.
         self._call(["scancel", str(job_id)])
+
+    def release(self, job_id: str) -> None:
+        release_with_scontrol(self._run, self._timeout, job_id)
 
     def ping(self) -> bool:
         try:

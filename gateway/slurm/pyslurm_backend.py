@@ -39,7 +39,7 @@ from typing import Any
 from gateway.process import Runner, run_command
 from gateway.slurm.backend import TRANSIENT_ERRNOS, SchedulerError, SlurmJobInfo
 from gateway.slurm.accounting import SacctAccounting, SlurmUsage
-from gateway.slurm.cli import sbatch_test_only
+from gateway.slurm.cli import release_with_scontrol, sbatch_test_only
 from gateway.slurm.directives import job_environment, map_directives
 from gateway.slurm.states import SlurmState
 from gateway.slurm.times import format_elapsed, format_time
@@ -264,6 +264,10 @@ class PyslurmBackend:
             ps.Job(int(job_id)).cancel()
         except ps.RPCError as exc:
             raise self._error(f"cancel of job {job_id}", exc) from exc
+
+    def release(self, job_id: str) -> None:
+        # A rare admin action (a held job after a failed launch): scontrol on this host, as test_only asks sbatch.
+        release_with_scontrol(self._run, self._timeout, job_id)
 
     def usage(self, job_ids: Iterable[str]) -> dict[str, SlurmUsage]:
         # Accounting through sacct on this host, as test_only asks sbatch (see gateway/slurm/accounting.py).

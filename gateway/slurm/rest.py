@@ -57,7 +57,7 @@ from gateway.slurm.backend import (
     SlurmJobInfo,
 )
 from gateway.slurm.accounting import SacctAccounting, SlurmUsage
-from gateway.slurm.cli import sbatch_test_only
+from gateway.slurm.cli import release_with_scontrol, sbatch_test_only
 from gateway.slurm.directives import (
     SBATCH_FLAGS,
     SBATCH_OPTIONS,
@@ -335,6 +335,10 @@ class SlurmRestBackend:
                 log.info("cancel %s: Slurm no longer knows the job", job_id)
                 return
             raise
+
+    def release(self, job_id: str) -> None:
+        # A rare admin action (a held job after a failed launch): scontrol on this host, as test_only asks sbatch.
+        release_with_scontrol(self._run, self.timeout, job_id)
 
     def usage(self, job_ids: Iterable[str]) -> dict[str, SlurmUsage]:
         # Accounting through sacct on this host, as test_only asks sbatch (see gateway/slurm/accounting.py).

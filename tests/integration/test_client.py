@@ -60,7 +60,7 @@ def test_client_submit_wait_metadata_download(gateway_url: str, gateway_config: 
     def costed() -> dict[str, Any] | None:
         return json.loads(client(gateway_url, token, "metadata", job_id)[1]).get("usage")
 
-    usage = wait_until(costed, 30)
+    usage = wait_until(costed, 60)  # asked at the end, then after 5, 10, 20 s while accounting catches up
     assert usage["cpu_hours"] > 0 and usage["cpu_hours_used"] > 0 and len(usage["slurm_jobs"]) == 2
     assert 0 < usage["cpu_efficiency"] <= 1.5 and usage["peak_task_rss_bytes"] > 0
     bucket_name, key = metadata["output"]["url"].removeprefix("s3://").split("/", 1)

@@ -98,7 +98,9 @@ def test_a_drained_node_holds_jobs_with_slurms_reason_in_the_api(
             return state if state.startswith("PENDING (") and "None" not in state else None
 
         reason = wait_until(pending_with_reason, 60, "Slurm's pending reason in the API", interval=0.5)
-        status_while_drained = get(http, url, job["job_id"])["status"]
+        while_drained = get(http, url, job["job_id"])
+        status_while_drained = while_drained["status"]
+        wait = while_drained["wait"]  # why it waits, from the poller's one squeue; marked an estimate
     finally:
         run_command(["scontrol", "update", f"nodename={node}", "state=resume"], timeout=30)
     final = wait_for_all(http, url, [job["job_id"]], timeout=300)[job["job_id"]]
@@ -106,6 +108,7 @@ def test_a_drained_node_holds_jobs_with_slurms_reason_in_the_api(
     tally.notes.append(f"while {node} was drained the API said {status_while_drained}, Slurm {reason}; after resume: {final['status']}")
 
     assert status_while_drained == "queued"
+    assert wait["estimated"] is True and wait["pending_reason"] and wait["pending_reason"] in reason, (wait, reason)
     assert "ReqNodeNotAvail" in reason or "Resources" in reason or "Reserved" in reason, reason
     assert final["status"] == "succeeded", final
 

@@ -6,6 +6,7 @@ import time
 from pathlib import Path
 
 import pytest
+from flask import Flask
 from flask.testing import FlaskClient
 
 from gateway.jobs.poller import Poller
@@ -329,3 +330,17 @@ def test_a_job_slurm_still_runs_long_after_its_script_finished_is_flagged(client
     phases.write_text(phases.read_text() + f"staging {now - 20:.3f}\nrunning {now - 10:.3f}\n")  # requeued, running again
     service(app).poll()
     assert not client.get(f"{JOBS}/{job['job_id']}").json["message"]
+
+
+def test_a_job_slurm_held_after_a_failed_launch_is_released_once(client: FlaskClient, app: Flask, scheduler: FakeScheduler) -> None:
+    # Seen in CI: slurmctld SIGKILLed as a job started; Slurm requeued it "launch failed requeued
+    # held" and it would have waited held forever.
+    service = app.extensions["relion_gateway"]
+    job_id = client.post(JOBS, json=valid_request()).json["job_id"]
+    scheduler.set_state("1001", "PENDING", reason="launch failed requeued held")
+    service.poll()
+    record = service.store.get(job_id)
+    assert scheduler.released == ["1001"] and record.state == "queued" and "released main job 1001" in record.message
+    scheduler.set_state("1001", "PENDING", reason="launch failed requeued held")  # held again
+    service.poll()
+    assert scheduler.released == ["1001"] and "an admin must look" in service.store.get(job_id).message

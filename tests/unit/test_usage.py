@@ -87,16 +87,22 @@ def test_an_ended_job_is_costed_once_in_its_record_and_its_metadata(
     assert len(scheduler.usage_calls) == calls  # costed once: nothing left to ask
 
 
-def test_accounting_that_has_not_caught_up_is_asked_again_next_cycle(client: FlaskClient, app: Flask, scheduler: FakeScheduler) -> None:
+def test_accounting_that_has_not_caught_up_is_asked_again_later_not_every_cycle(client: FlaskClient, app: Flask, scheduler: FakeScheduler) -> None:
+    import time
+
     service = app.extensions["relion_gateway"]
     job_id = finished(client, app, scheduler)
     scheduler.set_usage("1001", complete=False)
     scheduler.set_usage("1002")
     service.poll()
-    assert service.store.get(job_id).usage_at is None
+    assert service.store.get(job_id).usage_at is None and len(scheduler.usage_calls) == 1
     scheduler.set_usage("1001")
     service.poll()
-    assert service.store.get(job_id).usage["cpu_hours"] > 0
+    assert len(scheduler.usage_calls) == 1  # not asked again at once: a poller at 1 s would run sacct every second
+    collector = service.tracker.usage
+    assert collector is not None
+    collector.collect(now=time.time() + 6)  # after the first retry delay (5 s)
+    assert service.store.get(job_id).usage["cpu_hours"] > 0 and len(scheduler.usage_calls) == 2
 
 
 def test_the_usage_report_sums_per_user_account_and_month_and_users_see_their_own(
