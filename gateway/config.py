@@ -38,8 +38,8 @@ def default_config() -> dict[str, Any]:
         "SERVER_CORS_ORIGINS": [],
         "SERVER_WORKERS": 2,  # gunicorn worker processes (one poller runs among them, by lease)
         # Threads per worker (gthread), made as requests need them. Long-polls and event streams
-        # each hold one: 2 x 512 holds 1,000 of them with reads still answered (bench/push.py:
-        # ~55 KiB per held request, a read's p99 11 ms with 1,000 held against 12 ms with none).
+        # each hold one (at most threads - 8): 2 x 512 holds 1,008 (bench/push.py held 1,000 on
+        # 2 x 600 with a read's p99 at 8-11 ms, ~55 KiB per held request).
         "SERVER_THREADS": 512,
         "SERVER_TIMEOUT": 120,  # seconds before gunicorn restarts a stuck worker
         "SERVER_ACCESS_LOG": False,  # one line per request on stdout (costs ~10% of read throughput)
