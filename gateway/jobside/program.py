@@ -41,6 +41,20 @@ def _gateway_storage(callback_url: str, job_id: str, output_url: str = "") -> "B
     return BrokeredStorage(link, output_url)
 
 
+def clear_earlier_run(dest: Path) -> bool:
+    """Empty the job's dataset directory if an earlier run of this same attempt left it full: Slurm
+    re-ran the script (a requeue after a node or controller failure, or the gateway's release of a
+    job held after a failed launch). The attempt starts again from scratch, as its message says;
+    the dataset is staged again, and the cache refuses a directory that is not empty. True if it did."""
+    if dest.is_symlink() or not dest.is_dir() or not any(dest.iterdir()):
+        return False
+    import shutil
+
+    log.warning("%s holds an earlier run of this job (Slurm ran its script again): starting from scratch", dest)
+    shutil.rmtree(dest)
+    return True
+
+
 @job_group.command("stage-in")
 @click.option("--url", required=True, help="s3://bucket/key of the dataset .tar.gz")
 @click.option("--dest", required=True, type=click.Path(path_type=Path), help="directory to extract into")
@@ -90,9 +104,12 @@ def stage_in_command(
             staged: dict[str, object] = {"url": url, "workspace": "kept", "bytes": 0}
         else:
             storage = _gateway_storage(callback_url, job_id)
+            rerun = clear_earlier_run(dest)
             staged = stage_dataset(
                 storage, url, dest, quota_bytes=quota_bytes, max_members=max_members, cache_root=cache_dir, cache_quota_bytes=cache_quota_bytes
             )
+            if rerun:
+                staged["rerun"] = True
             chain = JobSpec.load(job_file).chain if job_file else None
             if chain is not None:
                 # The parent's output beside its dataset, and this job's --i written from it.

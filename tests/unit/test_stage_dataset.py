@@ -141,3 +141,18 @@ def test_a_chained_job_links_its_parents_cached_output_and_writes_its_particles(
     stacks(dest)
     with pytest.raises(ValueError, match="changed since this job was submitted"):
         stage_parent(storage, dest, chain, quota_bytes=10**7, max_members=100)
+
+
+def test_a_rerun_of_the_same_attempt_starts_from_an_empty_dataset_directory(tmp_path: Path) -> None:
+    # Seen in CI after a slurmctld SIGKILL: Slurm ran a job's script again and the dataset cache
+    # refused the directory its first run had filled ("... dataset is not empty").
+    from gateway.jobside.program import clear_earlier_run
+
+    dest = tmp_path / "dataset"
+    assert clear_earlier_run(dest) is False  # nothing there yet
+    (dest / "Class2D").mkdir(parents=True)
+    (dest / "Class2D" / "run_it001_model.star").write_text("data_\n")
+    assert clear_earlier_run(dest) is True and not dest.exists()
+    link = tmp_path / "elsewhere"
+    link.symlink_to(tmp_path)
+    assert clear_earlier_run(link) is False and tmp_path.exists()  # a symlink is never followed
