@@ -10,7 +10,8 @@ import io
 import secrets
 import tarfile
 import time
-from dataclasses import dataclass
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -47,13 +48,28 @@ class Attempt:
     denied: bool
 
 
-ATTEMPTS: list[Attempt] = []
+ATTEMPTS: list[Attempt] = []  # for the summary: every test's, as its reports arrive
+_RECORDED: list[Attempt] = []  # the running test's, until its teardown report carries them
 
 
 def record(attempt: str, expected: str, observed: str, denied: bool) -> bool:
     """Note one escape attempt for the summary table; return ``denied`` for the test's assert."""
-    ATTEMPTS.append(Attempt(attempt, expected, " ".join(observed.split()), denied))
+    _RECORDED.append(Attempt(attempt, expected, " ".join(observed.split()), denied))
     return denied
+
+
+@pytest.fixture(autouse=True)
+def _attempts_ride_the_report(request: pytest.FixtureRequest) -> Iterator[None]:
+    # Under pytest-xdist the test runs in a worker and the summary is printed by the controller:
+    # the attempts travel in the test's report (user_properties), which both processes see.
+    yield
+    request.node.user_properties.extend(("hostile_attempt", asdict(a)) for a in _RECORDED)
+    _RECORDED.clear()
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    if report.when == "teardown":
+        ATTEMPTS.extend(Attempt(**value) for name, value in report.user_properties if name == "hostile_attempt")
 
 
 def pytest_terminal_summary(terminalreporter: Any) -> None:

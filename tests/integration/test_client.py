@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import pytest
 import requests
 from click.testing import CliRunner
 
@@ -113,6 +114,7 @@ def wait_until(predicate: Any, timeout: float = 60) -> Any:
         time.sleep(0.5)
 
 
+@pytest.mark.serial  # kills the S3 server and stops slurmctld
 def test_readyz_follows_slurm_and_s3(gateway_url: str) -> None:
     from gateway.stack import stack_status, stack_up
 

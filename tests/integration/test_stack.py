@@ -22,6 +22,7 @@ from gateway.stack.daemons import is_alive, read_pid_file
 
 pytestmark = [
     pytest.mark.integration,
+    pytest.mark.serial,  # kills and restarts the shared daemons
     pytest.mark.skipif(os.geteuid() != 0, reason="the local stack needs root"),
 ]
 

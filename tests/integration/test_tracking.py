@@ -93,6 +93,7 @@ def test_gateway_restart_mid_run_resumes_tracking(http: requests.Session, privat
     assert ended["status"] == "succeeded", ended
 
 
+@pytest.mark.serial  # restarts the slurmctld every other test's jobs depend on
 def test_slurmctld_restart_mid_run_is_tracked_to_the_end(
     http: requests.Session, gateway_url: str, dataset_url: str, bucket: str, stack: dict, gateway_config: dict
 ) -> None:

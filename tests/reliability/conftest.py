@@ -44,6 +44,7 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
         if "tests/reliability" in str(item.fspath):
             item.add_marker(pytest.mark.integration)
             item.add_marker(pytest.mark.reliability)
+            item.add_marker(pytest.mark.serial)  # each scenario kills or cuts off what the others use
 
 
 @dataclass
