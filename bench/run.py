@@ -36,6 +36,7 @@ BENCHMARKS: dict[str, str] = {
     "previews": "bench.previews",  # Previews made in the job: render time and RSS against the job's wall time
     "cache": "bench.cache",  # Dataset cache: a hit vs a cold stage-in, its disk, a chain vs a new tarball
     "push": "bench.push",  # Push instead of poll: conditional reads, waiters and streams, webhook latency
+    "image": "bench.image",  # Container image: size, build cold / new commit / reused, the demo job through it vs the host
 }
 
 

@@ -20,6 +20,12 @@ from gateway import create_app
 from gateway.auth import create_token
 from tests.fakes import FakeScheduler, FakeStorage
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    # The tests that take minutes first (stable: the others keep their order), so that under
+    # pytest-xdist the rest fill the other workers while they run instead of after.
+    items.sort(key=lambda item: item.get_closest_marker("long") is None)
+
+
 def _searchable(path: Path) -> Path:
     path.chmod(path.stat().st_mode | stat.S_IXOTH)
     return path

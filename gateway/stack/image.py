@@ -41,6 +41,9 @@ from gateway.process import CommandError, run_command
 log = logging.getLogger(__name__)
 
 REPO = "localhost/relion-gateway"
+# The service account the Containerfile makes (its UID/GID build arguments default to the same).
+IMAGE_UID = 10001
+IMAGE_GID = 10001
 BASE_IMAGE = "localhost/relion-gateway-base:bookworm"
 SUITE = "bookworm"
 BASE_PACKAGES = ("python3", "python3-venv", "ca-certificates")
@@ -239,7 +242,7 @@ class ImageBuilder:
         yield outcome
         report.steps.append(Step(name, self._clock() - start, outcome[0]))
 
-    def build(self, *, force: bool = False, base: str = BASE_IMAGE, uid: int = 10001, gid: int = 10001,
+    def build(self, *, force: bool = False, base: str = BASE_IMAGE, uid: int = IMAGE_UID, gid: int = IMAGE_GID,
               keep: int = 3) -> BuildReport:
         full, short = self.commit()
         report = BuildReport(tag=image_tag(__version__, short), commit=full)
@@ -279,8 +282,8 @@ def image_group() -> None:
 @click.option("--force", is_flag=True, help="build even when an image of this commit exists")
 @click.option("--base", default=BASE_IMAGE, show_default=True,
               help="base image (another one, e.g. docker.io/library/debian:bookworm-slim, skips debootstrap)")
-@click.option("--uid", type=int, default=10001, show_default=True, help="the service user's uid in the image")
-@click.option("--gid", type=int, default=10001, show_default=True, help="the service user's gid in the image")
+@click.option("--uid", type=int, default=IMAGE_UID, show_default=True, help="the service user's uid in the image")
+@click.option("--gid", type=int, default=IMAGE_GID, show_default=True, help="the service user's gid in the image")
 @click.option("--keep", type=int, default=3, show_default=True, help="images of older commits kept (the newest first)")
 def build_command(force: bool, base: str, uid: int, gid: int, keep: int) -> None:
     """Build localhost/relion-gateway:<version>-<commit> from the committed tree (reused when it exists)."""

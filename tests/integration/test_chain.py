@@ -64,6 +64,7 @@ def new_dataset(tmp_path: Path, storage: S3Storage, bucket: str) -> str:
     return location.url
 
 
+@pytest.mark.long  # three RELION modes one after the other
 def test_a_dataset_is_staged_once_and_jobs_chain_2d_3d_autorefine_on_the_cache(
     http: requests.Session, gateway_url: str, new_dataset: str, bucket: str, gateway_config: dict[str, Any], stack: dict[str, Any],
     storage: S3Storage,

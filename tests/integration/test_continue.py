@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import pytest
 import requests
 
 from gateway.demo import DEMO_FLAGS
@@ -20,6 +21,8 @@ from gateway.relion.star import parse_star
 from gateway.storage.s3 import S3Storage, parse_s3_url
 from tests.integration.conftest import wait_for_end
 from tests.integration.test_job_path import request_for, submit
+
+pytestmark = pytest.mark.long  # ~3 minutes: Slurm's one-minute time limit, then the continuation
 
 # 3-4.6 s an iteration on one core, as the machine is shared: 28 iterations need 85-130 s, more
 # than the one-minute time limit (Slurm ends the job 60-75 s after it starts), so the first

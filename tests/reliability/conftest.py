@@ -10,7 +10,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import pytest
@@ -44,7 +44,13 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
         if "tests/reliability" in str(item.fspath):
             item.add_marker(pytest.mark.integration)
             item.add_marker(pytest.mark.reliability)
-            item.add_marker(pytest.mark.serial)  # each scenario kills or cuts off what the others use
+            # A scenario that kills or cuts off what other tests use runs alone; the gateway crash
+            # (its own gunicorn, held jobs) and the job endings (its own jobs) run beside others.
+            if item.fspath.basename not in BESIDE_OTHERS:
+                item.add_marker(pytest.mark.serial)
+
+
+BESIDE_OTHERS = {"test_gateway_crash.py", "test_job_endings.py"}
 
 
 @dataclass
@@ -60,14 +66,20 @@ class Tally:
         return f"{self.scenario}: {counts}" + "".join(f"\n    {n}" for n in self.notes)
 
 
-TALLIES: list[Tally] = []
+TALLIES: list[Tally] = []  # for the summary, as each test's teardown report arrives
 
 
 @pytest.fixture
-def tally(request: pytest.FixtureRequest) -> Tally:
+def tally(request: pytest.FixtureRequest) -> Iterator[Tally]:
     counted = Tally(request.node.name)
-    TALLIES.append(counted)
-    return counted
+    yield counted
+    # Under pytest-xdist the summary is the controller's: the tally rides the test's report.
+    request.node.user_properties.append(("tally", asdict(counted)))
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    if report.when == "teardown":
+        TALLIES.extend(Tally(**value) for name, value in report.user_properties if name == "tally")
 
 
 def pytest_terminal_summary(terminalreporter: Any) -> None:
