@@ -110,7 +110,7 @@ class UsageCollector:
         try:
             found = self.ctx.scheduler.usage([i for r in pending for ids in slurm_ids(r) for i in ids])
         except SchedulerError as exc:
-            # Said once as a WARNING (sacct missing, as in the container image, would otherwise
+            # Said once as a WARNING (sacct missing, or slurmdbd down, would otherwise
             # repeat it every cycle), then at INFO; the jobs are costed when it answers again.
             log.log(logging.INFO if self._warned else logging.WARNING, "usage not collected this cycle: %s", exc.message)
             self._warned = True

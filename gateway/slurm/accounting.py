@@ -7,9 +7,9 @@ of its steps'; MaxRSS is only on steps; AllocTRES names GPUs as ``gres/gpu=<n>``
 never ran has no steps and CPUTimeRAW 0. slurmdbd hears of a job's end asynchronously, so a job
 that has just ended may still read RUNNING here for a moment (``complete`` is false then).
 
-Used by every scheduler backend: slurmrestd 22.05's accounting endpoints need slurmdbd's REST side
-and pyslurm's differ by version, while the Slurm client is on every gateway host that has
-``sacct`` (without it usage is not collected, and the record says why).
+Used by the cli and pyslurm backends (pyslurm's accounting API differs by version; the Slurm client
+is on every host that has pyslurm). The rest backend reads the same figures from slurmdbd through
+slurmrestd (gateway.slurm.rest_json.parse_slurmdb_usage), so it needs no Slurm client.
 """
 from __future__ import annotations
 

@@ -27,6 +27,8 @@ recorded answers):
 - A bad or expired token is HTTP 500 with error -1 ("Unspecified error"), not 401; a missing one
   is 401. Errors say ``error_number`` in most answers but ``error_code`` in the submit answer.
 - No test-only endpoint exists; ``test_only`` runs ``sbatch --test-only`` through the runner.
+- ``GET /slurmdb/v0.0.38/jobs?step=...`` without ``skip_steps`` carries each step's TRES and CPU
+  time: ``usage()`` reads sacct's figures from it (``rest_json.parse_slurmdb_usage``), no sacct.
 
 ``status()`` costs one GET /slurm/<ver>/jobs, plus one GET /slurmdb/<ver>/jobs?step= only when
 some ids are unknown to slurmctld and were not seen ending by this backend.
@@ -56,7 +58,7 @@ from gateway.slurm.backend import (
     SchedulerError,
     SlurmJobInfo,
 )
-from gateway.slurm.accounting import SacctAccounting, SlurmUsage
+from gateway.slurm.accounting import SlurmUsage
 from gateway.slurm.cli import release_with_scontrol, sbatch_test_only
 from gateway.slurm.directives import (
     SBATCH_FLAGS,
@@ -65,7 +67,7 @@ from gateway.slurm.directives import (
     map_directives,
     submit_user,
 )
-from gateway.slurm.rest_json import parse_slurm_jobs, parse_slurmdb_jobs
+from gateway.slurm.rest_json import parse_slurm_jobs, parse_slurmdb_jobs, parse_slurmdb_usage
 from gateway.slurm.states import SlurmState
 from gateway.slurm.times import NO_VAL
 from gateway.slurm.tokens import TokenProvider
@@ -341,8 +343,13 @@ class SlurmRestBackend:
         release_with_scontrol(self._run, self.timeout, job_id)
 
     def usage(self, job_ids: Iterable[str]) -> dict[str, SlurmUsage]:
-        # Accounting through sacct on this host, as test_only asks sbatch (see gateway/slurm/accounting.py).
-        return SacctAccounting(self._run, self.timeout).usage(job_ids)
+        """What the jobs used, from slurmdbd through slurmrestd: one GET, steps included, so a
+        gateway with this backend needs no Slurm client for usage (the container image has none)."""
+        ids = sorted({str(i) for i in job_ids if i}, key=lambda i: int(i) if i.isdigit() else 0)
+        if not ids:
+            return {}
+        _, payload = self._request("GET", f"slurmdb/{self.api_version}/jobs", params={"step": ",".join(ids)})
+        return parse_slurmdb_usage(payload)
 
     def test_only(self, script: str) -> str:
         # slurmrestd 22.05 has no test-only endpoint (job/submit always submits), so ask sbatch on

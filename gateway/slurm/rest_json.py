@@ -3,7 +3,8 @@
 The parsing half of the REST backend (gateway.slurm.rest does the HTTP): ``GET /slurm/<ver>/jobs``
 (slurmctld's view, ``parse_slurm_jobs``) and ``GET /slurmdb/<ver>/jobs`` (the accounting
 database's, ``parse_slurmdb_jobs``), whose exit codes are decoded by what each gets right (see
-gateway.slurm.rest's docstring and tests/fixtures/slurmrestd/).
+gateway.slurm.rest's docstring and tests/fixtures/slurmrestd/), and what a job used from the same
+accounting answer with its steps (``parse_slurmdb_usage``, sacct's figures without sacct).
 """
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import logging
 from collections.abc import Mapping
 from typing import Any
 
+from gateway.slurm.accounting import SlurmUsage
 from gateway.slurm.backend import SlurmJobInfo
 from gateway.slurm.states import SlurmState
 from gateway.slurm.times import NO_VAL, format_elapsed, format_time
@@ -141,3 +143,70 @@ def parse_slurmdb_jobs(payload: Mapping[str, Any]) -> dict[str, SlurmJobInfo]:
         if info.job_id not in latest or order >= latest[info.job_id][0]:
             latest[info.job_id] = (order, info)
     return {job_id: info for job_id, (_, info) in latest.items()}
+
+
+def _tres_count(entries: Any, kind: str, name: str | None = None) -> int:
+    """The count of one TRES (``{"type": "mem", "name": null, "count": 2000}``) in a list; 0 if absent."""
+    for entry in entries or []:
+        if isinstance(entry, Mapping) and entry.get("type") == kind and (name is None or entry.get("name") == name):
+            count = entry.get("count")
+            return int(count) if isinstance(count, int) and 0 <= count < NO_VAL else 0
+    return 0
+
+
+def _cpu_seconds(block: Any) -> float:
+    # {"seconds": 58, "microseconds": 1034125}: slurmdbd sums the tasks' microseconds without
+    # carrying them into seconds (sacct's TotalCPU said 00:59.034 for that step).
+    if not isinstance(block, Mapping):
+        return 0.0
+    return float(block.get("seconds") or 0) + float(block.get("microseconds") or 0) / 1e6
+
+
+def parse_slurmdb_usage(payload: Mapping[str, Any]) -> dict[str, SlurmUsage]:
+    """What each job of ``GET /slurmdb/<ver>/jobs`` (steps included) used, as sacct's parse_usage says it.
+
+    Measured against sacct on the same jobs (tests/fixtures/slurmrestd/slurmdb_usage.json): AllocTRES
+    is ``tres.allocated`` (mem in MB, GPUs as type gres, name gpu); CPUTimeRAW is allocated CPUs x
+    ``time.elapsed``; the allocation's ``time.total`` is 0 where sacct's TotalCPU sums the steps',
+    so the steps' are summed here; a step's MaxRSS is ``tres.requested.max`` mem, in bytes; NTasks
+    is ``tasks.count``; TimelimitRaw is ``time.limit`` in minutes. A requeued job's last record
+    (by submission time) is its current one, as in parse_slurmdb_jobs.
+    """
+    latest: dict[str, tuple[int, SlurmUsage]] = {}
+    for job in payload.get("jobs") or []:
+        try:
+            usage = _slurmdb_usage(job)
+        except (KeyError, TypeError, ValueError) as exc:
+            log.warning("skipping a slurmdbd job record: %s", exc)
+            continue
+        submitted = (job.get("time") or {}).get("submission")
+        order = submitted if isinstance(submitted, int) else 0
+        if usage.job_id not in latest or order >= latest[usage.job_id][0]:
+            latest[usage.job_id] = (order, usage)
+    return {job_id: usage for job_id, (_, usage) in latest.items()}
+
+
+def _slurmdb_usage(job: Mapping[str, Any]) -> SlurmUsage:
+    raw_state = str((job.get("state") or {}).get("current") or "")
+    times = job.get("time") or {}
+    allocated = (job.get("tres") or {}).get("allocated") or []
+    elapsed = int(times.get("elapsed") or 0)
+    steps = [s for s in job.get("steps") or [] if isinstance(s, Mapping)]
+    rss = [(_tres_count(((s.get("tres") or {}).get("requested") or {}).get("max"), "mem"),
+            int((s.get("tasks") or {}).get("count") or 0)) for s in steps]
+    limit = times.get("limit")
+    return SlurmUsage(
+        job_id=str(job["job_id"]),
+        state=raw_state,
+        complete=SlurmState.parse(raw_state).is_terminal,
+        elapsed_s=elapsed,
+        cpu_seconds=_tres_count(allocated, "cpu") * elapsed,
+        cpu_seconds_used=round(sum(_cpu_seconds((s.get("time") or {}).get("total")) for s in steps), 3),
+        gpus=_tres_count(allocated, "gres", "gpu"),
+        memory_bytes=_tres_count(allocated, "mem") * 1024 * 1024,
+        peak_task_rss_bytes=max((peak for peak, _ in rss), default=0),
+        peak_step_rss_bytes=max((peak * max(1, tasks) for peak, tasks in rss), default=0),
+        time_limit_s=int(limit) * 60 if isinstance(limit, int) and 0 <= limit < NO_VAL else 0,
+        nodes=int(job.get("allocation_nodes") or 0),
+        account=str(job.get("account") or ""),
+    )

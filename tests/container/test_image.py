@@ -139,7 +139,8 @@ def test_a_token_made_inside_works_and_the_store_survives_a_restart(gateway: Con
 
 def test_demo_2d_job_through_the_container(image_ref: str, stack: dict[str, Any], tmp_path_factory: pytest.TempPathFactory,
                                           monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest) -> None:
-    """The demo's 2D classification submitted to the container's gateway, to succeeded with its output in S3.
+    """The demo's 2D classification submitted to the container's gateway, to succeeded with its output
+    in S3 and its usage recorded (from slurmdbd through slurmrestd: no sacct in the image).
 
     Jobs need what the host gateway's jobs need: the gateway package on the nodes ([job] python is
     this checkout's interpreter, which the nodes share) and the workspace and log roots at the same
@@ -184,5 +185,12 @@ def test_demo_2d_job_through_the_container(image_ref: str, stack: dict[str, Any]
         output = parse_s3_url(job["output_url"])
         storage.head(output.child("metadata.json"))
         assert (job["metadata"] or {}).get("output", {}).get("bytes", 0) > 0
+        # What it cost, from slurmdbd through slurmrestd: the image has no sacct.
+        deadline = time.monotonic() + 90
+        while not (usage := (session.get(f"{ctr.url}/v1/relion/jobs/{job['job_id']}", timeout=30).json()["metadata"] or {}).get("usage")):
+            assert time.monotonic() < deadline, f"no usage recorded:\n{ctr.logs(30)}"
+            time.sleep(2)
+        assert usage["cpu_hours"] > 0 and usage["cpu_hours_used"] > 0 and usage["peak_task_rss_bytes"] > 0, usage
+        assert len(usage["slurm_jobs"]) == 2, usage  # the main job and its archive hook
     finally:
         ctr.remove()

@@ -2,7 +2,9 @@
 its token refresh, #SBATCH mapping and wait-status decoding; the factory; the --with-rest stack bits."""
 from __future__ import annotations
 
+import dataclasses
 import json
+import math
 import os
 import stat
 from collections.abc import Callable, Mapping, Sequence
@@ -532,3 +534,54 @@ def test_run_as_directives_pick_the_submitting_user_not_job_fields() -> None:
     job = job_description(script, environment={"PATH": "/bin"}, cwd="/srv/gw", submit_host="gw")
     assert submit_user(script) == "rgjob" and submit_user("#!/bin/bash\necho\n") is None
     assert not {"uid", "gid", "user_id", "group_id"} & set(job)
+
+
+# --- usage (accounting through slurmrestd) ------------------------------------------------------------
+
+
+def test_usage_from_slurmdbd_through_rest_reads_what_sacct_says_of_the_same_jobs() -> None:
+    from gateway.slurm.accounting import parse_usage
+    from gateway.slurm.rest_json import parse_slurmdb_usage
+
+    # Recorded side by side (record.py --usage): two tasks holding memory, a stand-in GPU job.
+    by_rest = parse_slurmdb_usage(fixture("slurmdb_usage.json")[1])
+    by_sacct = parse_usage((FIXTURES / "sacct_usage.txt").read_text())
+    assert set(by_rest) == set(by_sacct) and len(by_rest) == 2
+    for job_id, expected in by_sacct.items():
+        got = by_rest[job_id]
+        # sacct rounds each step's TotalCPU to the millisecond before it sums them
+        assert math.isclose(got.cpu_seconds_used, expected.cpu_seconds_used, abs_tol=0.005), (got, expected)
+        assert dataclasses.replace(got, cpu_seconds_used=expected.cpu_seconds_used) == expected
+    busy = max(by_rest.values(), key=lambda u: u.peak_step_rss_bytes)
+    assert busy.peak_step_rss_bytes >= 2 * 40 * 2**20 and busy.cpu_seconds_used > 5  # the figures are real ones
+    assert any(u.gpus == 1 for u in by_rest.values())
+
+
+def test_rest_usage_is_one_accounting_get_with_steps_and_no_sacct() -> None:
+    def route(method: str, path: str, params: Mapping[str, Any] | None, body: Any) -> tuple[int, Any]:
+        assert (method, path) == ("GET", "/slurmdb/v0.0.38/jobs") and params is not None
+        assert "skip_steps" not in params  # the steps carry MaxRSS and TotalCPU
+        return fixture("slurmdb_usage.json")
+
+    def no_sacct(argv: Sequence[str], **_: Any) -> str:
+        raise AssertionError(f"ran {argv}")
+
+    ids = json.loads((FIXTURES / "slurmdb_usage.json").read_text())["body"]["jobs"]
+    wanted = [str(job["job_id"]) for job in ids]
+    rest, session, _ = backend(route, runner=no_sacct)
+    found = rest.usage([wanted[1], wanted[0], wanted[0]])
+    assert set(found) == set(wanted) and all(u.complete for u in found.values())
+    assert [c["params"]["step"] for c in session.calls] == [",".join(sorted(wanted, key=int))]
+    assert rest.usage([]) == {} and len(session.calls) == 1
+
+
+def test_slurmdb_usage_skips_a_broken_record_and_keeps_a_requeued_jobs_last() -> None:
+    from gateway.slurm.rest_json import parse_slurmdb_usage
+
+    def record(submitted: int, state: str, elapsed: int) -> dict[str, Any]:
+        return {"job_id": 7, "state": {"current": state}, "time": {"submission": submitted, "elapsed": elapsed, "limit": 2},
+                "tres": {"allocated": [{"type": "cpu", "name": None, "count": 4}]}, "steps": []}
+
+    found = parse_slurmdb_usage({"jobs": [record(20, "COMPLETED", 10), {"state": {}}, record(10, "NODE_FAIL", 3)]})
+    assert list(found) == ["7"]
+    assert (found["7"].state, found["7"].cpu_seconds, found["7"].time_limit_s, found["7"].account) == ("COMPLETED", 40, 120, "")

@@ -344,12 +344,16 @@ def test_a_command_that_merely_names_the_daemon_is_not_the_daemon(sleeper: Daemo
 
 
 def test_daemon_that_dies_at_start_reports_its_log(tmp_path: Path) -> None:
+    # A uniquely named copy of sh, as for the sleeper: named plain "sh", any other shell on the
+    # machine (a Slurm job's, under make test's stack tests) passed for it and was waited on instead.
+    name = f"rg-broken-{uuid.uuid4().hex[:8]}"
+    shutil.copy("/bin/sh", tmp_path / name)
     daemon = Daemon(
         name="broken",
-        argv=["/bin/sh", "-c", "echo 'fatal: no config' >&2; exit 3"],
+        argv=[str(tmp_path / name), "-c", "echo 'fatal: no config' >&2; exit 3"],
         pid_file=tmp_path / "broken.pid",
         log_file=tmp_path / "broken.out",
-        names=("sh",),
+        names=(name,),
         probe=lambda _since: False,
         ready_timeout=5.0,
     )
