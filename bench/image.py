@@ -32,7 +32,8 @@ from typing import Any
 import requests
 from werkzeug.serving import make_server
 
-from bench.common import Context, bench_gateway_config, median, row
+from bench.common import Context, bench_gateway_config, restore_environment, row
+from bench.overhead import median
 from bench.topology import free_head_port
 from gateway import create_app
 from gateway.auth import create_token
@@ -54,7 +55,7 @@ JOB_ACCOUNT = "rgjob"  # the stack's job account: the container runs as it (see 
 
 def _build_rows(label: str, report: BuildReport) -> list[dict[str, Any]]:
     steps = ", ".join(f"{s.name} {s.seconds:.1f} s" for s in report.steps if s.outcome != "skipped")
-    return [row("build", f"image build, {label}", round(report.seconds, 1), unit="s", note=steps)]
+    return [row("build", f"image build, {label}", round(report.seconds, 2), unit="s", note=steps)]
 
 
 def builds(ctx: Context) -> tuple[list[dict[str, Any]], dict[str, Any]]:
@@ -85,6 +86,9 @@ class Demo:
 
     def __init__(self, ctx: Context, stack: dict[str, Any], image: str) -> None:
         self.ctx, self.stack, self.image = ctx, stack, image
+        env = {k: v for k, v in stack["environment"].items() if not k.startswith("GATEWAY_")}
+        self._saved_env = {k: os.environ.get(k) for k in env}
+        os.environ.update(env)  # the host gateway's (and this process's) S3 keys
         self.storage = S3Storage(make_s3_client(stack["s3"]["endpoint_url"], stack["s3"]["region"]))
         self.bucket = stack["s3"]["bucket"]
         self.work = Path(tempfile.mkdtemp(prefix="bench-image-", dir="/var/tmp"))
@@ -145,6 +149,7 @@ class Demo:
                 for item in page.get("Contents", []):
                     self.storage.client.delete_object(Bucket=location.bucket, Key=item["Key"])
         shutil.rmtree(self.work, ignore_errors=True)
+        restore_environment(self._saved_env)
 
 
 def run(ctx: Context) -> dict[str, Any]:
@@ -153,6 +158,8 @@ def run(ctx: Context) -> dict[str, Any]:
         raise RuntimeError("needs root and the stack with slurmrestd (`relion-gateway stack up --with-rest`)")
     ctx.log("  1/2 image build: reused, new commit" + ("" if ctx.quick else ", cold"))
     rows, details = builds(ctx)
+    for built in rows:
+        ctx.log(f"    {built['metric']}: {built['value']} {built['unit']} ({built['note']})")
     ctx.log("  2/2 the demo 2D job through the host's gateway and the container's")
     demo = Demo(ctx, stack, details["tag"])
     walls: dict[str, list[float]] = {"host": [], "container": []}

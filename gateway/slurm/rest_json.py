@@ -9,8 +9,8 @@ accounting answer with its steps (``parse_slurmdb_usage``, sacct's figures witho
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
-from typing import Any
+from collections.abc import Callable, Mapping
+from typing import Any, TypeVar
 
 from gateway.slurm.accounting import SlurmUsage
 from gateway.slurm.backend import SlurmJobInfo
@@ -131,18 +131,26 @@ def parse_slurmdb_jobs(payload: Mapping[str, Any]) -> dict[str, SlurmJobInfo]:
     A requeued job has several records with one id (the query asks for duplicates); the one
     submitted last is the current one.
     """
-    latest: dict[str, tuple[int, SlurmJobInfo]] = {}
+    return _latest_records(payload, parse_slurmdb_job)
+
+
+_Record = TypeVar("_Record", SlurmJobInfo, SlurmUsage)
+
+
+def _latest_records(payload: Mapping[str, Any], parse: Callable[[Mapping[str, Any]], _Record]) -> dict[str, _Record]:
+    """Each job's last record (by submission time) of a slurmdbd answer, parsed; broken ones skipped."""
+    latest: dict[str, tuple[int, _Record]] = {}
     for job in payload.get("jobs") or []:
         try:
-            info = parse_slurmdb_job(job)
+            record = parse(job)
         except (KeyError, TypeError, ValueError) as exc:
             log.warning("skipping a slurmdbd job record: %s", exc)
             continue
         submitted = (job.get("time") or {}).get("submission")
         order = submitted if isinstance(submitted, int) else 0
-        if info.job_id not in latest or order >= latest[info.job_id][0]:
-            latest[info.job_id] = (order, info)
-    return {job_id: info for job_id, (_, info) in latest.items()}
+        if record.job_id not in latest or order >= latest[record.job_id][0]:
+            latest[record.job_id] = (order, record)
+    return {job_id: record for job_id, (_, record) in latest.items()}
 
 
 def _tres_count(entries: Any, kind: str, name: str | None = None) -> int:
@@ -172,18 +180,7 @@ def parse_slurmdb_usage(payload: Mapping[str, Any]) -> dict[str, SlurmUsage]:
     is ``tasks.count``; TimelimitRaw is ``time.limit`` in minutes. A requeued job's last record
     (by submission time) is its current one, as in parse_slurmdb_jobs.
     """
-    latest: dict[str, tuple[int, SlurmUsage]] = {}
-    for job in payload.get("jobs") or []:
-        try:
-            usage = _slurmdb_usage(job)
-        except (KeyError, TypeError, ValueError) as exc:
-            log.warning("skipping a slurmdbd job record: %s", exc)
-            continue
-        submitted = (job.get("time") or {}).get("submission")
-        order = submitted if isinstance(submitted, int) else 0
-        if usage.job_id not in latest or order >= latest[usage.job_id][0]:
-            latest[usage.job_id] = (order, usage)
-    return {job_id: usage for job_id, (_, usage) in latest.items()}
+    return _latest_records(payload, _slurmdb_usage)
 
 
 def _slurmdb_usage(job: Mapping[str, Any]) -> SlurmUsage:
