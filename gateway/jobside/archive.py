@@ -11,6 +11,7 @@ import dataclasses
 import hashlib
 import json
 import logging
+import re
 import shutil
 import subprocess
 import time
@@ -38,6 +39,24 @@ class ArchiveError(Exception):
     """The output could not be archived safely; the workspace was kept."""
 
 
+# GNU tar exits 1 (the archive itself is whole) when a file changed while it was read. Once the
+# main job has ended nothing should write there, but a job whose node Slurm declared dead may still
+# be running on it, cut off from slurmctld but not from the shared file system (the node-cut test
+# saw RELION write two more iterations while its hook packed them). Pack again after a pause; the
+# last try keeps what it read and names the files in metadata.json.
+_TAR_CHANGED = re.compile(r"^tar: (.+): file changed as we read it$", re.MULTILINE)
+PACK_ATTEMPTS = 3
+PACK_SETTLE_S = 5.0
+
+
+class OutputChanging(CommandError):
+    """tar read files that were being written (exit 1); ``paths`` names them."""
+
+    def __init__(self, argv: list[str], stderr: str, paths: list[str]) -> None:
+        super().__init__(argv, 1, "", stderr, "files changed while they were packed")
+        self.paths = paths
+
+
 def retry(action: Callable[[], T], *, what: str, attempts: int = 4, first_delay: float = 2.0) -> T:
     """Retry an S3 action with exponential backoff (2, 4, 8 s by default)."""
     delay = first_delay
@@ -61,11 +80,13 @@ def pack_and_upload(
     *,
     compressor: str = "pigz",
     timeout: float = 6 * 3600,
+    keep_changed: bool = False,
 ) -> dict[str, Any]:
     """Stream ``tar -cf - member | <compressor> -6`` into a multipart upload; return bytes and sha256.
 
     GNU tar plus pigz is ~3x faster than Python's gzip on this path (shared notes), and streaming
-    needs no temporary archive on disk.
+    needs no temporary archive on disk. Files that changed while tar read them raise
+    OutputChanging, unless ``keep_changed``: then the result names them (``changed_while_packed``).
     """
     size_hint = sum(p.stat().st_size for p in (source_root / member).rglob("*") if p.is_file())
     tar_argv = ["tar", "-cf", "-", "-C", str(source_root), "--", member]
@@ -93,11 +114,31 @@ def pack_and_upload(
                 proc.kill()
                 proc.wait(timeout=30)
                 raise CommandError(argv, None, "", "", f"timed out after {timeout:g} s")
+    packed: dict[str, Any] = {"bytes": hashing.bytes, "sha256": hashing.sha256.hexdigest(), "uncompressed_bytes": size_hint}
     for proc, argv in ((tar, tar_argv), (packer, compress_argv)):
         if proc.returncode != 0:
             stderr = proc.stderr.read().decode(errors="replace") if proc.stderr else ""
-            raise CommandError(argv, proc.returncode, "", stderr)
-    return {"bytes": hashing.bytes, "sha256": hashing.sha256.hexdigest(), "uncompressed_bytes": size_hint}
+            changed = _TAR_CHANGED.findall(stderr) if proc is tar and proc.returncode == 1 else []
+            if not changed:
+                raise CommandError(argv, proc.returncode, "", stderr)
+            if not keep_changed:
+                raise OutputChanging(argv, stderr, changed)
+            packed["changed_while_packed"] = changed
+    return packed
+
+
+def pack_settled(storage: JobStorage, source_root: Path, member: str, location: S3Location, *, compressor: str,
+                 settle_s: float = PACK_SETTLE_S) -> dict[str, Any]:
+    """pack_and_upload, again after ``settle_s`` while files change under it (see _TAR_CHANGED)."""
+    for attempt in range(1, PACK_ATTEMPTS + 1):
+        try:
+            return pack_and_upload(storage, source_root, member, location, compressor=compressor,
+                                   keep_changed=attempt == PACK_ATTEMPTS)
+        except OutputChanging as exc:
+            log.warning("the output changed while it was packed (%s; attempt %d/%d): packing it again in %g s",
+                        ", ".join(exc.paths[:5]), attempt, PACK_ATTEMPTS, settle_s)
+            time.sleep(settle_s)
+    raise AssertionError("unreachable")
 
 
 def list_files(root: Path) -> list[dict[str, Any]]:
@@ -309,7 +350,8 @@ def run_archive(
     if output_root.is_dir():
         archive_location = destination.child("output.tar.gz")
         packed = retry(
-            lambda: pack_and_upload(storage, dataset_dir, job.output_dir, archive_location, compressor=compressor),
+            lambda: pack_settled(storage, dataset_dir, job.output_dir, archive_location, compressor=compressor,
+                                 settle_s=retry_delay * 2.5),
             what="output upload",
             first_delay=retry_delay,
         )
@@ -324,6 +366,9 @@ def run_archive(
             "etag": remote.etag,
             "files": list_files(output_root),
         }
+        if packed.get("changed_while_packed"):
+            log.warning("kept an archive whose files changed while they were packed: %s", ", ".join(packed["changed_while_packed"]))
+            output["changed_while_packed"] = packed["changed_while_packed"]
 
     if final_render is not None:
         final_render.wait(preview_timeout)  # its failure is in render.log; the archive goes on

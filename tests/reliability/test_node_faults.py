@@ -73,7 +73,9 @@ def test_a_node_cut_off_mid_run_ends_node_fail_and_the_hook_archives_elsewhere(
     tally.counts.update(submitted=1, node_fail=int(final["status"] == "node_fail"), archived=int(bool(files)), iterations_archived=len(models))
     tally.notes.append(
         f"{victim} cut off after iteration 1; Slurm said {final['slurm']['state']} {noticed_s:.0f} s later (node {down_state}); "
-        f"the hook ran on {archive_nodes}; {len(models)} of {iterations} iterations archived; states seen {sorted(seen)}"
+        f"the hook ran on {archive_nodes}; {len(models)} of {iterations} iterations archived; states seen {sorted(seen)}; "
+        # RELION may still run on the cut-off node, writing to the shared disk while the hook packs
+        f"still being written while packed: {(final['metadata'] or {}).get('output', {}).get('changed_while_packed', [])}"
     )
 
     assert final["status"] == "node_fail", final

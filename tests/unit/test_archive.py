@@ -139,3 +139,69 @@ def test_stage_in_streams_and_records_checksums(tmp_path: Path, storage: S3Stora
 def test_stage_in_of_a_missing_object_names_it(tmp_path: Path, storage: S3Storage) -> None:
     with pytest.raises(StorageError, match=r"GET s3://relion-local/missing.tar.gz failed: NoSuchKey"):
         stage_in(storage, f"s3://{BUCKET}/missing.tar.gz", tmp_path / "d", quota_bytes=10, max_members=10)
+
+
+def changing_tar(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, times: int) -> Path:
+    """A `tar` first in PATH that packs for real, then says a file changed and exits 1 (GNU tar's
+    code for it), its first ``times`` runs; it counts its runs in the returned file."""
+    import shutil
+    import stat
+
+    real = shutil.which("tar")
+    bindir, count = tmp_path / "bin", tmp_path / "tar-runs"
+    bindir.mkdir()
+    count.write_text("0")
+    script = bindir / "tar"
+    script.write_text(
+        "#!/bin/sh\n"
+        f'n=$(( $(cat "{count}") + 1 )); echo "$n" > "{count}"\n'
+        f'"{real}" "$@" || exit $?\n'
+        f'if [ "$n" -le {times} ]; then echo "tar: Class2D/run_it002_model.star: file changed as we read it" >&2; exit 1; fi\n'
+    )
+    script.chmod(script.stat().st_mode | stat.S_IXUSR)
+    monkeypatch.setenv("PATH", f"{bindir}:{Path(real).parent}:/usr/bin:/bin")
+    return count
+
+
+def test_an_output_that_changes_while_packed_is_packed_again_once_it_settles(
+    tmp_path: Path, storage: S3Storage, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    runs = changing_tar(tmp_path, monkeypatch, times=1)
+    job = make_job(tmp_path)
+    metadata = run_archive(JobSpec.from_dict(job), "1001", storage=storage, scheduler=finished_scheduler(),
+                           compressor="gzip", retry_delay=0.01)
+    assert runs.read_text().strip() == "2"  # packed again after the pause, then whole
+    assert "changed_while_packed" not in metadata["output"]
+    validate_metadata(metadata)
+
+
+def test_an_output_still_changing_after_every_try_is_kept_and_the_files_are_named(
+    tmp_path: Path, storage: S3Storage, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # As when RELION still runs on a node Slurm declared dead (cut off from slurmctld only): the
+    # archive tar wrote is whole, and metadata.json names what was moving.
+    from gateway.jobside.archive import PACK_ATTEMPTS
+
+    runs = changing_tar(tmp_path, monkeypatch, times=99)
+    job = make_job(tmp_path)
+    metadata = run_archive(JobSpec.from_dict(job), "1001", storage=storage, scheduler=finished_scheduler(),
+                           compressor="gzip", retry_delay=0.01)
+    assert runs.read_text().strip() == str(PACK_ATTEMPTS)
+    assert metadata["output"]["changed_while_packed"] == ["Class2D/run_it002_model.star"]
+    body = storage.client.get_object(Bucket=BUCKET, Key="results/job_2d_ws1_0123abcd/output.tar.gz")["Body"].read()
+    with tarfile.open(fileobj=io.BytesIO(body), mode="r:gz") as archive:
+        assert "Class2D/run_it002_model.star" in archive.getnames()
+    validate_metadata(metadata)
+
+
+def test_another_tar_failure_still_keeps_the_workspace(tmp_path: Path, storage: S3Storage, monkeypatch: pytest.MonkeyPatch) -> None:
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    (bindir / "tar").write_text("#!/bin/sh\necho 'tar: Class2D: Cannot open: Permission denied' >&2\nexit 2\n")
+    (bindir / "tar").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bindir}:/usr/bin:/bin")
+    job = make_job(tmp_path)
+    with pytest.raises(Exception, match="Permission denied"):
+        run_archive(JobSpec.from_dict(job), "1001", storage=storage, scheduler=finished_scheduler(),
+                    compressor="gzip", retry_delay=0.01)
+    assert Path(job["workspace_dir"]).exists()
