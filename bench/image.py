@@ -29,7 +29,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import requests
 from werkzeug.serving import make_server
 
 from bench.common import Context, bench_gateway_config, restore_environment, row
@@ -37,6 +36,7 @@ from bench.overhead import median
 from bench.topology import free_head_port
 from gateway import create_app
 from gateway.auth import create_token
+from gateway.client import retrying_session
 from gateway.demo import submit_and_follow
 from gateway.process import CommandError
 from gateway.relion.dataset import make_dataset
@@ -131,7 +131,7 @@ class Demo:
             shutil.rmtree(shared.root, ignore_errors=True)
 
     def _follow(self, url: str, token: str) -> float:
-        session = requests.Session()
+        session = retrying_session()
         session.headers["Authorization"] = f"Bearer {token}"
         started = time.perf_counter()
         job = submit_and_follow(session, url, self.bucket, self.dataset, 3, 600)

@@ -13,6 +13,8 @@ from urllib.parse import urlsplit
 
 import requests
 import urllib3
+from requests.adapters import HTTPAdapter
+from urllib3.util.retry import Retry
 
 from gateway.jobs.states import TERMINAL_VALUES
 
@@ -81,13 +83,29 @@ class GatewayError(Exception):
         self.body = body or {}
 
 
+# gunicorn closes a keep-alive connection after 2 s idle; a GET sent on it at that moment fails
+# with RemoteDisconnected (seen in CI: a job followed with a 2 s poll). urllib3 sends an idempotent
+# request again on a fresh connection; a POST is never resent here (submits carry Idempotency-Keys).
+IDEMPOTENT_RETRY = Retry(total=3, connect=3, read=3, status=0, other=0, backoff_factor=0.2,
+                         allowed_methods=frozenset({"GET", "HEAD", "OPTIONS"}), raise_on_status=False)
+
+
+def retrying_session() -> requests.Session:
+    """A requests.Session that resends GET/HEAD after a dropped connection (IDEMPOTENT_RETRY)."""
+    session = requests.Session()
+    adapter = HTTPAdapter(max_retries=IDEMPOTENT_RETRY)
+    session.mount("http://", adapter)
+    session.mount("https://", adapter)
+    return session
+
+
 class GatewayClient:
     """Talk to one gateway: ``GatewayClient("http://host:9012", token)`` (see normalise_base_url for the forms read)."""
 
     def __init__(self, base_url: str, token: str | None = None, *, session: requests.Session | None = None, timeout: float = 60.0) -> None:
         self.base_url = normalise_base_url(base_url)
         self.api = f"{self.base_url}{API_PATH}"
-        self.session = session or requests.Session()
+        self.session = session or retrying_session()
         if token:
             self.session.headers["Authorization"] = f"Bearer {token}"
         self.timeout = timeout

@@ -14,6 +14,7 @@ from typing import Any
 import click
 import requests
 
+from gateway.client import retrying_session
 from gateway.config import CONFIG_FILE_ENV, DEFAULT_STATE_DIR, build_config
 from gateway.jobs.states import TERMINAL_VALUES
 from gateway.relion.presets import TINY_FLAGS
@@ -118,7 +119,7 @@ def follow(
     url: str, job_id: str, *, timeout: float = 600, interval: float = 2.0, session: requests.Session | None = None
 ) -> dict[str, Any]:
     """Poll GET /jobs/<id> until the job ends; print each state change."""
-    http = session or requests.Session()
+    http = session or retrying_session()
     deadline = time.monotonic() + timeout
     last = ""
     while True:
@@ -165,7 +166,7 @@ def demo_command(state_dir: Path, num_mpi: int, timeout: float) -> None:
     # Authentication is on, as in production: the demo makes its own token, and revokes it at the end.
     token_id, token = demo_token(env)
     click.echo(f"created bearer token {token_id} for user demo (relion-gateway token create --user demo)")
-    session = requests.Session()
+    session = retrying_session()
     session.headers["Authorization"] = f"Bearer {token}"
     try:
         job = submit_and_follow(session, url, bucket, dataset, num_mpi, timeout)

@@ -25,6 +25,7 @@ import requests
 
 from gateway import __version__
 from gateway.process import CommandError, run_command
+from gateway.client import retrying_session
 from gateway.stack.container import NAME_PREFIX, ContainerGateway, job_dirs, pod, run_on_stack
 from gateway.stack.image import IMAGE_UID, image_tag
 
@@ -173,7 +174,7 @@ def test_demo_2d_job_through_the_container(image_ref: str, stack: dict[str, Any]
                        extra_env=shared.env("rgjob", sys.executable), mounts=shared.mounts)
     try:
         ctr.wait_healthy()
-        session = requests.Session()
+        session = retrying_session()
         session.headers["Authorization"] = f"Bearer {ctr.create_token('demo')}"
         started = time.monotonic()
         job = submit_and_follow(session, ctr.url, bucket, dataset, 3, 600)
