@@ -44,13 +44,15 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
         if "tests/reliability" in str(item.fspath):
             item.add_marker(pytest.mark.integration)
             item.add_marker(pytest.mark.reliability)
-            # A scenario that kills or cuts off what other tests use runs alone; the gateway crash
-            # (its own gunicorn, held jobs) and the job endings (its own jobs) run beside others.
+            # A scenario that kills or cuts off what other tests use runs alone; the job endings
+            # (its own jobs) run beside others. The gateway crash also runs alone: beside the CPU-bound
+            # tests it once left one key with two main Slurm jobs (two resumed submissions of one
+            # record, 0.1 s apart: a race under load not yet understood, see the session note).
             if item.fspath.basename not in BESIDE_OTHERS:
                 item.add_marker(pytest.mark.serial)
 
 
-BESIDE_OTHERS = {"test_gateway_crash.py", "test_job_endings.py"}
+BESIDE_OTHERS = {"test_job_endings.py"}
 
 
 @dataclass
