@@ -163,13 +163,17 @@ def changing_tar(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, times: int) ->
     return count
 
 
+def archive_quickly(tmp_path: Path, storage: S3Storage) -> dict[str, Any]:
+    """The hook on make_job's job, with pauses of hundredths of a second between tries."""
+    return run_archive(JobSpec.from_dict(make_job(tmp_path)), "1001", storage=storage, scheduler=finished_scheduler(),
+                       compressor="gzip", retry_delay=0.01)
+
+
 def test_an_output_that_changes_while_packed_is_packed_again_once_it_settles(
     tmp_path: Path, storage: S3Storage, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     runs = changing_tar(tmp_path, monkeypatch, times=1)
-    job = make_job(tmp_path)
-    metadata = run_archive(JobSpec.from_dict(job), "1001", storage=storage, scheduler=finished_scheduler(),
-                           compressor="gzip", retry_delay=0.01)
+    metadata = archive_quickly(tmp_path, storage)
     assert runs.read_text().strip() == "2"  # packed again after the pause, then whole
     assert "changed_while_packed" not in metadata["output"]
     validate_metadata(metadata)
@@ -183,9 +187,7 @@ def test_an_output_still_changing_after_every_try_is_kept_and_the_files_are_name
     from gateway.jobside.archive import PACK_ATTEMPTS
 
     runs = changing_tar(tmp_path, monkeypatch, times=99)
-    job = make_job(tmp_path)
-    metadata = run_archive(JobSpec.from_dict(job), "1001", storage=storage, scheduler=finished_scheduler(),
-                           compressor="gzip", retry_delay=0.01)
+    metadata = archive_quickly(tmp_path, storage)
     assert runs.read_text().strip() == str(PACK_ATTEMPTS)
     assert metadata["output"]["changed_while_packed"] == ["Class2D/run_it002_model.star"]
     body = storage.client.get_object(Bucket=BUCKET, Key="results/job_2d_ws1_0123abcd/output.tar.gz")["Body"].read()
