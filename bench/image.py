@@ -31,7 +31,7 @@ from typing import Any
 
 from werkzeug.serving import make_server
 
-from bench.common import Context, bench_gateway_config, restore_environment, row
+from bench.common import Context, bench_gateway_config, remove_s3_prefix, restore_environment, row
 from bench.overhead import median
 from bench.topology import free_head_port
 from gateway import create_app
@@ -145,9 +145,7 @@ class Demo:
         from gateway.storage.s3 import parse_s3_url
 
         for location in [self.dataset, *(parse_s3_url(u) for u in self.outputs)]:
-            for page in self.storage.client.get_paginator("list_objects_v2").paginate(Bucket=location.bucket, Prefix=location.key):
-                for item in page.get("Contents", []):
-                    self.storage.client.delete_object(Bucket=location.bucket, Key=item["Key"])
+            remove_s3_prefix(self.storage, location.bucket, location.key)
         shutil.rmtree(self.work, ignore_errors=True)
         restore_environment(self._saved_env)
 
